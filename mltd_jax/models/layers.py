@@ -1,0 +1,88 @@
+"""Layers named like transformers' PyTorch modules, so a state dict maps onto the param tree by its key names.
+
+`Dense` is the one place where the TARP difference enters a model: it reads its own entry of the ``'tarp'``
+variable collection (if the caller passed one) and lets `mltd_jax.tarp.dense` apply it. Model code is therefore
+the same for every TARP kind, and with no ``'tarp'`` collection it is the plain model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mltd_jax import tarp
+
+Init = Callable[..., jax.Array]
+
+
+def normal(std: float) -> Init:
+  return nn.initializers.normal(stddev=std)
+
+
+class Dense(nn.Module):
+  """y = x W + b, W stored as ``weight`` [in, out] (the layout of GPT-2's Conv1D), plus the TARP difference."""
+
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  weight_init: Init = normal(0.02)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = self.param("weight", self.weight_init, (x.shape[-1], self.features))
+    difference = self.variables.get("tarp")  # this layer's entry of the 'tarp' collection, if any
+    y = tarp.dense(x, weight, difference, self.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Token or position embedding; ``weight`` [num, features]; `attend` gives tied output logits in float32."""
+
+  num: int
+  features: int
+  dtype: Any = jnp.float32
+  std: float = 0.02
+
+  def setup(self):
+    self.weight = self.param("weight", normal(self.std), (self.num, self.features))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.weight, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...d,vd->...v", x.astype(jnp.float32), self.weight.astype(jnp.float32))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with transformers' names (``weight``, ``bias``), computed in float32."""
+
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    weight = self.param("weight", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * weight + bias
+    return y.astype(self.dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}

@@ -1,0 +1,135 @@
+"""Our Flax GPT-2 against transformers' PyTorch GPT2LMHeadModel on the same random weights, and hub I/O."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+from mltd_jax import models
+
+CONFIGS = {
+    "odd": dict(vocab_size=101, n_positions=32, n_embd=15, n_layer=2, n_head=3, activation_function="gelu_new"),
+    "wide": dict(vocab_size=67, n_positions=24, n_embd=40, n_layer=3, n_head=5, n_inner=72, activation_function="gelu",
+                 layer_norm_epsilon=1e-6),
+}
+
+
+def make_hf(tmp_path, name):
+  cfg = transformers.GPT2Config(**CONFIGS[name], bos_token_id=0, eos_token_id=0)
+  torch.manual_seed(0)
+  hf = transformers.GPT2LMHeadModel(cfg).eval()
+  with torch.no_grad():  # non-trivial layer norms, so that a swapped weight/bias would show
+    for n, p in hf.named_parameters():
+      if "ln_" in n:
+        p.add_(0.1 * torch.randn_like(p))
+  out = tmp_path / name
+  hf.save_pretrained(out, safe_serialization=True)
+  return hf, out
+
+
+def hf_logits(hf, ids, mask=None, pos=None):
+  with torch.no_grad():
+    kw = {}
+    if mask is not None:
+      kw["attention_mask"] = torch.tensor(np.asarray(mask))
+    if pos is not None:
+      kw["position_ids"] = torch.tensor(np.asarray(pos))
+    return hf(torch.tensor(np.asarray(ids)), **kw).logits.numpy()
+
+
+def batch(vocab, b=3, t=11, seed=0):
+  return np.random.default_rng(seed).integers(0, vocab, (b, t)).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_transformers(tmp_path, name):
+  hf, path = make_hf(tmp_path, name)
+  model, params = models.from_pretrained(path)
+  ids = batch(CONFIGS[name]["vocab_size"])
+  ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+  np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_transformers_with_padding(tmp_path, name):
+  hf, path = make_hf(tmp_path, name)
+  model, params = models.from_pretrained(path)
+  ids = batch(CONFIGS[name]["vocab_size"], t=9)
+  right = np.ones_like(ids); right[0, 6:] = 0; right[2, 3:] = 0  # noqa: E702
+  left = np.ones_like(ids); left[1, :4] = 0  # noqa: E702
+  for mask in (right, left):
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    ours = np.asarray(model.apply({"params": params}, ids, attention_mask=mask, position_ids=pos))
+    ref = hf_logits(hf, ids, mask, pos)
+    valid = mask.astype(bool)  # padded query positions are undefined in both
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+  cfg = models.GPT2Config(**CONFIGS["odd"], bos_token_id=0, eos_token_id=0)
+  model = models.GPT2LMHeadModel(cfg)
+  params = model.init_params(jax.random.key(1))
+  out = models.save_pretrained(model, params, tmp_path / "ours")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  ids = batch(cfg.vocab_size, seed=3)
+  ours = np.asarray(model.apply({"params": params}, ids))
+  np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=1e-4, rtol=0)
+  model2, params2 = models.from_pretrained(out)
+  assert model2.config == cfg
+  np.testing.assert_array_equal(np.asarray(model2.apply({"params": params2}, ids)), ours)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(tmp_path):
+  _, path = make_hf(tmp_path, "odd")
+  model, params = models.from_pretrained(path, dtype=jnp.bfloat16)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  ids = batch(CONFIGS["odd"]["vocab_size"])
+  logits = model.apply({"params": params}, ids)
+  ref = models.from_pretrained(path)[0].apply({"params": params}, ids)
+  assert logits.dtype == jnp.float32
+  assert float(jnp.abs(logits - ref).max()) < 0.1
+
+
+def test_missing_config_names_the_file(tmp_path):
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    models.from_pretrained(tmp_path)
+
+
+def test_other_model_type_is_refused(tmp_path):
+  _, path = make_hf(tmp_path, "odd")
+  cfg = json.loads((path / "config.json").read_text())
+  cfg["model_type"] = "bert"
+  (path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=r"config.json.*model_type='bert'"):
+    models.from_pretrained(path)
+
+
+def test_shape_mismatch_names_file_and_key(tmp_path):
+  _, path = make_hf(tmp_path, "odd")
+  state = safetensors.numpy.load_file(path / "model.safetensors")
+  state["transformer.h.1.mlp.c_fc.weight"] = state["transformer.h.1.mlp.c_fc.weight"][:, :7].copy()
+  safetensors.numpy.save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"model.safetensors.*h.1.mlp.c_fc.weight.*shape"):
+    models.from_pretrained(path)
+
+
+def test_pickle_checkpoint_refused_unless_allowed(tmp_path):
+  hf, path = make_hf(tmp_path, "odd")
+  (path / "model.safetensors").unlink()
+  torch.save(hf.state_dict(), path / "pytorch_model.bin")
+  with pytest.raises(ValueError, match="pytorch_model.bin.*pickle"):
+    models.from_pretrained(path)
+  model, params = models.from_pretrained(path, allow_pickle=True)
+  ids = batch(CONFIGS["odd"]["vocab_size"])
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids)), hf_logits(hf, ids), atol=1e-4)
+
+
+def test_missing_local_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    models.from_pretrained(tmp_path / "nope")
