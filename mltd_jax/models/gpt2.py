@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, normal
+from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, normal, wide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,9 @@ class Attention(nn.Module):
     proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
     qkv = Dense(3 * d, dtype=self.dtype, weight_init=normal(cfg.initializer_range), name="c_attn")(x)
     q, k, v = jnp.split(qkv.reshape(b, t, 3, heads, head_dim), 3, axis=2)  # each [b, t, 1, h, hd]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, 0], k[:, :, 0]).astype(jnp.float32) / math.sqrt(head_dim)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # mask [b, 1, q, k]
+    wdt = wide(self.dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, 0], k[:, :, 0]).astype(wdt) / math.sqrt(head_dim)
+    scores = jnp.where(mask, scores, jnp.finfo(wdt).min)  # mask [b, 1, q, k]
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v[:, :, 0]).reshape(b, t, d)

@@ -22,6 +22,11 @@ def normal(std: float) -> Init:
   return nn.initializers.normal(stddev=std)
 
 
+def wide(dtype: Any) -> Any:
+  """The precision for softmax, layer norm and logits: float32, or float64 when computing in float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 class Dense(nn.Module):
   """y = x W + b, W stored as ``weight`` [in, out] (the layout of GPT-2's Conv1D), plus the TARP difference."""
 
@@ -55,11 +60,12 @@ class Embed(nn.Module):
     return jnp.take(self.weight, ids, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("...d,vd->...v", x.astype(jnp.float32), self.weight.astype(jnp.float32))
+    dt = wide(self.dtype)
+    return jnp.einsum("...d,vd->...v", x.astype(dt), self.weight.astype(dt))
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm with transformers' names (``weight``, ``bias``), computed in float32."""
+  """LayerNorm with transformers' names (``weight``, ``bias``), computed in float32 (or wider)."""
 
   eps: float = 1e-5
   dtype: Any = jnp.float32
@@ -69,10 +75,10 @@ class LayerNorm(nn.Module):
     d = x.shape[-1]
     weight = self.param("weight", nn.initializers.ones, (d,))
     bias = self.param("bias", nn.initializers.zeros, (d,))
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * weight + bias
+    xw = x.astype(wide(self.dtype))
+    mean = xw.mean(-1, keepdims=True)
+    var = jnp.square(xw - mean).mean(-1, keepdims=True)
+    y = (xw - mean) * jax.lax.rsqrt(var + self.eps) * weight + bias
     return y.astype(self.dtype)
 
 

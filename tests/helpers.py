@@ -1,0 +1,33 @@
+"""Small builders shared by the tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mltd_jax import models, tarp
+
+
+def tiny_gpt2(vocab=13, d=8, layers=2, heads=2, positions=16, seed=0, dtype=jnp.float32):
+  cfg = models.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d, n_layer=layers, n_head=heads,
+                          embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+  model = models.GPT2LMHeadModel(cfg, dtype=dtype)
+  return model, model.init_params(jax.random.key(seed))
+
+
+def lm_batch(vocab, shape, seed=0, pad_last=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, vocab, shape).astype(np.int32)
+  mask = np.ones(shape, np.int32)
+  if pad_last:
+    mask[..., -pad_last:] = 0
+  return {"ids": ids, "mask": mask}
+
+
+def perturbed_variables(params, kind, seed=1, scale=0.3, **kw):
+  """{'params', 'tarp'} with a non-zero difference, so every meta-gradient term is exercised."""
+  cfg = tarp.TarpConfig(kind=kind, rank=2, kron_n=2, sigma_hidden=4, **kw)
+  diff = tarp.init(jax.random.key(seed), params, cfg)
+  leaves, tree = jax.tree.flatten(diff)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  diff = tree.unflatten([x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return {"params": params, "tarp": diff}
