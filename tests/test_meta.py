@@ -46,8 +46,9 @@ def test_meta_gradient_matches_loop_and_finite_differences(kind):
   with jax.enable_x64(True):
     model, variables = setup64(kind)
     t = task()
-    g_scan = jax.grad(lambda v: scan_loss(model.apply, v, t))(variables)
-    g_loop = jax.grad(lambda v: loop_reference(model.apply, v, t))(variables)
+    loss = jax.jit(lambda v: scan_loss(model.apply, v, t))
+    g_scan = jax.jit(jax.grad(loss))(variables)
+    g_loop = jax.jit(jax.grad(lambda v: loop_reference(model.apply, v, t)))(variables)
     for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     # Central finite differences along two random directions over all variables (base and difference).
@@ -57,7 +58,7 @@ def test_meta_gradient_matches_loop_and_finite_differences(kind):
       direction = tree.unflatten([jax.random.normal(k, x.shape, jnp.float64) for x, k in zip(leaves, keys)])
       eps = 1e-6
       shift = lambda s: jax.tree.map(lambda x, d: x + s * eps * d, variables, direction)  # noqa: E731
-      fd = (scan_loss(model.apply, shift(1), t) - scan_loss(model.apply, shift(-1), t)) / (2 * eps)
+      fd = (loss(shift(1)) - loss(shift(-1))) / (2 * eps)
       analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(g_scan), jax.tree.leaves(direction)))
       np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-6, atol=1e-9)
 
@@ -66,7 +67,7 @@ def test_first_order_differs_and_remat_does_not():
   with jax.enable_x64(True):
     model, variables = setup64("bilinear")
     t = task(seed=3)
-    grad = lambda **kw: jax.grad(lambda v: scan_loss(model.apply, v, t, **kw))(variables)  # noqa: E731
+    grad = lambda **kw: jax.jit(jax.grad(lambda v: scan_loss(model.apply, v, t, **kw)))(variables)  # noqa: E731
     exact, first, remat = grad(), grad(first_order=True), grad(remat=True)
     flat = lambda g: jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])  # noqa: E731
     rel = float(jnp.linalg.norm(flat(exact) - flat(first)) / jnp.linalg.norm(flat(exact)))
@@ -79,7 +80,7 @@ def test_first_order_is_fomaml():
   with jax.enable_x64(True):
     model, variables = setup64("bilinear")
     t = task(seed=4)
-    g = jax.grad(lambda v: scan_loss(model.apply, v, t, first_order=True))(variables)
+    g = jax.jit(jax.grad(lambda v: scan_loss(model.apply, v, t, first_order=True)))(variables)
     fast, slow = meta.split(variables, "^tarp/")
     loss = lambda f, b: losses.lm_loss(model.apply, meta.merge(slow, f), b)  # noqa: E731
     adapted = meta.inner_loop(loss, fast, t["support"], LR)
@@ -124,5 +125,5 @@ def test_adapt_eval_columns():
 def test_adam_inner_optimizer_is_differentiable():
   model, params = tiny_gpt2()
   variables = perturbed_variables(params, "dynamic")
-  g = jax.grad(lambda v: scan_loss(model.apply, v, task(), optimizer="adam"))(variables)
+  g = jax.jit(jax.grad(lambda v: scan_loss(model.apply, v, task(), optimizer="adam")))(variables)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))

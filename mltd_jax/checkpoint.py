@@ -1,0 +1,56 @@
+"""The only Orbax code: a checkpoint manager per training phase, restore-or-init, and `load` for users.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a killed run never leaves a
+half-written checkpoint: the next run resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves and restores a state pytree under ``directory/<step>``, keeping the newest ``max_to_keep``."""
+
+  def __init__(self, directory: str | Path, max_to_keep: int = 2):
+    self.directory = Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(state))
+
+  def restore_or(self, state: Any) -> Any:
+    """The latest saved state (with ``state``'s structure, dtypes and shardings), or ``state`` if none."""
+    step = self.latest_step()
+    if step is None:
+      return state
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load(directory: str | Path, step: int | None = None) -> Any:
+  """Read a saved state back without a template (for notebooks and users): nested dicts of arrays.
+
+  ``directory`` is a phase's checkpoint folder (e.g. ``WORKDIR/checkpoints/meta``); ``step`` defaults to the
+  latest. Optimizer states come back as lists (Orbax does not know optax's named tuples); ``["variables"]`` holds
+  ``{"params": ..., "tarp": ...}`` ready for ``model.apply``.
+  """
+  manager = ocp.CheckpointManager(Path(directory).absolute())
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}.")
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return restored

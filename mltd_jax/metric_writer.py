@@ -1,0 +1,28 @@
+"""Metrics to ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard events (tensorboardX)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Appends ``{"step": s, name: value, ...}`` lines to ``workdir/metrics.jsonl`` and scalars to TensorBoard."""
+
+  def __init__(self, workdir: str | Path):
+    self.path = Path(workdir) / "metrics.jsonl"
+    self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                          for k, v in row.items()}) + "\n")
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, float(v), int(step))
+
+  def close(self) -> None:
+    self.tb.close()
