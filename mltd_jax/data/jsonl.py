@@ -42,7 +42,7 @@ class JsonlTasks:
       raise ValueError(f"{file}: tasks {small} have fewer than support_size + query_size = {need} texts; "
                        "lower config.data.jsonl.support_size/query_size or drop those tasks.")
     names = list(self.texts)
-    unknown = sorted(set(validation_tasks) | set(test_tasks) - set(names))
+    unknown = sorted((set(validation_tasks) | set(test_tasks)) - set(names))
     if unknown:
       raise ValueError(f"{file}: held-out tasks {unknown} are not in the file (its tasks: {names}).")
     self.test_names = list(test_tasks) or names[-1:]

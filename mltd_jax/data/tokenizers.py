@@ -60,8 +60,12 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
     except OSError as e:
       raise OSError(f"could not load tokenizer {spec!r} ({e}); offline, pass a local directory or tokenizer.json "
                     "file, or 'bytes'.") from e
-  if tok.eos_token is None and "<|endoftext|>" in tok.get_vocab():
-    tok.eos_token = "<|endoftext|>"
+  vocab = tok.get_vocab()
+  for role, names in (("eos", ("<|endoftext|>", "</s>", EOS)), ("pad", (PAD, "<|padding|>")), ("bos", (BOS, "<s>"))):
+    if getattr(tok, f"{role}_token") is None:  # a bare tokenizer.json names no special tokens: find them
+      found = next((n for n in names if n in vocab), None)
+      if found:
+        setattr(tok, f"{role}_token", found)
   if tok.pad_token is None:
     tok.pad_token = tok.eos_token
   if tok.bos_token is None:

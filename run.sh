@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# ./run.sh        set up .venv (when missing) and run the main job on the offline default (:tiny)
+# ./run.sh test   set up .venv with the test requirements and run the whole test suite
+# Extra arguments are passed on (to main, or to pytest).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+mode=${1:-main}
+[ $# -gt 0 ] && shift
+
+setup() {  # $1: requirements file
+  if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+  fi
+  local stamp=".venv/.installed-$(basename "$1")"
+  if [ ! -f "$stamp" ] || [ "$1" -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -r "$1"
+    touch "$stamp"
+  fi
+}
+
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the defaults never reach the hub; unset to download models
+export PYTHONUNBUFFERED=1
+case "$mode" in
+  test)
+    setup requirements-test.txt
+    exec .venv/bin/python -m pytest -q tests "$@"
+    ;;
+  main)
+    setup requirements.txt
+    exec .venv/bin/python -m mltd_jax.main --config=configs/multidomain_lm.py:tiny --workdir="${WORKDIR:-runs/tiny}" "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh [test] [extra args]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,82 @@
+"""End-to-end runs of `python -m mltd_jax.main` on the :tiny config (shrunk), in subprocesses like a user."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mltd_jax import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--config.log_every=5", "--config.checkpoint_every=10", "--config.data.facts.num_eval_tasks=4",
+         "--config.eval.adapt_steps=2", "--config.meta.tasks_per_step=2", "--config.pretrain.tasks_per_step=2"]
+
+
+def run_main(workdir, *overrides, check=True):
+  cmd = [sys.executable, "-m", "mltd_jax.main", "--config=configs/multidomain_lm.py:tiny", f"--workdir={workdir}",
+         *SMALL, *overrides]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"main failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+  return proc
+
+
+def metrics(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_main_end_to_end_then_resume(tmp_path):
+  wd = tmp_path / "run"
+  first = run_main(wd, "--config.pretrain.steps=20", "--config.meta.steps=10")
+  assert "Held-out test tasks" in first.stdout and "eval.json" in first.stdout
+  assert json.loads((wd / "config.json").read_text())["meta"]["steps"] == 10
+  assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+  rows = metrics(wd)
+  assert [r["step"] for r in rows if "pretrain/loss" in r] == [5, 10, 15, 20]
+  assert [r["step"] for r in rows if "meta/query_loss" in r] == [5, 10]
+  assert all({"step", "pretrain/loss", "pretrain/tokens_per_s"} <= set(r) for r in rows if "pretrain/loss" in r)
+
+  result = json.loads((wd / "eval.json").read_text())
+  assert result["adapt_steps"] == 2 and set(result["methods"]) == {"tarp", "full"}
+  for method in result["methods"].values():
+    assert len(method["tasks"]) == 4 and len(method["query_ppl_mean"]) == 3 and len(method["lr"]) == 3
+    for task in method["tasks"]:
+      assert len(task["query_loss"]) == len(task["query_ppl"]) == 3
+      assert task["before_adaptation"]["query_loss"] == task["query_loss"][0]
+
+  saved = checkpoint.load(wd / "checkpoints" / "meta")
+  assert int(saved["step"]) == 10 and {"params", "tarp"} <= set(saved["variables"])
+
+  # Second run in the same workdir with more steps: both phases continue from their checkpoints.
+  second = run_main(wd, "--config.pretrain.steps=30", "--config.meta.steps=15")
+  log = second.stderr + second.stdout
+  assert "pretrain: resuming from step 20" in log and "meta: resuming from step 10" in log
+  rows = metrics(wd)
+  assert [r["step"] for r in rows if "pretrain/loss" in r] == [5, 10, 15, 20, 25, 30]
+  assert [r["step"] for r in rows if "meta/query_loss" in r] == [5, 10, 15]
+  assert int(checkpoint.load(wd / "checkpoints" / "meta")["step"]) == 15
+
+
+def test_nan_loss_stops_with_a_message(tmp_path):
+  proc = run_main(tmp_path / "nan", "--config.pretrain.steps=10", "--config.meta.steps=0",
+                  "--config.pretrain.lr=1e30", "--config.pretrain.warmup_steps=1", check=False)
+  assert proc.returncode != 0
+  assert "not finite" in proc.stderr and "config.pretrain" in proc.stderr
+
+
+def test_misspelt_config_field_is_named(tmp_path):
+  proc = run_main(tmp_path / "typo", "--config.meta.inner_lrr=0.1", check=False)
+  assert proc.returncode != 0 and "inner_lrr" in proc.stderr
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.source", "nope", "config.data.source"),
+    ("tarp.kind", "sparse", "tarp.kind"),
+    ("model.name_or_dir", "./missing_model_dir", "missing_model_dir"),
+])
+def test_bad_config_values_name_the_field(tmp_path, field, value, message):
+  proc = run_main(tmp_path / "bad", f"--config.{field}={value}", "--config.pretrain.steps=0",
+                  "--config.meta.steps=0", check=False)
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
