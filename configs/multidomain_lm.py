@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.methods = {"tarp": "^tarp/", "full": "^params/"}  # name -> variables adapted at meta-test time
   c.eval.lr_grid = {"default": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "full": (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3)}
   c.eval.tasks_per_batch = 1  # held-out tasks adapted at once (vmapped); raise on small models
+  c.eval.focus_token = ""  # also report perplexity of the tokens that follow this token ("" = off)
 
   if arg == "tiny":
     tiny(c)
@@ -107,3 +108,4 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.meta.inner_optimizer = "sgd"
   c.meta.outer_lr = 1e-3
   c.eval.tasks_per_batch = 20
+  c.eval.focus_token = "is"  # the objects of the facts: what only adaptation can know

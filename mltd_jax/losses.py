@@ -24,10 +24,14 @@ def token_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tupl
 
 
 def lm_loss(apply_fn, variables, batch: dict, **kw) -> jax.Array:
-  """Mean next-token NLL of ``batch = {"ids": [B, L], "mask": [B, L]}`` under ``apply_fn(variables, ids, mask)``."""
+  """Mean next-token NLL of ``batch = {"ids": [B, L], "mask": [B, L]}`` under ``apply_fn(variables, ids, mask)``.
+
+  An optional ``batch["weights"]`` [B, L] selects which target tokens count (default: ``mask``), e.g. only the
+  objects of facts; attention always uses ``mask``.
+  """
   ids, mask = batch["ids"], batch["mask"]
   logits = apply_fn(variables, ids[..., :-1], attention_mask=mask[..., :-1], **kw)
-  total, count = token_nll(logits, ids[..., 1:], mask[..., 1:])
+  total, count = token_nll(logits, ids[..., 1:], batch.get("weights", mask)[..., 1:])
   return total / jnp.maximum(count, 1.0)
 
 

@@ -119,11 +119,12 @@ def make_meta_step(apply_fn: Callable, tx: optax.GradientTransformation, **inner
 
 
 def make_adapt_eval(apply_fn: Callable, fast_regex: str, adapt_steps: int, optimizer: str = "sgd") -> Callable:
-  """Meta-testing: ``evaluate(variables, tasks, lr) -> [num_tasks, adapt_steps + 1]`` query losses.
+  """Meta-testing: ``evaluate(variables, tasks, lr) -> {name: [num_tasks, adapt_steps + 1]}`` query losses.
 
   Each task (support [1, S, L] or [T, S, L]: its first support batch is used at every step) is adapted for
-  ``adapt_steps`` steps at learning rate ``lr``; column k is the query loss after k steps (column 0: before
-  adaptation). ``lr`` is an argument, so a learning-rate search compiles once.
+  ``adapt_steps`` steps at learning rate ``lr``; column k is the loss after k steps (column 0: before
+  adaptation) on every batch of ``task["eval"]`` (e.g. ``{"query": ..., "query_focus": ...}``). ``lr`` is an
+  argument, so a learning-rate search compiles once.
   """
 
   def one_task(variables, task, lr):
@@ -132,7 +133,7 @@ def make_adapt_eval(apply_fn: Callable, fast_regex: str, adapt_steps: int, optim
     tx = INNER_OPTIMIZERS[optimizer](lr)
 
     def query_loss(f):
-      return losses.lm_loss(apply_fn, merge(slow, f), task["query"])
+      return {k: losses.lm_loss(apply_fn, merge(slow, f), b) for k, b in task["eval"].items()}
 
     def step(carry, _):
       f, opt_state = carry
@@ -142,6 +143,6 @@ def make_adapt_eval(apply_fn: Callable, fast_regex: str, adapt_steps: int, optim
       return (f, opt_state), query_loss(f)
 
     _, after = jax.lax.scan(step, (fast, tx.init(fast)), None, length=adapt_steps)
-    return jnp.concatenate([query_loss(fast)[None], after])
+    return jax.tree.map(lambda b, a: jnp.concatenate([b[None], a]), query_loss(fast), after)
 
   return jax.jit(jax.vmap(one_task, in_axes=(None, 0, None)))

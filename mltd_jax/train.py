@@ -115,7 +115,8 @@ def run_phase(name: str, state: TrainState, step_fn: Callable, make_batch: Calla
 
 def pretrain(model, params, tokenizer, source, config, workdir, writer) -> dict:
   cfg = config.pretrain
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, 1)),
+  decay_steps = max(cfg.steps, cfg.warmup_steps + 1)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay_steps),
                    weight_decay=cfg.weight_decay)
   state = TrainState.create({"params": params}, tx, jax.random.key(config.seed + 1))
   step_fn = lm.make_lm_step(model.apply, tx, dropout=config.model.dropout > 0)
@@ -182,6 +183,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                    for m, r in result["methods"].items()})
   writer.close()
   table = evaluate.format_table(result)
+  if config.eval.focus_token:
+    table += (f"\nPerplexity of the tokens after {config.eval.focus_token!r} only (same learning rates):\n"
+              + evaluate.format_table(result, "query_focus"))
   print(f"\nTrained in {workdir}: pretrain {config.pretrain.steps} steps, meta-train {config.meta.steps} steps "
         f"({'first' if config.meta.first_order else 'second'}-order, TARP {tcfg.kind} r={tcfg.rank}).\n"
         f"Held-out test tasks: mean query perplexity ± s.e. after k adaptation steps:\n{table}\n"

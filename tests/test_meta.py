@@ -112,13 +112,21 @@ def test_adapt_eval_columns():
   model, params = tiny_gpt2(d=16)
   variables = perturbed_variables(params, "bilinear", scale=0.0)
   tasks = jax.tree.map(lambda *x: np.stack(x), task(0), task(1), task(2))
+  query = tasks.pop("query")
+  focus = {**query, "weights": np.zeros_like(query["mask"])}
+  focus["weights"][..., 3] = 1
+  tasks["eval"] = {"query": query, "focus": focus}
   evaluate = meta.make_adapt_eval(model.apply, "^tarp/", adapt_steps=4)
-  out = np.asarray(evaluate(variables, tasks, 0.5))
-  assert out.shape == (3, 5)
-  base = [float(losses.lm_loss(model.apply, variables, jax.tree.map(lambda x: x[i], tasks["query"])))
-          for i in range(3)]
-  np.testing.assert_allclose(out[:, 0], base, rtol=1e-5)
-  zero_lr = np.asarray(evaluate(variables, tasks, 0.0))
+  result = evaluate(variables, tasks, 0.5)
+  out = np.asarray(result["query"])
+  assert out.shape == (3, 5) and result["focus"].shape == (3, 5)
+  assert np.all(out[:, -1] < out[:, 0] + 0.5) and not np.allclose(result["focus"], out)
+  for i in range(3):
+    q = jax.tree.map(lambda x: x[i], query)
+    np.testing.assert_allclose(out[i, 0], losses.lm_loss(model.apply, variables, q), rtol=1e-5)
+    f = jax.tree.map(lambda x: x[i], focus)
+    np.testing.assert_allclose(result["focus"][i, 0], losses.lm_loss(model.apply, variables, f), rtol=1e-5)
+  zero_lr = np.asarray(evaluate(variables, tasks, 0.0)["query"])
   np.testing.assert_allclose(zero_lr, np.repeat(zero_lr[:, :1], 5, axis=1), rtol=1e-6)
 
 

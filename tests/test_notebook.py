@@ -1,0 +1,18 @@
+"""The quickstart notebook's code cells run top to bottom (outputs are kept cleared in git)."""
+
+import json
+from pathlib import Path
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+  nb = json.loads(NOTEBOOK.read_text())
+  assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), "clear notebook outputs"
+  monkeypatch.chdir(tmp_path)
+  scope: dict = {}
+  for cell in nb["cells"]:
+    if cell["cell_type"] == "code":
+      exec(compile("".join(cell["source"]), str(NOTEBOOK), "exec"), scope)
+  assert scope["g"]["params"] and float(scope["loss_fn"](scope["adapted"], scope["arrays"]["query"])) < float(
+      scope["loss_fn"](scope["fast"], scope["arrays"]["query"]))
