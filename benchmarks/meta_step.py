@@ -34,22 +34,35 @@ def run_one(a: argparse.Namespace) -> dict:
   from mltd_jax import meta, models, tarp
   from mltd_jax.state import TrainState
 
-  cfg = models.GPT2Config(vocab_size=a.vocab, n_positions=a.seq, n_embd=a.d, n_layer=a.layers, n_head=a.heads,
-                          embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+  cfg = models.GPT2Config(
+    vocab_size=a.vocab,
+    n_positions=a.seq,
+    n_embd=a.d,
+    n_layer=a.layers,
+    n_head=a.heads,
+    embd_pdrop=0.0,
+    resid_pdrop=0.0,
+    attn_pdrop=0.0,
+  )
   model = models.GPT2LMHeadModel(cfg)
   params = model.init_params(jax.random.key(0))
   diff = tarp.init(jax.random.key(1), params, tarp.TarpConfig(kind=a.kind, rank=a.rank))
   tx = optax.adam(1e-4)
   state = TrainState.create({"params": params, "tarp": diff}, tx, jax.random.key(2))
-  step = meta.make_meta_step(model.apply, tx, fast_regex="^tarp/", inner_lr=0.05, first_order=a.order == 1,
-                             remat=bool(a.remat))
+  step = meta.make_meta_step(
+    model.apply, tx, fast_regex="^tarp/", inner_lr=0.05, first_order=a.order == 1, remat=bool(a.remat)
+  )
   rng = np.random.default_rng(0)
 
   def batch():
     ids = lambda *s: rng.integers(0, a.vocab, s).astype(np.int32)  # noqa: E731
-    return {"support": {"ids": ids(a.tasks, a.inner, a.shots, a.seq), "mask": np.ones((a.tasks, a.inner, a.shots,
-                                                                                      a.seq), np.int32)},
-            "query": {"ids": ids(a.tasks, a.shots, a.seq), "mask": np.ones((a.tasks, a.shots, a.seq), np.int32)}}
+    return {
+      "support": {
+        "ids": ids(a.tasks, a.inner, a.shots, a.seq),
+        "mask": np.ones((a.tasks, a.inner, a.shots, a.seq), np.int32),
+      },
+      "query": {"ids": ids(a.tasks, a.shots, a.seq), "mask": np.ones((a.tasks, a.shots, a.seq), np.int32)},
+    }
 
   b = batch()
   key = jax.random.key(0)
@@ -71,13 +84,27 @@ def run_one(a: argparse.Namespace) -> dict:
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform != "cpu" else None
   peak = stats["peak_bytes_in_use"] / 2**20 if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return {"impl": "mltd_jax", "order": a.order, "remat": bool(a.remat), "inner": a.inner, "kind": a.kind,
-          "layers": a.layers, "d": a.d, "seq": a.seq, "tasks": a.tasks, "shots": a.shots, "rank": a.rank,
-          "median_step_s": round(med, 4), "tokens_per_s": round(tokens / med, 1), "compile_s": round(compile_s, 2),
-          "peak_rss_mb" if not stats else "peak_device_mb": round(peak, 1),
-          "xla_temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
-          "xla_args_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
-          "device": dev.device_kind, "loss": round(float(m["query_loss"]), 4)}
+  return {
+    "impl": "mltd_jax",
+    "order": a.order,
+    "remat": bool(a.remat),
+    "inner": a.inner,
+    "kind": a.kind,
+    "layers": a.layers,
+    "d": a.d,
+    "seq": a.seq,
+    "tasks": a.tasks,
+    "shots": a.shots,
+    "rank": a.rank,
+    "median_step_s": round(med, 4),
+    "tokens_per_s": round(tokens / med, 1),
+    "compile_s": round(compile_s, 2),
+    "peak_rss_mb" if not stats else "peak_device_mb": round(peak, 1),
+    "xla_temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
+    "xla_args_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
+    "device": dev.device_kind,
+    "loss": round(float(m["query_loss"]), 4),
+  }
 
 
 def main() -> None:
@@ -95,12 +122,27 @@ def main() -> None:
     return
   common = [f"--{k}={getattr(a, k)}" for k in FIELDS]
   for inner, order, remat in itertools.product(a.inner, a.order, a.remat):
-    cmd = [sys.executable, __file__, "--child", *common, "--inner", str(inner), "--order", str(order),
-           "--remat", str(remat)]
+    cmd = [
+      sys.executable,
+      __file__,
+      "--child",
+      *common,
+      "--inner",
+      str(inner),
+      "--order",
+      str(order),
+      "--remat",
+      str(remat),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else None
-    print(line or json.dumps({"inner": inner, "order": order, "remat": bool(remat),
-                              "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
+    print(
+      line
+      or json.dumps(
+        {"inner": inner, "order": order, "remat": bool(remat), "error": out.stderr.strip().splitlines()[-1:]}
+      ),
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -34,12 +34,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.seq_len = 512  # tokens per sequence, with bos (and eos); longer texts are an error unless truncate
   c.data.add_eos = True
   c.data.truncate = False
-  c.data.jsonl = ml_collections.ConfigDict(dict(
-      path="", task_key="task", text_key="text", support_size=4, query_size=4, validation_tasks=(),
-      test_tasks=(), eval_episodes=4))
-  c.data.facts = ml_collections.ConfigDict(dict(
-      n_filler=30, n_subjects=40, n_objects=40, dirichlet_alpha=0.1, facts_per_task=8, facts_per_text=3,
-      words_per_text=47, support_size=8, query_size=8, num_eval_tasks=20))
+  c.data.jsonl = ml_collections.ConfigDict(
+    dict(
+      path="",
+      task_key="task",
+      text_key="text",
+      support_size=4,
+      query_size=4,
+      validation_tasks=(),
+      test_tasks=(),
+      eval_episodes=4,
+    )
+  )
+  c.data.facts = ml_collections.ConfigDict(
+    dict(
+      n_filler=30,
+      n_subjects=40,
+      n_objects=40,
+      dirichlet_alpha=0.1,
+      facts_per_task=8,
+      facts_per_text=3,
+      words_per_text=47,
+      support_size=8,
+      query_size=8,
+      num_eval_tasks=20,
+    )
+  )
 
   c.tarp = ml_collections.ConfigDict()
   c.tarp.kind = "dynamic"  # bilinear | kronecker | dynamic (paper's proposed kind)

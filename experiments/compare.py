@@ -62,8 +62,12 @@ def summarize(rows: list[dict], k: int, metric: str) -> dict:
 
 
 def markdown(table: dict, k_max: int, title: str) -> list[str]:
-  lines = [title, "", "| method | " + " | ".join(f"k={k}" for k in range(k_max + 1)) + f" | per seed at k={k_max} |",
-           "|---" * (k_max + 3) + "|"]
+  lines = [
+    title,
+    "",
+    "| method | " + " | ".join(f"k={k}" for k in range(k_max + 1)) + f" | per seed at k={k_max} |",
+    "|---" * (k_max + 3) + "|",
+  ]
   for m, by_k in table.items():
     last = by_k[k_max]
     seeds_txt = ", ".join(f"{v:.2f} ± {se:.2f}" for v, se in zip(last["per_seed"], last["task_se"]))
@@ -92,17 +96,24 @@ def main() -> None:
       seconds.setdefault(label, []).append(t)
   k_max = base["adapt_steps"]
   metrics = ["query"] + (["query_focus"] if "query_focus_ppl_mean" in base["methods"]["full"] else [])
-  tables = {metric: {m: {k: summarize(rows, k, metric) for k in range(k_max + 1)} for m, rows in methods.items()}
-            for metric in metrics}
-  intro = (f"Seeds {a.seeds}; {base['num_test_tasks']} test tasks per seed; each method's adaptation learning rate "
-           "chosen per k on validation tasks by overall query loss. Cells: mean over seeds of the per-seed mean "
-           "test perplexity after k steps; last column: per seed, mean ± standard error over test tasks.")
+  tables = {
+    metric: {m: {k: summarize(rows, k, metric) for k in range(k_max + 1)} for m, rows in methods.items()}
+    for metric in metrics
+  }
+  intro = (
+    f"Seeds {a.seeds}; {base['num_test_tasks']} test tasks per seed; each method's adaptation learning rate "
+    "chosen per k on validation tasks by overall query loss. Cells: mean over seeds of the per-seed mean "
+    "test perplexity after k steps; last column: per seed, mean ± standard error over test tasks."
+  )
   lines = [intro, ""] + markdown(tables["query"], k_max, "**Overall query perplexity**")
   if "query_focus" in tables:
     lines += markdown(tables["query_focus"], k_max, "**Perplexity of the fact objects only** (tokens after 'is')")
   if seconds:
-    lines += ["", "Wall time per run (pretraining restored, meta-training + meta-testing): " + "; ".join(
-        f"{m}: {np.mean(s):.0f} s" for m, s in seconds.items())]
+    lines += [
+      "",
+      "Wall time per run (pretraining restored, meta-training + meta-testing): "
+      + "; ".join(f"{m}: {np.mean(s):.0f} s" for m, s in seconds.items()),
+    ]
   text = "\n".join(lines)
   a.out.mkdir(parents=True, exist_ok=True)
   (a.out / "compare.md").write_text(text + "\n")

@@ -19,7 +19,8 @@ class Checkpointer:
   def __init__(self, directory: str | Path, max_to_keep: int = 2):
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

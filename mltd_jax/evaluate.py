@@ -39,13 +39,16 @@ def encode_tasks(tokenizer, tasks: Sequence[Task], seq_len: int, focus_token: st
 def _losses(evaluate: Callable, variables, arrays: dict, lr: float, chunk: int) -> dict[str, np.ndarray]:
   """{name: [num_tasks, K+1]} losses, evaluated ``chunk`` tasks at a time (bounds memory for large models)."""
   n = arrays["support"]["ids"].shape[0]
-  parts = [jax.device_get(evaluate(variables, jax.tree.map(lambda x: x[i:i + chunk], arrays), lr))
-           for i in range(0, n, chunk)]
+  parts = [
+    jax.device_get(evaluate(variables, jax.tree.map(lambda x: x[i : i + chunk], arrays), lr))
+    for i in range(0, n, chunk)
+  ]
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def meta_test(apply_fn: Callable, variables: dict, tokenizer, source, cfg: Any, seq_len: int,
-              encode_kw: dict | None = None) -> dict:
+def meta_test(
+  apply_fn: Callable, variables: dict, tokenizer, source, cfg: Any, seq_len: int, encode_kw: dict | None = None
+) -> dict:
   """Evaluate adaptation on held-out tasks; ``cfg`` is ``config.eval``. Returns the eval.json dict."""
   encode_kw = encode_kw or {}
   val_tasks, test_tasks = source.eval_tasks("validation"), source.eval_tasks("test")
@@ -63,8 +66,12 @@ def meta_test(apply_fn: Callable, variables: dict, tokenizer, source, cfg: Any, 
     # The lr for k steps: the one with the lowest mean validation query loss after k steps.
     best = np.stack([v["query"].mean(0) for v in val_l]).argmin(axis=0)  # [K+1]
     pick = lambda runs, name: np.stack([runs[best[k]][name][:, k] for k in range(k_steps + 1)], 1)  # noqa: E731
-    result = {"fast_params": regex, "lr": [grid[i] for i in best], "lr_grid": grid,
-              "validation_query_loss_mean": pick(val_l, "query").mean(0).tolist()}
+    result = {
+      "fast_params": regex,
+      "lr": [grid[i] for i in best],
+      "lr_grid": grid,
+      "validation_query_loss_mean": pick(val_l, "query").mean(0).tolist(),
+    }
     for name in test_l[0]:
       loss = pick(test_l, name)  # [N, K+1]
       ppl = np.exp(loss)
@@ -72,9 +79,15 @@ def meta_test(apply_fn: Callable, variables: dict, tokenizer, source, cfg: Any, 
       result[f"{name}_ppl_mean"] = ppl.mean(0).tolist()
       result[f"{name}_ppl_se"] = (ppl.std(0, ddof=1) / math.sqrt(n)).tolist() if n > 1 else None
       if name == "query":
-        result["tasks"] = [{"name": t.name, "query_loss": loss[i].tolist(), "query_ppl": ppl[i].tolist(),
-                            "before_adaptation": {"query_loss": float(loss[i, 0]), "query_ppl": float(ppl[i, 0])}}
-                           for i, t in enumerate(test_tasks)]
+        result["tasks"] = [
+          {
+            "name": t.name,
+            "query_loss": loss[i].tolist(),
+            "query_ppl": ppl[i].tolist(),
+            "before_adaptation": {"query_loss": float(loss[i, 0]), "query_ppl": float(ppl[i, 0])},
+          }
+          for i, t in enumerate(test_tasks)
+        ]
     out["methods"][method] = result
   return out
 

@@ -23,8 +23,9 @@ def make_lm_step(apply_fn: Callable, tx: optax.GradientTransformation, dropout: 
     kw = {"deterministic": False, "rngs": {"dropout": rng}} if dropout else {}
     loss, grads = jax.value_and_grad(lambda v: losses.lm_loss(apply_fn, v, batch, **kw))(state.variables)
     updates, opt_state = tx.update(grads, state.opt_state, state.variables)
-    new = state.replace(step=state.step + 1, variables=optax.apply_updates(state.variables, updates),
-                        opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, variables=optax.apply_updates(state.variables, updates), opt_state=opt_state
+    )
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return step

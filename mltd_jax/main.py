@@ -13,8 +13,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a get_config() file, e.g. configs/multidomain_lm.py:tiny.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Path to a get_config() file, e.g. configs/multidomain_lm.py:tiny.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, TensorBoard, checkpoints, eval.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -34,8 +34,9 @@ def split(variables: Variables, fast_regex: str) -> tuple[Flat, Flat]:
   flat = traverse_util.flatten_dict(variables, sep="/")
   fast = {k: v for k, v in flat.items() if re.search(fast_regex, k)}
   if not fast:
-    raise ValueError(f"fast-parameter regex {fast_regex!r} matches no variable; variable paths look like "
-                     f"{sorted(flat)[:3]}.")
+    raise ValueError(
+      f"fast-parameter regex {fast_regex!r} matches no variable; variable paths look like {sorted(flat)[:3]}."
+    )
   return fast, {k: v for k, v in flat.items() if k not in fast}
 
 
@@ -44,8 +45,16 @@ def merge(slow: Flat, fast: Flat) -> Variables:
   return traverse_util.unflatten_dict({**slow, **fast}, sep="/")
 
 
-def inner_loop(loss_fn: Callable[[Any, Any], jax.Array], fast_params: Any, batches: Any, lr, *,
-               first_order: bool = False, remat: bool = False, optimizer: str = "sgd") -> Any:
+def inner_loop(
+  loss_fn: Callable[[Any, Any], jax.Array],
+  fast_params: Any,
+  batches: Any,
+  lr,
+  *,
+  first_order: bool = False,
+  remat: bool = False,
+  optimizer: str = "sgd",
+) -> Any:
   """Adapt ``fast_params`` with one optimizer step per support batch.
 
   Args:
@@ -78,16 +87,26 @@ def inner_loop(loss_fn: Callable[[Any, Any], jax.Array], fast_params: Any, batch
   return adapted
 
 
-def task_query_loss(apply_fn: Callable, variables: Variables, task: dict, *, fast_regex: str, inner_lr,
-                    first_order: bool = False, remat: bool = False, optimizer: str = "sgd") -> jax.Array:
+def task_query_loss(
+  apply_fn: Callable,
+  variables: Variables,
+  task: dict,
+  *,
+  fast_regex: str,
+  inner_lr,
+  first_order: bool = False,
+  remat: bool = False,
+  optimizer: str = "sgd",
+) -> jax.Array:
   """Query loss of one task after adapting the fast variables on its support batches [T_in, S, L]."""
   fast, slow = split(variables, fast_regex)
 
   def loss_fn(fast_params, batch):
     return losses.lm_loss(apply_fn, merge(slow, fast_params), batch)
 
-  adapted = inner_loop(loss_fn, fast, task["support"], inner_lr, first_order=first_order, remat=remat,
-                       optimizer=optimizer)
+  adapted = inner_loop(
+    loss_fn, fast, task["support"], inner_lr, first_order=first_order, remat=remat, optimizer=optimizer
+  )
   return loss_fn(adapted, task["query"])
 
 
@@ -108,11 +127,13 @@ def make_meta_step(apply_fn: Callable, tx: optax.GradientTransformation, **inner
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     del rng
-    (loss, per_task), grads = jax.value_and_grad(
-        lambda v: meta_loss(apply_fn, v, batch, **inner), has_aux=True)(state.variables)
+    (loss, per_task), grads = jax.value_and_grad(lambda v: meta_loss(apply_fn, v, batch, **inner), has_aux=True)(
+      state.variables
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.variables)
-    new = state.replace(step=state.step + 1, variables=optax.apply_updates(state.variables, updates),
-                        opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, variables=optax.apply_updates(state.variables, updates), opt_state=opt_state
+    )
     return new, {"query_loss": loss, "query_loss_max": per_task.max(), "grad_norm": optax.tree.norm(grads)}
 
   return step

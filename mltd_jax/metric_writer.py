@@ -19,8 +19,9 @@ class MetricWriter:
   def write(self, step: int, scalars: dict[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     with self.path.open("a") as f:
-      f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                          for k, v in row.items()}) + "\n")
+      f.write(
+        json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()}) + "\n"
+      )
     for k, v in scalars.items():
       self.tb.add_scalar(k, float(v), int(step))
 

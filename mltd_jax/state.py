@@ -25,5 +25,6 @@ class TrainState:
 
   @classmethod
   def create(cls, variables: dict, tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
-    return cls(step=jnp.zeros((), jnp.int32), variables=variables, opt_state=tx.init(variables),
-               rng=jax.random.key_data(rng))
+    return cls(
+      step=jnp.zeros((), jnp.int32), variables=variables, opt_state=tx.init(variables), rng=jax.random.key_data(rng)
+    )

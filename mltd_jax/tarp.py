@@ -83,9 +83,9 @@ def init_layer(rng: jax.Array, c_in: int, c_out: int, cfg: TarpConfig) -> dict[s
     if c_in % n or c_out % n:
       raise ValueError(f"tarp.kron_n={n} must divide both kernel sizes ({c_in}, {c_out}); change config.tarp.kron_n.")
     p = {
-        "H": s * jax.random.normal(k_h, (k, n, n)),
-        "U": s * jax.random.normal(k_u, (k, c_in // n, r)),
-        "V": jnp.zeros((k, c_out // n, r)),
+      "H": s * jax.random.normal(k_h, (k, n, n)),
+      "U": s * jax.random.normal(k_u, (k, c_in // n, r)),
+      "V": jnp.zeros((k, c_out // n, r)),
     }
   else:
     p = {"U": s * jax.random.normal(k_u, (c_in, r)), "V": jnp.zeros((c_out, r))}
@@ -109,8 +109,10 @@ def init(rng: jax.Array, params: Params, cfg: TarpConfig) -> dict:
   """
   paths = target_paths(params, cfg.targets)
   if not paths:
-    raise ValueError(f"tarp.targets={cfg.targets!r} matches no 2-D 'weight' in the model; "
-                     "fix config.tarp.targets (module paths look like 'transformer/h/0/attn/c_attn').")
+    raise ValueError(
+      f"tarp.targets={cfg.targets!r} matches no 2-D 'weight' in the model; "
+      "fix config.tarp.targets (module paths look like 'transformer/h/0/attn/c_attn')."
+    )
   flat = traverse_util.flatten_dict(params)
   out = {}
   for i, path in enumerate(paths):

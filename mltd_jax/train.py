@@ -46,13 +46,24 @@ def build_model(cfg: Any, vocab_size: int, seq_len: int, rng: jax.Array):
   if cfg.name_or_dir:
     model, params = models.from_pretrained(cfg.name_or_dir, dtype=dtype, allow_pickle=cfg.allow_pickle)
     if model.config.vocab_size < vocab_size:
-      raise ValueError(f"the tokenizer has {vocab_size} tokens but {cfg.name_or_dir} has vocab_size="
-                       f"{model.config.vocab_size}; use the model's own tokenizer (config.data.tokenizer).")
+      raise ValueError(
+        f"the tokenizer has {vocab_size} tokens but {cfg.name_or_dir} has vocab_size="
+        f"{model.config.vocab_size}; use the model's own tokenizer (config.data.tokenizer)."
+      )
     return model, params
-  gpt = models.GPT2Config(vocab_size=vocab_size, n_positions=max(seq_len, cfg.init.n_positions),
-                          n_embd=cfg.init.n_embd, n_layer=cfg.init.n_layer, n_head=cfg.init.n_head,
-                          n_inner=cfg.init.n_inner or None, embd_pdrop=cfg.dropout, resid_pdrop=cfg.dropout,
-                          attn_pdrop=cfg.dropout, bos_token_id=0, eos_token_id=0)
+  gpt = models.GPT2Config(
+    vocab_size=vocab_size,
+    n_positions=max(seq_len, cfg.init.n_positions),
+    n_embd=cfg.init.n_embd,
+    n_layer=cfg.init.n_layer,
+    n_head=cfg.init.n_head,
+    n_inner=cfg.init.n_inner or None,
+    embd_pdrop=cfg.dropout,
+    resid_pdrop=cfg.dropout,
+    attn_pdrop=cfg.dropout,
+    bos_token_id=0,
+    eos_token_id=0,
+  )
   model = models.GPT2LMHeadModel(gpt, dtype=dtype)
   return model, model.init_params(rng)
 
@@ -76,8 +87,17 @@ def _prefetch(make: Callable[[int], Any], steps: range, depth: int = 2) -> Itera
     yield item
 
 
-def run_phase(name: str, state: TrainState, step_fn: Callable, make_batch: Callable[[int], Any], num_steps: int,
-              tokens_per_step: int, workdir: Path, writer: MetricWriter, config: Any) -> TrainState:
+def run_phase(
+  name: str,
+  state: TrainState,
+  step_fn: Callable,
+  make_batch: Callable[[int], Any],
+  num_steps: int,
+  tokens_per_step: int,
+  workdir: Path,
+  writer: MetricWriter,
+  config: Any,
+) -> TrainState:
   """The Python loop of one phase: restore, step, log, checkpoint; stops with a clear error on a NaN loss."""
   ckpt = Checkpointer(workdir / "checkpoints" / name, max_to_keep=config.keep_checkpoints)
   state = ckpt.restore_or(state)
@@ -98,8 +118,9 @@ def run_phase(name: str, state: TrainState, step_fn: Callable, make_batch: Calla
       bad = [k for k, v in metrics.items() if not math.isfinite(v)]
       if bad:
         raise FloatingPointError(
-            f"{name}: {bad} not finite at step {done}; lower the learning rate (config.{name}) or check the data. "
-            f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+          f"{name}: {bad} not finite at step {done}; lower the learning rate (config.{name}) or check the data. "
+          f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}."
+        )
       now = time.time()
       tok_s = tokens_per_step * (done - s_last) / max(now - t_last, 1e-9)
       eta = (now - t_start) / (done - start) * (num_steps - done)
@@ -116,12 +137,19 @@ def run_phase(name: str, state: TrainState, step_fn: Callable, make_batch: Calla
 def pretrain(model, params, tokenizer, source, config, workdir, writer) -> dict:
   cfg = config.pretrain
   decay_steps = max(cfg.steps, cfg.warmup_steps + 1)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay_steps),
-                   weight_decay=cfg.weight_decay)
+  tx = optax.adamw(
+    optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay_steps), weight_decay=cfg.weight_decay
+  )
   state = TrainState.create({"params": params}, tx, jax.random.key(config.seed + 1))
   step_fn = lm.make_lm_step(model.apply, tx, dropout=config.model.dropout > 0)
-  make = lambda s: episodes.lm_batch(tokenizer, source, s, cfg.tasks_per_step, config.data.seq_len,  # noqa: E731
-                                     **_encode_kw(config))
+  make = lambda s: episodes.lm_batch(
+    tokenizer,
+    source,
+    s,
+    cfg.tasks_per_step,
+    config.data.seq_len,  # noqa: E731
+    **_encode_kw(config),
+  )
   tokens = cfg.tasks_per_step * (_support_size(config) + _query_size(config)) * config.data.seq_len
   state = run_phase("pretrain", state, step_fn, make, cfg.steps, tokens, workdir, writer, config)
   return state.variables
@@ -131,10 +159,24 @@ def meta_train(model, variables, tokenizer, source, config, workdir, writer) -> 
   cfg = config.meta
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.outer_lr))
   state = TrainState.create(variables, tx, jax.random.key(config.seed + 2))
-  step_fn = meta.make_meta_step(model.apply, tx, fast_regex=cfg.fast_params, inner_lr=cfg.inner_lr,
-                                first_order=cfg.first_order, remat=cfg.remat, optimizer=cfg.inner_optimizer)
-  make = lambda s: episodes.meta_batch(tokenizer, source, s, cfg.tasks_per_step, config.data.seq_len,  # noqa: E731
-                                       cfg.inner_steps, **_encode_kw(config))
+  step_fn = meta.make_meta_step(
+    model.apply,
+    tx,
+    fast_regex=cfg.fast_params,
+    inner_lr=cfg.inner_lr,
+    first_order=cfg.first_order,
+    remat=cfg.remat,
+    optimizer=cfg.inner_optimizer,
+  )
+  make = lambda s: episodes.meta_batch(
+    tokenizer,
+    source,
+    s,
+    cfg.tasks_per_step,
+    config.data.seq_len,  # noqa: E731
+    cfg.inner_steps,
+    **_encode_kw(config),
+  )
   tokens = cfg.tasks_per_step * (cfg.inner_steps * _support_size(config) + _query_size(config)) * config.data.seq_len
   state = run_phase("meta", state, step_fn, make, cfg.steps, tokens, workdir, writer, config)
   return state.variables
@@ -163,32 +205,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   tokenizer, source = data.build(config.data, seed=config.seed)
   model, params = build_model(config.model, len(tokenizer), config.data.seq_len, jax.random.key(config.seed))
-  log.info("model: %s, %.2fM parameters; tokenizer: %d tokens; data: %s", type(model).__name__,
-           tarp.num_params(params) / 1e6, len(tokenizer), config.data.source)
+  log.info(
+    "model: %s, %.2fM parameters; tokenizer: %d tokens; data: %s",
+    type(model).__name__,
+    tarp.num_params(params) / 1e6,
+    len(tokenizer),
+    config.data.source,
+  )
   writer = MetricWriter(workdir)
   variables = {"params": params}
   if config.pretrain.steps > 0:
     variables = pretrain(model, params, tokenizer, source, config, workdir, writer)
   tcfg = tarp.TarpConfig(**config.tarp)
   variables = {**variables, "tarp": tarp.init(jax.random.key(config.seed + 3), variables["params"], tcfg)}
-  log.info("TARP %s rank %d on %d kernels: %d difference parameters", tcfg.kind, tcfg.rank,
-           len(tarp.target_paths(variables["params"], tcfg.targets)), tarp.num_params(variables["tarp"]))
+  log.info(
+    "TARP %s rank %d on %d kernels: %d difference parameters",
+    tcfg.kind,
+    tcfg.rank,
+    len(tarp.target_paths(variables["params"], tcfg.targets)),
+    tarp.num_params(variables["tarp"]),
+  )
   if config.meta.steps > 0:
     variables = meta_train(model, variables, tokenizer, source, config, workdir, writer)
-  result = evaluate.meta_test(model.apply, variables, tokenizer, source, config.eval, config.data.seq_len,
-                              _encode_kw(config))
+  result = evaluate.meta_test(
+    model.apply, variables, tokenizer, source, config.eval, config.data.seq_len, _encode_kw(config)
+  )
   result["workdir"] = str(workdir)
   (workdir / "eval.json").write_text(json.dumps(result, indent=2))
-  writer.write(config.meta.steps, {f"eval/{m}_query_ppl_k{config.eval.adapt_steps}": r["query_ppl_mean"][-1]
-                                   for m, r in result["methods"].items()})
+  writer.write(
+    config.meta.steps,
+    {f"eval/{m}_query_ppl_k{config.eval.adapt_steps}": r["query_ppl_mean"][-1] for m, r in result["methods"].items()},
+  )
   writer.close()
   table = evaluate.format_table(result)
   if config.eval.focus_token:
-    table += (f"\nPerplexity of the tokens after {config.eval.focus_token!r} only (same learning rates):\n"
-              + evaluate.format_table(result, "query_focus"))
-  print(f"\nTrained in {workdir}: pretrain {config.pretrain.steps} steps, meta-train {config.meta.steps} steps "
-        f"({'first' if config.meta.first_order else 'second'}-order, TARP {tcfg.kind} r={tcfg.rank}).\n"
-        f"Held-out test tasks: mean query perplexity ± s.e. after k adaptation steps:\n{table}\n"
-        f"Wrote {workdir / 'eval.json'}, {workdir / 'metrics.jsonl'}, TensorBoard events in "
-        f"{workdir / 'tensorboard'}, checkpoints in {workdir / 'checkpoints'}.", flush=True)
+    table += (
+      f"\nPerplexity of the tokens after {config.eval.focus_token!r} only (same learning rates):\n"
+      + evaluate.format_table(result, "query_focus")
+    )
+  print(
+    f"\nTrained in {workdir}: pretrain {config.pretrain.steps} steps, meta-train {config.meta.steps} steps "
+    f"({'first' if config.meta.first_order else 'second'}-order, TARP {tcfg.kind} r={tcfg.rank}).\n"
+    f"Held-out test tasks: mean query perplexity ± s.e. after k adaptation steps:\n{table}\n"
+    f"Wrote {workdir / 'eval.json'}, {workdir / 'metrics.jsonl'}, TensorBoard events in "
+    f"{workdir / 'tensorboard'}, checkpoints in {workdir / 'checkpoints'}.",
+    flush=True,
+  )
   return result

@@ -8,8 +8,18 @@ from mltd_jax import models, tarp
 
 
 def tiny_gpt2(vocab=13, d=8, layers=2, heads=2, positions=16, seed=0, dtype=jnp.float32):
-  cfg = models.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d, n_layer=layers, n_head=heads,
-                          embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+  cfg = models.GPT2Config(
+    vocab_size=vocab,
+    n_positions=positions,
+    n_embd=d,
+    n_layer=layers,
+    n_head=heads,
+    embd_pdrop=0.0,
+    resid_pdrop=0.0,
+    attn_pdrop=0.0,
+    bos_token_id=0,
+    eos_token_id=0,
+  )
   model = models.GPT2LMHeadModel(cfg, dtype=dtype)
   return model, model.init_params(jax.random.key(seed))
 

@@ -102,9 +102,22 @@ def test_jsonl_source(tmp_path):
   assert not set(task.support) & set(task.query)
   assert all(t.startswith(task.name) for t in task.support + task.query)
   assert [t.name for t in src.eval_tasks("test")] == ["d#0", "d#1", "d#2"]
-  cfg = ml_collections.ConfigDict(dict(source="jsonl", tokenizer="bytes", jsonl=dict(
-      path=str(tmp_path / "x.jsonl"), task_key="task", text_key="text", support_size=2, query_size=2,
-      validation_tasks=("a",), test_tasks=("b",), eval_episodes=1)))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      source="jsonl",
+      tokenizer="bytes",
+      jsonl=dict(
+        path=str(tmp_path / "x.jsonl"),
+        task_key="task",
+        text_key="text",
+        support_size=2,
+        query_size=2,
+        validation_tasks=("a",),
+        test_tasks=("b",),
+        eval_episodes=1,
+      ),
+    )
+  )
   tok, source = data.build(cfg)
   assert source.train_names == ["c", "d"] and tok.pad_token is not None
 

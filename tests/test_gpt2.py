@@ -13,9 +13,17 @@ import transformers
 from mltd_jax import models
 
 CONFIGS = {
-    "odd": dict(vocab_size=101, n_positions=32, n_embd=15, n_layer=2, n_head=3, activation_function="gelu_new"),
-    "wide": dict(vocab_size=67, n_positions=24, n_embd=40, n_layer=3, n_head=5, n_inner=72, activation_function="gelu",
-                 layer_norm_epsilon=1e-6),
+  "odd": dict(vocab_size=101, n_positions=32, n_embd=15, n_layer=2, n_head=3, activation_function="gelu_new"),
+  "wide": dict(
+    vocab_size=67,
+    n_positions=24,
+    n_embd=40,
+    n_layer=3,
+    n_head=5,
+    n_inner=72,
+    activation_function="gelu",
+    layer_norm_epsilon=1e-6,
+  ),
 }
 
 
@@ -60,8 +68,11 @@ def test_logits_match_transformers_with_padding(tmp_path, name):
   hf, path = make_hf(tmp_path, name)
   model, params = models.from_pretrained(path)
   ids = batch(CONFIGS[name]["vocab_size"], t=9)
-  right = np.ones_like(ids); right[0, 6:] = 0; right[2, 3:] = 0  # noqa: E702
-  left = np.ones_like(ids); left[1, :4] = 0  # noqa: E702
+  right = np.ones_like(ids)
+  right[0, 6:] = 0
+  right[2, 3:] = 0  # noqa: E702
+  left = np.ones_like(ids)
+  left[1, :4] = 0  # noqa: E702
   for mask in (right, left):
     pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     ours = np.asarray(model.apply({"params": params}, ids, attention_mask=mask, position_ids=pos))
@@ -133,3 +144,9 @@ def test_pickle_checkpoint_refused_unless_allowed(tmp_path):
 def test_missing_local_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a directory"):
     models.from_pretrained(tmp_path / "nope")
+
+
+def test_hub_name_offline_says_what_to_do(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(OSError, match="could not download 'no-such-org/no-such-model'.*local directory"):
+    models.from_pretrained("no-such-org/no-such-model")

@@ -10,13 +10,26 @@ import pytest
 from mltd_jax import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--config.log_every=5", "--config.checkpoint_every=10", "--config.data.facts.num_eval_tasks=4",
-         "--config.eval.adapt_steps=2", "--config.meta.tasks_per_step=2", "--config.pretrain.tasks_per_step=2"]
+SMALL = [
+  "--config.log_every=5",
+  "--config.checkpoint_every=10",
+  "--config.data.facts.num_eval_tasks=4",
+  "--config.eval.adapt_steps=2",
+  "--config.meta.tasks_per_step=2",
+  "--config.pretrain.tasks_per_step=2",
+]
 
 
 def run_main(workdir, *overrides, check=True):
-  cmd = [sys.executable, "-m", "mltd_jax.main", "--config=configs/multidomain_lm.py:tiny", f"--workdir={workdir}",
-         *SMALL, *overrides]
+  cmd = [
+    sys.executable,
+    "-m",
+    "mltd_jax.main",
+    "--config=configs/multidomain_lm.py:tiny",
+    f"--workdir={workdir}",
+    *SMALL,
+    *overrides,
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   if check and proc.returncode != 0:
     raise AssertionError(f"main failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -60,8 +73,14 @@ def test_main_end_to_end_then_resume(tmp_path):
 
 
 def test_nan_loss_stops_with_a_message(tmp_path):
-  proc = run_main(tmp_path / "nan", "--config.pretrain.steps=10", "--config.meta.steps=0",
-                  "--config.pretrain.lr=1e30", "--config.pretrain.warmup_steps=1", check=False)
+  proc = run_main(
+    tmp_path / "nan",
+    "--config.pretrain.steps=10",
+    "--config.meta.steps=0",
+    "--config.pretrain.lr=1e30",
+    "--config.pretrain.warmup_steps=1",
+    check=False,
+  )
   assert proc.returncode != 0
   assert "not finite" in proc.stderr and "config.pretrain" in proc.stderr
 
@@ -71,12 +90,16 @@ def test_misspelt_config_field_is_named(tmp_path):
   assert proc.returncode != 0 and "inner_lrr" in proc.stderr
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("data.source", "nope", "config.data.source"),
     ("tarp.kind", "sparse", "tarp.kind"),
     ("model.name_or_dir", "./missing_model_dir", "missing_model_dir"),
-])
+  ],
+)
 def test_bad_config_values_name_the_field(tmp_path, field, value, message):
-  proc = run_main(tmp_path / "bad", f"--config.{field}={value}", "--config.pretrain.steps=0",
-                  "--config.meta.steps=0", check=False)
+  proc = run_main(
+    tmp_path / "bad", f"--config.{field}={value}", "--config.pretrain.steps=0", "--config.meta.steps=0", check=False
+  )
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

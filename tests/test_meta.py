@@ -1,7 +1,5 @@
 """Meta-gradients through the lax.scan inner loop against a Python loop and central finite differences."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -15,4 +15,5 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     if cell["cell_type"] == "code":
       exec(compile("".join(cell["source"]), str(NOTEBOOK), "exec"), scope)
   assert scope["g"]["params"] and float(scope["loss_fn"](scope["adapted"], scope["arrays"]["query"])) < float(
-      scope["loss_fn"](scope["fast"], scope["arrays"]["query"]))
+    scope["loss_fn"](scope["fast"], scope["arrays"]["query"])
+  )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mltd_jax import losses, meta, tarp
-from tests.helpers import lm_batch, perturbed_variables, tiny_gpt2
+from tests.helpers import lm_batch, tiny_gpt2
 
 KINDS = ["bilinear", "kronecker", "dynamic"]
 
@@ -27,12 +27,14 @@ def test_zero_difference_at_init_is_the_base_model(kind, multiplicative):
 
 def _layers(diff):
   out = []
+
   def walk(t):
     if "U" in t:
       out.append(t)
     else:
       for v in t.values():
         walk(v)
+
   walk(diff)
   return out
 

@@ -9,5 +9,13 @@ from mltd_jax.data.synthetic import FactsFamily
 from mltd_jax.data.tasks import Task, TaskSource
 from mltd_jax.data.tokenizers import byte_level_tokenizer, load_tokenizer, word_level_tokenizer
 
-__all__ = ["SOURCES", "FactsFamily", "Task", "TaskSource", "build", "byte_level_tokenizer", "load_tokenizer",
-           "word_level_tokenizer"]
+__all__ = [
+  "SOURCES",
+  "FactsFamily",
+  "Task",
+  "TaskSource",
+  "build",
+  "byte_level_tokenizer",
+  "load_tokenizer",
+  "word_level_tokenizer",
+]

@@ -17,8 +17,9 @@ from mltd_jax.data.tasks import Task, TaskSource
 Batch = dict[str, np.ndarray]
 
 
-def encode(tokenizer, texts: Sequence[str], seq_len: int, *, add_eos: bool = False, truncate: bool = False,
-           where: str = "") -> Batch:
+def encode(
+  tokenizer, texts: Sequence[str], seq_len: int, *, add_eos: bool = False, truncate: bool = False, where: str = ""
+) -> Batch:
   """Tokenize ``texts`` into ``{"ids", "mask"}`` of shape [len(texts), seq_len].
 
   Raises:
@@ -31,11 +32,13 @@ def encode(tokenizer, texts: Sequence[str], seq_len: int, *, add_eos: bool = Fal
     seq = [tokenizer.bos_token_id, *toks] + ([tokenizer.eos_token_id] if add_eos else [])
     if len(seq) > seq_len:
       if not truncate:
-        raise ValueError(f"{where}text {i} has {len(seq)} tokens (with bos/eos) > config.data.seq_len={seq_len}; "
-                         "raise config.data.seq_len or set config.data.truncate=True.")
+        raise ValueError(
+          f"{where}text {i} has {len(seq)} tokens (with bos/eos) > config.data.seq_len={seq_len}; "
+          "raise config.data.seq_len or set config.data.truncate=True."
+        )
       seq = seq[:seq_len]
-    ids[i, :len(seq)] = seq
-    mask[i, :len(seq)] = 1
+    ids[i, : len(seq)] = seq
+    mask[i, : len(seq)] = 1
   return {"ids": ids, "mask": mask}
 
 
@@ -55,8 +58,9 @@ def stack(trees: Sequence[dict]) -> dict:
   return np.stack(trees)
 
 
-def meta_batch(tokenizer, source: TaskSource, step: int, tasks_per_step: int, seq_len: int, inner_steps: int,
-               **kw) -> dict:
+def meta_batch(
+  tokenizer, source: TaskSource, step: int, tasks_per_step: int, seq_len: int, inner_steps: int, **kw
+) -> dict:
   """Meta-training batch of ``step``: tasks ``step * tasks_per_step + j`` of the stream (resumable by step)."""
   tasks = [source.train_task(step * tasks_per_step + j) for j in range(tasks_per_step)]
   return stack([encode_task(tokenizer, t, seq_len, inner_steps, **kw) for t in tasks])

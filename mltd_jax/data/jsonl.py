@@ -19,13 +19,25 @@ from mltd_jax.data.tasks import Task
 class JsonlTasks:
   """A TaskSource over a JSONL file; see the module docstring."""
 
-  def __init__(self, path: str, *, task_key: str = "task", text_key: str = "text", support_size: int = 8,
-               query_size: int = 8, validation_tasks: Sequence[str] = (), test_tasks: Sequence[str] = (),
-               eval_episodes: int = 4, seed: int = 0):
+  def __init__(
+    self,
+    path: str,
+    *,
+    task_key: str = "task",
+    text_key: str = "text",
+    support_size: int = 8,
+    query_size: int = 8,
+    validation_tasks: Sequence[str] = (),
+    test_tasks: Sequence[str] = (),
+    eval_episodes: int = 4,
+    seed: int = 0,
+  ):
     file = Path(path).expanduser()
     if not file.is_file():
-      raise FileNotFoundError(f"data file {file} not found; set config.data.jsonl.path to a JSON Lines file of "
-                              f'{{"{task_key}": ..., "{text_key}": ...}} objects.')
+      raise FileNotFoundError(
+        f"data file {file} not found; set config.data.jsonl.path to a JSON Lines file of "
+        f'{{"{task_key}": ..., "{text_key}": ...}} objects.'
+      )
     texts: dict[str, list[str]] = collections.defaultdict(list)
     for n, line in enumerate(file.read_text().splitlines(), 1):
       if not line.strip():
@@ -39,8 +51,10 @@ class JsonlTasks:
     need = support_size + query_size
     small = [t for t, v in self.texts.items() if len(v) < need]
     if small:
-      raise ValueError(f"{file}: tasks {small} have fewer than support_size + query_size = {need} texts; "
-                       "lower config.data.jsonl.support_size/query_size or drop those tasks.")
+      raise ValueError(
+        f"{file}: tasks {small} have fewer than support_size + query_size = {need} texts; "
+        "lower config.data.jsonl.support_size/query_size or drop those tasks."
+      )
     names = list(self.texts)
     unknown = sorted((set(validation_tasks) | set(test_tasks)) - set(names))
     if unknown:
@@ -49,8 +63,10 @@ class JsonlTasks:
     self.validation_names = list(validation_tasks) or [n for n in names if n not in self.test_names][-1:]
     self.train_names = [n for n in names if n not in self.test_names + self.validation_names]
     if not self.train_names:
-      raise ValueError(f"{file}: no task is left for meta-training after holding out "
-                       f"{self.validation_names + self.test_names}; the file needs at least 3 tasks.")
+      raise ValueError(
+        f"{file}: no task is left for meta-training after holding out "
+        f"{self.validation_names + self.test_names}; the file needs at least 3 tasks."
+      )
     self.support_size, self.query_size = support_size, query_size
     self.eval_episodes, self.seed = eval_episodes, seed
 
@@ -58,7 +74,7 @@ class JsonlTasks:
     pool = self.texts[name]
     pick = rng.choice(len(pool), size=self.support_size + self.query_size, replace=False)
     chosen = [pool[i] for i in pick]
-    return Task(label, tuple(chosen[:self.support_size]), tuple(chosen[self.support_size:]))
+    return Task(label, tuple(chosen[: self.support_size]), tuple(chosen[self.support_size :]))
 
   def train_task(self, index: int) -> Task:
     rng = np.random.default_rng([self.seed, 0, index])
@@ -68,5 +84,8 @@ class JsonlTasks:
   def eval_tasks(self, split: str) -> list[Task]:
     names = {"validation": self.validation_names, "test": self.test_names}[split]
     split_id = {"validation": 1, "test": 2}[split]
-    return [self._episode(n, np.random.default_rng([self.seed, split_id, i, k]), f"{n}#{k}")
-            for i, n in enumerate(names) for k in range(self.eval_episodes)]
+    return [
+      self._episode(n, np.random.default_rng([self.seed, split_id, i, k]), f"{n}#{k}")
+      for i, n in enumerate(names)
+      for k in range(self.eval_episodes)
+    ]

@@ -31,7 +31,9 @@ def build(cfg: Any, seed: int = 0):
   source = SOURCES[cfg.source](cfg, seed)
   if cfg.tokenizer == "facts":
     if not isinstance(source, FactsFamily):
-      raise ValueError("config.data.tokenizer='facts' only fits config.data.source='facts'; use 'bytes', a "
-                       "tokenizer.json file, a directory or a hub name.")
+      raise ValueError(
+        "config.data.tokenizer='facts' only fits config.data.source='facts'; use 'bytes', a "
+        "tokenizer.json file, a directory or a hub name."
+      )
     return word_level_tokenizer(source.vocabulary()), source
   return load_tokenizer(cfg.tokenizer), source

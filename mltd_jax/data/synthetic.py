@@ -108,7 +108,7 @@ class FactsFamily:
       for j, off in enumerate(offsets):
         subj, obj = facts[order[(i + off) % f]]
         start = j * part + int(rng.integers(part - 2))
-        words[start:start + 3] = [self.subjects[subj], REL, self.objects[obj]]
+        words[start : start + 3] = [self.subjects[subj], REL, self.objects[obj]]
       texts.append(" ".join(words))
     return tuple(texts)
 
@@ -117,9 +117,11 @@ class FactsFamily:
     rng = np.random.default_rng([self.seed, _SPLITS[split], index])
     subjects = rng.choice(self.n_subjects, size=self.facts_per_task, replace=False)
     facts = [(int(s), int(rng.integers(self.n_objects))) for s in subjects]
-    return Task(name=f"facts-{split}-{index}",
-                support=self._texts(rng, facts, self.support_size),
-                query=self._texts(rng, facts, self.query_size))
+    return Task(
+      name=f"facts-{split}-{index}",
+      support=self._texts(rng, facts, self.support_size),
+      query=self._texts(rng, facts, self.query_size),
+    )
 
   # TaskSource interface
   def train_task(self, index: int) -> Task:

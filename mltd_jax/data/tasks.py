@@ -17,8 +17,10 @@ class Task:
   def __post_init__(self):
     for part in ("support", "query"):
       if not getattr(self, part):
-        raise ValueError(f"task {self.name!r} has an empty {part} set; every task needs at least one support and "
-                         "one query text (check the data file or lower the support/query sizes).")
+        raise ValueError(
+          f"task {self.name!r} has an empty {part} set; every task needs at least one support and "
+          "one query text (check the data file or lower the support/query sizes)."
+        )
 
 
 class TaskSource(Protocol):

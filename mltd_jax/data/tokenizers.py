@@ -48,18 +48,23 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
     return byte_level_tokenizer()
   if spec.endswith(".json") or path.suffix == ".json":
     if not path.is_file():
-      raise FileNotFoundError(f"tokenizer file {path} not found; set config.data.tokenizer to an existing "
-                              "tokenizer.json, a directory, a hub name, or 'bytes'.")
+      raise FileNotFoundError(
+        f"tokenizer file {path} not found; set config.data.tokenizer to an existing "
+        "tokenizer.json, a directory, a hub name, or 'bytes'."
+      )
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
   elif spec.startswith((".", "/", "~")) and not path.is_dir():
-    raise FileNotFoundError(f"tokenizer directory {path} not found; set config.data.tokenizer to an existing "
-                            "directory, a tokenizer.json file, a hub name, or 'bytes'.")
+    raise FileNotFoundError(
+      f"tokenizer directory {path} not found; set config.data.tokenizer to an existing "
+      "directory, a tokenizer.json file, a hub name, or 'bytes'."
+    )
   else:
     try:
       tok = transformers.AutoTokenizer.from_pretrained(str(path) if path.is_dir() else spec)
     except OSError as e:
-      raise OSError(f"could not load tokenizer {spec!r} ({e}); offline, pass a local directory or tokenizer.json "
-                    "file, or 'bytes'.") from e
+      raise OSError(
+        f"could not load tokenizer {spec!r} ({e}); offline, pass a local directory or tokenizer.json file, or 'bytes'."
+      ) from e
   vocab = tok.get_vocab()
   for role, names in (("eos", ("<|endoftext|>", "</s>", EOS)), ("pad", (PAD, "<|padding|>")), ("bos", (BOS, "<s>"))):
     if getattr(tok, f"{role}_token") is None:  # a bare tokenizer.json names no special tokens: find them

@@ -41,8 +41,9 @@ class GPT2Config:
     if self.n_embd % self.n_head:
       raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
     if self.activation_function not in ACTIVATIONS:
-      raise ValueError(f"activation_function={self.activation_function!r} is not supported; "
-                       f"use one of {sorted(ACTIVATIONS)}.")
+      raise ValueError(
+        f"activation_function={self.activation_function!r} is not supported; use one of {sorted(ACTIVATIONS)}."
+      )
 
   @property
   def inner_dim(self) -> int:
@@ -96,8 +97,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
     eps = self.config.layer_norm_epsilon
-    x = x + Attention(self.config, self.dtype, name="attn")(LayerNorm(eps, self.dtype, name="ln_1")(x), mask,
-                                                            deterministic)
+    x = x + Attention(self.config, self.dtype, name="attn")(
+      LayerNorm(eps, self.dtype, name="ln_1")(x), mask, deterministic
+    )
     return x + MLP(self.config, self.dtype, name="mlp")(LayerNorm(eps, self.dtype, name="ln_2")(x), deterministic)
 
 
@@ -131,8 +133,10 @@ class GPT2Model(nn.Module):
   def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
     _, t = input_ids.shape
     if t > self.config.n_positions:
-      raise ValueError(f"sequence length {t} exceeds n_positions={self.config.n_positions}; "
-                       "shorten the data's seq_len or use a model with more positions.")
+      raise ValueError(
+        f"sequence length {t} exceeds n_positions={self.config.n_positions}; "
+        "shorten the data's seq_len or use a model with more positions."
+      )
     if position_ids is None:
       position_ids = jnp.arange(t)[None, :]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # [1, 1, q, k]
@@ -156,8 +160,13 @@ class GPT2LMHeadModel(nn.Module):
   def setup(self):
     self.transformer = GPT2Model(self.config, self.dtype)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+    deterministic: bool = True,
+  ) -> jax.Array:
     hidden = self.transformer(input_ids, attention_mask, position_ids, deterministic)
     return self.transformer.wte.attend(hidden)  # [batch, length, vocab], float32
 

@@ -41,8 +41,12 @@ def _gpt2_from_hf(hf: dict, dtype: Any):
 
 def _gpt2_to_hf(model) -> dict:
   cfg = model.config
-  return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "tie_word_embeddings": True,
-          **{k: getattr(cfg, k) for k in gpt2.GPT2Config.__dataclass_fields__}}
+  return {
+    "model_type": "gpt2",
+    "architectures": ["GPT2LMHeadModel"],
+    "tie_word_embeddings": True,
+    **{k: getattr(cfg, k) for k in gpt2.GPT2Config.__dataclass_fields__},
+  }
 
 
 # config.json's model_type -> builder of our module; our module class -> writer of config.json. T5 registers too.
@@ -55,31 +59,35 @@ def _resolve_dir(name_or_dir: str | os.PathLike, allow_pickle: bool) -> Path:
   if path.is_dir():
     return path
   if path.exists() or str(name_or_dir).startswith((".", "/", "~")):
-    raise FileNotFoundError(f"{path} is not a directory: pass a directory written by save_pretrained "
-                            "(config.json + model.safetensors) or a hub model name.")
+    raise FileNotFoundError(
+      f"{path} is not a directory: pass a directory written by save_pretrained "
+      "(config.json + model.safetensors) or a hub model name."
+    )
   import huggingface_hub  # only needed online
 
   patterns = [CONFIG_FILE, "*.safetensors", SAFETENSORS_INDEX] + ([PICKLE_FILE] if allow_pickle else [])
   try:
     return Path(huggingface_hub.snapshot_download(str(name_or_dir), allow_patterns=patterns))
   except Exception as e:  # network, unknown name, gated model: say what was tried
-    raise OSError(f"could not download {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                  "on an offline machine pass a local directory written by save_pretrained.") from e
+    raise OSError(
+      f"could not download {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+      "on an offline machine pass a local directory written by save_pretrained."
+    ) from e
 
 
 def read_config(directory: Path) -> dict:
   """config.json of a model directory, with errors that name the file."""
   file = directory / CONFIG_FILE
   if not file.is_file():
-    raise FileNotFoundError(f"{file} not found: a model directory needs config.json "
-                            "(write one with save_pretrained).")
+    raise FileNotFoundError(f"{file} not found: a model directory needs config.json (write one with save_pretrained).")
   try:
     hf = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{file} is not valid JSON: {e}") from e
   if hf.get("model_type") not in MODEL_TYPES:
-    raise ValueError(f"{file}: model_type={hf.get('model_type')!r} is not supported; "
-                     f"mltd_jax loads {sorted(MODEL_TYPES)}.")
+    raise ValueError(
+      f"{file}: model_type={hf.get('model_type')!r} is not supported; mltd_jax loads {sorted(MODEL_TYPES)}."
+    )
   return hf
 
 
@@ -97,8 +105,10 @@ def read_state_dict(directory: Path, allow_pickle: bool = False) -> tuple[dict[s
   pickle = directory / PICKLE_FILE
   if pickle.is_file():
     if not allow_pickle:
-      raise ValueError(f"{pickle} is a pickle checkpoint, which can run arbitrary code when loaded; convert it to "
-                       "safetensors, or pass allow_pickle=True if you trust its source.")
+      raise ValueError(
+        f"{pickle} is a pickle checkpoint, which can run arbitrary code when loaded; convert it to "
+        "safetensors, or pass allow_pickle=True if you trust its source."
+      )
     import torch  # only for trusted pickle checkpoints
 
     sd = torch.load(pickle, map_location="cpu", weights_only=True)
@@ -108,22 +118,25 @@ def read_state_dict(directory: Path, allow_pickle: bool = False) -> tuple[dict[s
 
 def state_dict_to_params(state: dict[str, np.ndarray], model, source: Path) -> dict:
   """Map a transformers state dict onto ``model``'s param tree, checking names and shapes against the config."""
-  expected = traverse_util.flatten_dict(
-      jax.eval_shape(model.init_params, jax.random.key(0)), sep=".")
+  expected = traverse_util.flatten_dict(jax.eval_shape(model.init_params, jax.random.key(0)), sep=".")
   if expected and not any(k.startswith("transformer.") for k in state):
     state = {"transformer." + k: v for k, v in state.items()}  # checkpoints saved from the base model class
   missing = sorted(set(expected) - set(state))
   unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith(IGNORED_SUFFIXES))
   if missing or unexpected:
-    raise ValueError(f"{source}: parameter names do not match the config: missing {missing[:5]}"
-                     f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                     f"{'...' if len(unexpected) > 5 else ''}.")
+    raise ValueError(
+      f"{source}: parameter names do not match the config: missing {missing[:5]}"
+      f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+      f"{'...' if len(unexpected) > 5 else ''}."
+    )
   params = {}
   for key, shape in expected.items():
     value = np.asarray(state[key])
     if value.shape != shape.shape:
-      raise ValueError(f"{source}: {key} has shape {value.shape} but config.json implies {shape.shape}; "
-                       "the weights and the config come from different models.")
+      raise ValueError(
+        f"{source}: {key} has shape {value.shape} but config.json implies {shape.shape}; "
+        "the weights and the config come from different models."
+      )
     params[key] = jnp.asarray(value, dtype=jnp.float32)
   return traverse_util.unflatten_dict(params, sep=".")
 
