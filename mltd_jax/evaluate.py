@@ -31,7 +31,7 @@ def encode_tasks(tokenizer, tasks: Sequence[Task], seq_len: int, focus_token: st
     if focus_id is None or focus_id == tokenizer.unk_token_id:
       raise ValueError(f"config.eval.focus_token={focus_token!r} is not a token of the tokenizer.")
     weights = np.zeros_like(query["mask"])
-    weights[:, 1:] = query["mask"][:, 1:] * (query["ids"][:, :-1] == focus_id)
+    weights[..., 1:] = query["mask"][..., 1:] * (query["ids"][..., :-1] == focus_id)  # [N, Q, L]
     arrays["eval"]["query_focus"] = {**query, "weights": weights}
   return arrays
 
