@@ -23,7 +23,9 @@ import subprocess
 import sys
 import time
 
-FIELDS = dict(layers=4, d=256, heads=4, vocab=4096, seq=128, tasks=4, shots=4, rank=8, steps=5, kind="bilinear")
+FIELDS = dict(
+  layers=4, d=256, heads=4, vocab=4096, seq=128, tasks=4, shots=4, rank=8, steps=5, kind="bilinear", task_chunk=0
+)
 
 
 def run_one(a: argparse.Namespace) -> dict:
@@ -50,7 +52,13 @@ def run_one(a: argparse.Namespace) -> dict:
   tx = optax.adam(1e-4)
   state = TrainState.create({"params": params, "tarp": diff}, tx, jax.random.key(2))
   step = meta.make_meta_step(
-    model.apply, tx, fast_regex="^tarp/", inner_lr=0.05, first_order=a.order == 1, remat=bool(a.remat)
+    model.apply,
+    tx,
+    fast_regex="^tarp/",
+    inner_lr=0.05,
+    first_order=a.order == 1,
+    remat=bool(a.remat),
+    task_chunk=a.task_chunk or None,
   )
   rng = np.random.default_rng(0)
 
@@ -90,6 +98,7 @@ def run_one(a: argparse.Namespace) -> dict:
     "remat": bool(a.remat),
     "inner": a.inner,
     "kind": a.kind,
+    "task_chunk": a.task_chunk,
     "layers": a.layers,
     "d": a.d,
     "seq": a.seq,

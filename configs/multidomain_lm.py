@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.meta = ml_collections.ConfigDict()
   c.meta.steps = 2000  # outer (meta) steps
   c.meta.tasks_per_step = 4  # tasks per meta-batch (vmapped)
+  c.meta.task_chunk = 1  # tasks adapted in parallel (0 = all); fewer bounds memory, same result
   c.meta.inner_steps = 1  # T_in: inner steps on the support set per task
   c.meta.inner_lr = 5e-4  # inner learning rate
   c.meta.inner_optimizer = "adam"  # sgd (Algorithm 1) | adam (the paper's released setting)
@@ -127,5 +128,6 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.meta.inner_lr = 1.0
   c.meta.inner_optimizer = "sgd"
   c.meta.outer_lr = 1e-3
+  c.meta.task_chunk = 0  # all 4 tasks vmapped
   c.eval.tasks_per_batch = 20
   c.eval.focus_token = "is"  # the objects of the facts: what only adaptation can know

@@ -110,9 +110,16 @@ def task_query_loss(
   return loss_fn(adapted, task["query"])
 
 
-def meta_loss(apply_fn: Callable, variables: Variables, batch: dict, **inner) -> tuple[jax.Array, jax.Array]:
-  """Mean query loss over the tasks of a meta-batch (leading task axis), and the per-task losses."""
-  per_task = jax.vmap(lambda task: task_query_loss(apply_fn, variables, task, **inner))(batch)
+def meta_loss(
+  apply_fn: Callable, variables: Variables, batch: dict, task_chunk: int | None = None, **inner
+) -> tuple[jax.Array, jax.Array]:
+  """Mean query loss over the tasks of a meta-batch (leading task axis), and the per-task losses.
+
+  Tasks are vmapped; with ``task_chunk`` only that many at a time (the chunks run one after another), which bounds
+  memory for large models at the cost of less parallelism. The result is the same.
+  """
+  one = lambda task: task_query_loss(apply_fn, variables, task, **inner)  # noqa: E731
+  per_task = jax.vmap(one)(batch) if task_chunk is None else jax.lax.map(one, batch, batch_size=task_chunk)
   return per_task.mean(), per_task
 
 
@@ -120,7 +127,7 @@ def make_meta_step(apply_fn: Callable, tx: optax.GradientTransformation, **inner
   """The jitted outer step ``(state, batch, rng) -> (state, metrics)``; ``state`` is donated.
 
   ``inner`` holds the keyword arguments of `task_query_loss` (fast_regex, inner_lr, first_order, remat,
-  optimizer). The gradient reaches every variable: the base model and the fast variables' initialization.
+  optimizer) and `meta_loss`'s ``task_chunk``. The gradient reaches every variable: the base model and the fast variables' initialization.
   ``rng`` is accepted for stochastic extensions (TAMS' Gumbel noise); the TARP step is deterministic.
   """
 

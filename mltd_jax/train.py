@@ -167,6 +167,7 @@ def meta_train(model, variables, tokenizer, source, config, workdir, writer) -> 
     first_order=cfg.first_order,
     remat=cfg.remat,
     optimizer=cfg.inner_optimizer,
+    task_chunk=cfg.task_chunk or None,
   )
   make = lambda s: episodes.meta_batch(
     tokenizer,

@@ -28,8 +28,14 @@ def test_meta_test_picks_lr_on_validation_and_reports_every_task():
   model, params = tiny_gpt2(vocab=len(tok), d=16)
   variables = {"params": params, "tarp": tarp.init(jax.random.key(0), params, tarp.TarpConfig(rank=2))}
   cfg = ml_collections.ConfigDict(
-    dict(adapt_steps=2, optimizer="sgd", methods={"tarp": "^tarp/", "full": "^params/"}, tasks_per_batch=2,
-         lr_grid={"default": (0.0, 0.5), "full": (0.0, 0.1)}, focus_token=REL)
+    dict(
+      adapt_steps=2,
+      optimizer="sgd",
+      methods={"tarp": "^tarp/", "full": "^params/"},
+      tasks_per_batch=2,
+      lr_grid={"default": (0.0, 0.5), "full": (0.0, 0.1)},
+      focus_token=REL,
+    )
   )
   result = evaluate.meta_test(model.apply, variables, tok, fam, cfg, seq_len=12)
   for name, m in result["methods"].items():

@@ -133,3 +133,14 @@ def test_adam_inner_optimizer_is_differentiable():
   variables = perturbed_variables(params, "dynamic")
   g = jax.jit(jax.grad(lambda v: scan_loss(model.apply, v, task(), optimizer="adam")))(variables)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+
+
+def test_task_chunks_give_the_same_meta_gradient():
+  model, params = tiny_gpt2()
+  variables = perturbed_variables(params, "bilinear", scale=0.1)
+  batch = jax.tree.map(lambda *x: np.stack(x), task(0), task(1), task(2))
+  grad = lambda chunk: jax.jit(  # noqa: E731
+    jax.grad(lambda v: meta.meta_loss(model.apply, v, batch, task_chunk=chunk, fast_regex="^tarp/", inner_lr=LR)[0])
+  )(variables)
+  for a, b in zip(jax.tree.leaves(grad(None)), jax.tree.leaves(grad(2))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

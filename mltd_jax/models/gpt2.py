@@ -104,15 +104,21 @@ class Block(nn.Module):
 
 
 class Blocks(nn.Module):
-  """The ``h`` list of blocks, named "0", "1", ... like transformers' ModuleList."""
+  """The ``h`` list of blocks, named "0", "1", ... like transformers' ModuleList.
+
+  With ``remat`` each block is a `jax.checkpoint`: its activations are recomputed in the backward pass instead
+  of stored (same parameters, same outputs).
+  """
 
   config: GPT2Config
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block  # argnum 3: `deterministic`
     for i in range(self.config.n_layer):
-      x = Block(self.config, self.dtype, name=str(i))(x, mask, deterministic)
+      x = block(self.config, self.dtype, name=str(i))(x, mask, deterministic)
     return x
 
 
@@ -121,13 +127,14 @@ class GPT2Model(nn.Module):
 
   config: GPT2Config
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def setup(self):
     cfg = self.config
     self.wte = Embed(cfg.vocab_size, cfg.n_embd, self.dtype, cfg.initializer_range)
     self.wpe = Embed(cfg.n_positions, cfg.n_embd, self.dtype, 0.01)
     self.drop = nn.Dropout(cfg.embd_pdrop)
-    self.h = Blocks(cfg, self.dtype)
+    self.h = Blocks(cfg, self.dtype, self.remat)
     self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.dtype)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
@@ -151,14 +158,15 @@ class GPT2LMHeadModel(nn.Module):
 
   ``apply({'params': params}, input_ids, attention_mask=None)`` returns float32 logits [batch, length, vocab].
   Pass ``{'params': ..., 'tarp': ...}`` to run the TARP-reparameterized model; pass ``deterministic=False`` and
-  a ``'dropout'`` rng to train with dropout.
+  a ``'dropout'`` rng to train with dropout. ``remat=True`` checkpoints every block (less memory, more compute).
   """
 
   config: GPT2Config
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def setup(self):
-    self.transformer = GPT2Model(self.config, self.dtype)
+    self.transformer = GPT2Model(self.config, self.dtype, self.remat)
 
   def __call__(
     self,
