@@ -24,7 +24,18 @@ import sys
 import time
 
 FIELDS = dict(
-  layers=4, d=256, heads=4, vocab=4096, seq=128, tasks=4, shots=4, rank=8, steps=5, kind="bilinear", task_chunk=0
+  layers=4,
+  d=256,
+  heads=4,
+  vocab=4096,
+  seq=128,
+  tasks=4,
+  shots=4,
+  rank=8,
+  steps=5,
+  kind="bilinear",
+  task_chunk=0,
+  support_chunks=1,
 )
 
 
@@ -59,6 +70,7 @@ def run_one(a: argparse.Namespace) -> dict:
     first_order=a.order == 1,
     remat=bool(a.remat),
     task_chunk=a.task_chunk or None,
+    support_chunks=a.support_chunks,
   )
   rng = np.random.default_rng(0)
 
@@ -99,6 +111,7 @@ def run_one(a: argparse.Namespace) -> dict:
     "inner": a.inner,
     "kind": a.kind,
     "task_chunk": a.task_chunk,
+    "support_chunks": a.support_chunks,
     "layers": a.layers,
     "d": a.d,
     "seq": a.seq,

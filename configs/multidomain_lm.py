@@ -89,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.meta.clip_grad_norm = 1.0  # outer gradient clipping
   c.meta.first_order = False  # True: FOMAML (no gradient through inner gradients)
   c.meta.remat = True  # jax.checkpoint the inner step: memory flat in T_in for ~20% more time
+  c.meta.support_chunks = 1  # split each inner step's support batch into chunks run in sequence (less memory)
   c.meta.fast_params = "^tarp/"  # regex of the variables the inner loop adapts ("^tarp/|ln_" adds layer norms)
 
   c.eval = ml_collections.ConfigDict()

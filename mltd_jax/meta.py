@@ -97,17 +97,22 @@ def task_query_loss(
   first_order: bool = False,
   remat: bool = False,
   optimizer: str = "sgd",
+  support_chunks: int = 1,
 ) -> jax.Array:
-  """Query loss of one task after adapting the fast variables on its support batches [T_in, S, L]."""
+  """Query loss of one task after adapting the fast variables on its support batches [T_in, S, L].
+
+  ``support_chunks > 1`` computes each inner step's loss over that many slices of the support batch, one after
+  another (`losses.lm_loss`): the same meta-gradient, with the inner step's activation memory divided.
+  """
   fast, slow = split(variables, fast_regex)
 
-  def loss_fn(fast_params, batch):
-    return losses.lm_loss(apply_fn, merge(slow, fast_params), batch)
+  def support_loss(fast_params, batch):
+    return losses.lm_loss(apply_fn, merge(slow, fast_params), batch, chunks=support_chunks)
 
   adapted = inner_loop(
-    loss_fn, fast, task["support"], inner_lr, first_order=first_order, remat=remat, optimizer=optimizer
+    support_loss, fast, task["support"], inner_lr, first_order=first_order, remat=remat, optimizer=optimizer
   )
-  return loss_fn(adapted, task["query"])
+  return losses.lm_loss(apply_fn, merge(slow, adapted), task["query"])
 
 
 def meta_loss(
@@ -127,8 +132,8 @@ def make_meta_step(apply_fn: Callable, tx: optax.GradientTransformation, **inner
   """The jitted outer step ``(state, batch, rng) -> (state, metrics)``; ``state`` is donated.
 
   ``inner`` holds the keyword arguments of `task_query_loss` (fast_regex, inner_lr, first_order, remat,
-  optimizer) and `meta_loss`'s ``task_chunk``. The gradient reaches every variable: the base model and the
-  fast variables' initialization. ``rng`` is accepted for stochastic extensions (TAMS' Gumbel noise); the TARP
+  optimizer, support_chunks) and `meta_loss`'s ``task_chunk``. The gradient reaches every variable: the base
+  model and the fast variables' initialization. ``rng`` is accepted for stochastic extensions (TAMS' Gumbel noise); the TARP
   step is deterministic.
   """
 

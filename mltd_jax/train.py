@@ -168,6 +168,7 @@ def meta_train(model, variables, tokenizer, source, config, workdir, writer) -> 
     remat=cfg.remat,
     optimizer=cfg.inner_optimizer,
     task_chunk=cfg.task_chunk or None,
+    support_chunks=cfg.support_chunks,
   )
   make = lambda s: episodes.meta_batch(
     tokenizer,

@@ -144,3 +144,15 @@ def test_task_chunks_give_the_same_meta_gradient():
   )(variables)
   for a, b in zip(jax.tree.leaves(grad(None)), jax.tree.leaves(grad(2))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_support_chunks_give_the_same_meta_gradient():
+  with jax.enable_x64(True):
+    model, variables = setup64("dynamic")
+    t = task(seed=5)
+    t["support"]["mask"][:, 1, 3:] = 0  # unequal token counts per chunk: the mean must still be over all tokens
+    grad = lambda chunks: jax.jit(  # noqa: E731
+      jax.grad(lambda v: scan_loss(model.apply, v, t, remat=True, support_chunks=chunks))
+    )(variables)
+    for a, b in zip(jax.tree.leaves(grad(1)), jax.tree.leaves(grad(2))):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
