@@ -133,8 +133,8 @@ def make_meta_step(apply_fn: Callable, tx: optax.GradientTransformation, **inner
 
   ``inner`` holds the keyword arguments of `task_query_loss` (fast_regex, inner_lr, first_order, remat,
   optimizer, support_chunks) and `meta_loss`'s ``task_chunk``. The gradient reaches every variable: the base
-  model and the fast variables' initialization. ``rng`` is accepted for stochastic extensions (TAMS' Gumbel noise); the TARP
-  step is deterministic.
+  model and the fast variables' initialization. ``rng`` is accepted for stochastic extensions (TAMS' Gumbel
+  noise); the TARP step is deterministic.
   """
 
   @functools.partial(jax.jit, donate_argnums=0)
