@@ -72,19 +72,29 @@ def inner_loop(
     The adapted fast parameters, same structure as ``fast_params``.
   """
   tx = INNER_OPTIMIZERS[optimizer](lr)
+  update = _update_fn(loss_fn, tx, first_order)
 
   def step(carry, batch):
-    fast, opt_state = carry
-    grads = jax.grad(loss_fn)(fast, batch)
-    if first_order:
-      grads = jax.lax.stop_gradient(grads)
-    updates, opt_state = tx.update(grads, opt_state, fast)
-    return (optax.apply_updates(fast, updates), opt_state), None
+    return update(carry, batch), None
 
   if remat:
     step = jax.checkpoint(step)
   (adapted, _), _ = jax.lax.scan(step, (fast_params, tx.init(fast_params)), batches)
   return adapted
+
+
+def _update_fn(loss_fn: Callable, tx: optax.GradientTransformation, first_order: bool = False) -> Callable:
+  """One optimizer step on ``loss_fn``: ``((fast, opt_state), batch) -> (fast, opt_state)``."""
+
+  def update(carry, batch):
+    fast, opt_state = carry
+    grads = jax.grad(loss_fn)(fast, batch)
+    if first_order:
+      grads = jax.lax.stop_gradient(grads)
+    updates, opt_state = tx.update(grads, opt_state, fast)
+    return optax.apply_updates(fast, updates), opt_state
+
+  return update
 
 
 def task_query_loss(
@@ -165,16 +175,14 @@ def make_adapt_eval(apply_fn: Callable, fast_regex: str, adapt_steps: int, optim
     fast, slow = split(variables, fast_regex)
     support = jax.tree.map(lambda x: x[0], task["support"])
     tx = INNER_OPTIMIZERS[optimizer](lr)
+    update = _update_fn(lambda f, b: losses.lm_loss(apply_fn, merge(slow, f), b), tx)
 
     def query_loss(f):
       return {k: losses.lm_loss(apply_fn, merge(slow, f), b) for k, b in task["eval"].items()}
 
     def step(carry, _):
-      f, opt_state = carry
-      grads = jax.grad(lambda p: losses.lm_loss(apply_fn, merge(slow, p), support))(f)
-      updates, opt_state = tx.update(grads, opt_state, f)
-      f = optax.apply_updates(f, updates)
-      return (f, opt_state), query_loss(f)
+      carry = update(carry, support)
+      return carry, query_loss(carry[0])
 
     _, after = jax.lax.scan(step, (fast, tx.init(fast)), None, length=adapt_steps)
     return jax.tree.map(lambda b, a: jnp.concatenate([b[None], a]), query_loss(fast), after)
