@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python benchmarks/meta_step.py`
 
 FIELDS = dict(
   layers=4,
@@ -156,7 +159,7 @@ def main() -> None:
       "--remat",
       str(remat),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    out = subprocess.run(cmd, capture_output=True, text=True)
     line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else None
     print(
       line

@@ -17,12 +17,14 @@ import importlib.util
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python experiments/compare.py`
 
 
 def get_config(variant: str = "tiny"):
