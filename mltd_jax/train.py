@@ -110,27 +110,30 @@ def run_phase(
     log.info("%s: resuming from step %d (%s)", name, start, ckpt.directory)
   base_rng = jax.random.wrap_key_data(np.asarray(state.rng))  # a copy: state is donated to step_fn
   t_start, t_last, s_last = time.time(), time.time(), start
-  for step, batch in zip(range(start, num_steps), _prefetch(make_batch, range(start, num_steps))):
-    state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
-    done = step + 1
-    if done % config.log_every == 0 or done == num_steps:
-      metrics = {f"{name}/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-      bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-      if bad:
-        raise FloatingPointError(
-          f"{name}: {bad} not finite at step {done}; lower the learning rate (config.{name}) or check the data. "
-          f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}."
-        )
-      now = time.time()
-      tok_s = tokens_per_step * (done - s_last) / max(now - t_last, 1e-9)
-      eta = (now - t_start) / (done - start) * (num_steps - done)
-      writer.write(done, {**metrics, f"{name}/tokens_per_s": tok_s})
-      shown = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items())
-      log.info("%s step %d/%d %s tokens/s=%.0f eta=%.0fs", name, done, num_steps, shown, tok_s, eta)
-      t_last, s_last = now, done
-    if done % config.checkpoint_every == 0 or done == num_steps:
-      ckpt.save(done, state)
-  ckpt.close()
+  try:
+    for step, batch in zip(range(start, num_steps), _prefetch(make_batch, range(start, num_steps))):
+      state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+      done = step + 1
+      save = done % config.checkpoint_every == 0 or done == num_steps
+      if done % config.log_every == 0 or save:  # metrics are checked before every save: no NaN is checkpointed
+        metrics = {f"{name}/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+          raise FloatingPointError(
+            f"{name}: {bad} not finite at step {done}; lower the learning rate (config.{name}) or check the "
+            f"data. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}."
+          )
+        now = time.time()
+        tok_s = tokens_per_step * (done - s_last) / max(now - t_last, 1e-9)
+        eta = (now - t_start) / (done - start) * (num_steps - done)
+        writer.write(done, {**metrics, f"{name}/tokens_per_s": tok_s})
+        shown = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items())
+        log.info("%s step %d/%d %s tokens/s=%.0f eta=%.0fs", name, done, num_steps, shown, tok_s, eta)
+        t_last, s_last = now, done
+      if save:
+        ckpt.save(done, state)
+  finally:
+    ckpt.close()  # waits for the last (asynchronous) save, also when the loop stops with an error
   return state
 
 
