@@ -26,7 +26,12 @@ from mltd_jax.state import TrainState
 
 Variables = dict[str, Any]
 Flat = dict[str, jax.Array]
-INNER_OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {"sgd": optax.sgd, "adam": optax.adam}
+# eps_root keeps Adam differentiable where a gradient is exactly zero (d sqrt(v)/dv is infinite at v = 0), as it
+# is for a zero-initialized difference: without it the second-order meta-gradient is NaN.
+INNER_OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
+  "sgd": optax.sgd,
+  "adam": lambda lr: optax.adam(lr, eps_root=1e-8),
+}
 
 
 def split(variables: Variables, fast_regex: str) -> tuple[Flat, Flat]:

@@ -87,6 +87,11 @@ def _prefetch(make: Callable[[int], Any], steps: range, depth: int = 2) -> Itera
     yield item
 
 
+def _describe(ckpt: Checkpointer) -> str:
+  step = ckpt.latest_step()
+  return f"none yet in {ckpt.directory}" if step is None else f"step {step} in {ckpt.directory}"
+
+
 def run_phase(
   name: str,
   state: TrainState,
@@ -121,7 +126,7 @@ def run_phase(
         if bad:
           raise FloatingPointError(
             f"{name}: {bad} not finite at step {done}; lower the learning rate (config.{name}) or check the "
-            f"data. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}."
+            f"data. Last good checkpoint: {_describe(ckpt)}."
           )
         now = time.time()
         tok_s = tokens_per_step * (done - s_last) / max(now - t_last, 1e-9)
