@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# ./run.sh        set up .venv (when missing) and run the main job on the offline default (:tiny)
-# ./run.sh test   set up .venv with the test requirements and run the whole test suite
-# Extra arguments are passed on (to main, or to pytest).
+# ./run.sh [main]  set up .venv (when missing) and run the main job on the offline default (:tiny)
+# ./run.sh test    set up .venv with the test requirements and run the whole test suite
+# Extra arguments are passed on: to mltd_jax.main (e.g. --config.meta.steps=100) or to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-mode=${1:-main}
-[ $# -gt 0 ] && shift
+mode=main
+case "${1:-}" in
+  test|main) mode=$1; shift ;;
+esac
 
 setup() {  # $1: requirements file
   if [ ! -x .venv/bin/python ]; then
@@ -32,7 +34,7 @@ case "$mode" in
     exec .venv/bin/python -m mltd_jax.main --config=configs/multidomain_lm.py:tiny --workdir="${WORKDIR:-runs/tiny}" "$@"
     ;;
   *)
-    echo "usage: ./run.sh [test] [extra args]" >&2
+    echo "usage: ./run.sh [main|test] [extra args]" >&2
     exit 2
     ;;
 esac

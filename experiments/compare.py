@@ -59,7 +59,7 @@ def run(name: str, seed: int, out: Path, **overrides) -> tuple[dict, float]:
 def summarize(rows: list[dict], k: int, metric: str) -> dict:
   """Mean over seeds of the per-seed mean perplexity at step k, its s.e. over tasks, and per-seed values."""
   per_seed = [r[f"{metric}_ppl_mean"][k] for r in rows]
-  task_se = [r[f"{metric}_ppl_se"][k] for r in rows]
+  task_se = [r[f"{metric}_ppl_se"][k] if r[f"{metric}_ppl_se"] else float("nan") for r in rows]
   return {"ppl": float(np.mean(per_seed)), "per_seed": per_seed, "task_se": task_se}
 
 

@@ -62,9 +62,9 @@ def meta_test(
     evaluate = meta.make_adapt_eval(apply_fn, regex, k_steps, cfg.optimizer)
     grid = list(cfg.lr_grid[method] if method in cfg.lr_grid else cfg.lr_grid["default"])
     val_l = [_losses(evaluate, variables, val, lr, cfg.tasks_per_batch) for lr in grid]
-    test_l = [_losses(evaluate, variables, test, lr, cfg.tasks_per_batch) for lr in grid]
     # The lr for k steps: the one with the lowest mean validation query loss after k steps.
     best = np.stack([v["query"].mean(0) for v in val_l]).argmin(axis=0)  # [K+1]
+    test_l = {int(i): _losses(evaluate, variables, test, grid[i], cfg.tasks_per_batch) for i in set(best)}
     pick = lambda runs, name: np.stack([runs[best[k]][name][:, k] for k in range(k_steps + 1)], 1)  # noqa: E731
     result = {
       "fast_params": regex,
@@ -72,7 +72,7 @@ def meta_test(
       "lr_grid": grid,
       "validation_query_loss_mean": pick(val_l, "query").mean(0).tolist(),
     }
-    for name in test_l[0]:
+    for name in test_l[int(best[0])]:
       loss = pick(test_l, name)  # [N, K+1]
       ppl = np.exp(loss)
       result[f"{name}_loss_mean"] = loss.mean(0).tolist()

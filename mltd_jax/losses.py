@@ -46,7 +46,10 @@ def lm_loss(apply_fn, variables, batch: dict, chunks: int = 1, **kw) -> jax.Arra
     return total / jnp.maximum(count, 1.0)
   n = batch["ids"].shape[0]
   if n % chunks:
-    raise ValueError(f"a batch of {n} sequences cannot be split into {chunks} equal chunks; pick a divisor of {n}.")
+    raise ValueError(
+      f"a batch of {n} sequences cannot be split into {chunks} equal chunks; set config.meta.support_chunks to a "
+      f"divisor of {n}."
+    )
   sliced = jax.tree.map(lambda x: x.reshape(chunks, n // chunks, *x.shape[1:]), batch)
 
   @jax.checkpoint

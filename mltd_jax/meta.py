@@ -34,13 +34,24 @@ INNER_OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
 }
 
 
+def inner_optimizer(name: str, lr) -> optax.GradientTransformation:
+  """The adaptation optimizer ``name`` (config.meta.inner_optimizer / config.eval.optimizer) at rate ``lr``."""
+  if name not in INNER_OPTIMIZERS:
+    raise ValueError(
+      f"inner optimizer {name!r} is not one of {sorted(INNER_OPTIMIZERS)} "
+      "(config.meta.inner_optimizer, config.eval.optimizer)."
+    )
+  return INNER_OPTIMIZERS[name](lr)
+
+
 def split(variables: Variables, fast_regex: str) -> tuple[Flat, Flat]:
   """Flat ('/'-joined path -> leaf) dicts of the fast and the remaining ("slow") variables."""
   flat = traverse_util.flatten_dict(variables, sep="/")
   fast = {k: v for k, v in flat.items() if re.search(fast_regex, k)}
   if not fast:
     raise ValueError(
-      f"fast-parameter regex {fast_regex!r} matches no variable; variable paths look like {sorted(flat)[:3]}."
+      f"fast-parameter regex {fast_regex!r} (config.meta.fast_params or config.eval.methods) matches no "
+      f"variable; variable paths look like {sorted(flat)[:3]}."
     )
   return fast, {k: v for k, v in flat.items() if k not in fast}
 
@@ -76,7 +87,7 @@ def inner_loop(
   Returns:
     The adapted fast parameters, same structure as ``fast_params``.
   """
-  tx = INNER_OPTIMIZERS[optimizer](lr)
+  tx = inner_optimizer(optimizer, lr)
   update = _update_fn(loss_fn, tx, first_order)
 
   def step(carry, batch):
@@ -179,7 +190,7 @@ def make_adapt_eval(apply_fn: Callable, fast_regex: str, adapt_steps: int, optim
   def one_task(variables, task, lr):
     fast, slow = split(variables, fast_regex)
     support = jax.tree.map(lambda x: x[0], task["support"])
-    tx = INNER_OPTIMIZERS[optimizer](lr)
+    tx = inner_optimizer(optimizer, lr)
     update = _update_fn(lambda f, b: losses.lm_loss(apply_fn, merge(slow, f), b), tx)
 
     def query_loss(f):

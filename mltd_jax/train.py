@@ -38,8 +38,10 @@ log = logging.getLogger("mltd_jax")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def build_model(cfg: Any, vocab_size: int, seq_len: int, rng: jax.Array):
-  """(model, params): from ``cfg.name_or_dir`` when set, else a fresh GPT-2 of ``cfg.init``'s size."""
+def build_model(cfg: Any, tokenizer, seq_len: int, rng: jax.Array):
+  """(model, params): from ``cfg.name_or_dir`` when set, else a fresh GPT-2 of ``cfg.init``'s size that fits
+  ``tokenizer`` (vocabulary and special tokens)."""
+  vocab_size = len(tokenizer)
   if cfg.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}.")
   dtype = DTYPES[cfg.dtype]
@@ -61,8 +63,8 @@ def build_model(cfg: Any, vocab_size: int, seq_len: int, rng: jax.Array):
     embd_pdrop=cfg.dropout,
     resid_pdrop=cfg.dropout,
     attn_pdrop=cfg.dropout,
-    bos_token_id=0,
-    eos_token_id=0,
+    bos_token_id=tokenizer.bos_token_id,
+    eos_token_id=tokenizer.eos_token_id,
   )
   model = models.GPT2LMHeadModel(gpt, dtype=dtype)
   return model, model.init_params(rng)
@@ -214,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   tokenizer, source = data.build(config.data, seed=config.seed)
-  model, params = build_model(config.model, len(tokenizer), config.data.seq_len, jax.random.key(config.seed))
+  model, params = build_model(config.model, tokenizer, config.data.seq_len, jax.random.key(config.seed))
   log.info(
     "model: %s, %.2fM parameters; tokenizer: %d tokens; data: %s",
     type(model).__name__,

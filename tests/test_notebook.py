@@ -6,10 +6,10 @@ from pathlib import Path
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+def test_quickstart_notebook_runs(monkeypatch):
   nb = json.loads(NOTEBOOK.read_text())
   assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), "clear notebook outputs"
-  monkeypatch.chdir(tmp_path)
+  monkeypatch.chdir(NOTEBOOK.parent)  # where Jupyter starts its kernel
   scope: dict = {}
   for cell in nb["cells"]:
     if cell["cell_type"] == "code":

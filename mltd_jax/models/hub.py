@@ -49,7 +49,7 @@ def _gpt2_to_hf(model) -> dict:
   }
 
 
-# config.json's model_type -> builder of our module; our module class -> writer of config.json. T5 registers too.
+# config.json's model_type -> builder of our module; our module class -> writer of config.json (T5 goes here too).
 MODEL_TYPES: dict[str, Callable] = {"gpt2": _gpt2_from_hf}
 HF_CONFIGS: dict[type, Callable] = {gpt2.GPT2LMHeadModel: _gpt2_to_hf}
 
@@ -109,7 +109,10 @@ def read_state_dict(directory: Path, allow_pickle: bool = False) -> tuple[dict[s
         f"{pickle} is a pickle checkpoint, which can run arbitrary code when loaded; convert it to "
         "safetensors, or pass allow_pickle=True if you trust its source."
       )
-    import torch  # only for trusted pickle checkpoints
+    try:
+      import torch  # only for trusted pickle checkpoints
+    except ImportError as e:
+      raise ImportError(f"reading {pickle} needs PyTorch: pip install torch (or convert it to safetensors).") from e
 
     sd = torch.load(pickle, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in sd.items()}, pickle
