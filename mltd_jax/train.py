@@ -165,8 +165,25 @@ def pretrain(model, params, tokenizer, source, config, workdir, writer) -> dict:
   return state.variables
 
 
+def _check_meta_origin(config, workdir: Path) -> None:
+  """Meta-training resumes only on top of the pretraining it started from (``checkpoints/meta_origin.json``)."""
+  origin = workdir / "checkpoints" / "meta_origin.json"
+  has_meta = Checkpointer(workdir / "checkpoints" / "meta").latest_step() is not None
+  if has_meta and origin.exists():
+    started_from = json.loads(origin.read_text())["pretrain_steps"]
+    if started_from != config.pretrain.steps:
+      raise ValueError(
+        f"{workdir}/checkpoints/meta was meta-trained from {started_from} pretraining steps, but "
+        f"config.pretrain.steps={config.pretrain.steps}: resuming would silently drop the new pretraining. Use a "
+        f"new --workdir, set config.pretrain.steps={started_from}, or delete {workdir}/checkpoints/meta."
+      )
+  origin.parent.mkdir(parents=True, exist_ok=True)
+  origin.write_text(json.dumps({"pretrain_steps": config.pretrain.steps}))
+
+
 def meta_train(model, variables, tokenizer, source, config, workdir, writer) -> dict:
   cfg = config.meta
+  _check_meta_origin(config, workdir)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.outer_lr))
   state = TrainState.create(variables, tx, jax.random.key(config.seed + 2))
   step_fn = meta.make_meta_step(

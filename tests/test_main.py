@@ -62,14 +62,27 @@ def test_main_end_to_end_then_resume(tmp_path):
   saved = checkpoint.load(wd / "checkpoints" / "meta")
   assert int(saved["step"]) == 10 and {"params", "tarp"} <= set(saved["variables"])
 
-  # Second run in the same workdir with more steps: both phases continue from their checkpoints.
-  second = run_main(wd, "--config.pretrain.steps=30", "--config.meta.steps=15")
+  # Second run in the same workdir with more meta-steps: it continues from the checkpoint.
+  second = run_main(wd, "--config.pretrain.steps=20", "--config.meta.steps=15")
   log = second.stderr + second.stdout
-  assert "pretrain: resuming from step 20" in log and "meta: resuming from step 10" in log
+  assert "pretrain: restored finished phase at step 20" in log and "meta: resuming from step 10" in log
   rows = metrics(wd)
-  assert [r["step"] for r in rows if "pretrain/loss" in r] == [5, 10, 15, 20, 25, 30]
+  assert [r["step"] for r in rows if "pretrain/loss" in r] == [5, 10, 15, 20]
   assert [r["step"] for r in rows if "meta/query_loss" in r] == [5, 10, 15]
   assert int(checkpoint.load(wd / "checkpoints" / "meta")["step"]) == 15
+
+  # More pretraining under an existing meta-training would be silently dropped: refused, with the way out.
+  third = run_main(wd, "--config.pretrain.steps=30", "--config.meta.steps=15", check=False)
+  assert third.returncode != 0 and "meta-trained from 20 pretraining steps" in third.stderr
+  assert "pretrain: resuming from step 20" in third.stderr + third.stdout  # the pretraining phase itself resumed
+
+
+def test_pretraining_resumes(tmp_path):
+  wd = tmp_path / "pre"
+  run_main(wd, "--config.pretrain.steps=10", "--config.meta.steps=0")
+  second = run_main(wd, "--config.pretrain.steps=20", "--config.meta.steps=0")
+  assert "pretrain: resuming from step 10" in second.stderr + second.stdout
+  assert [r["step"] for r in metrics(wd) if "pretrain/loss" in r] == [5, 10, 15, 20]
 
 
 def test_nan_loss_stops_with_a_message(tmp_path):
