@@ -116,3 +116,33 @@ def test_bad_config_values_name_the_field(tmp_path, field, value, message):
     tmp_path / "bad", f"--config.{field}={value}", "--config.pretrain.steps=0", "--config.meta.steps=0", check=False
   )
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+  import signal
+  import time
+
+  wd = tmp_path / "killed"
+  args = ["--config.pretrain.steps=400", "--config.meta.steps=0", "--config.checkpoint_every=10"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "mltd_jax.main",
+    "--config=configs/multidomain_lm.py:tiny",
+    f"--workdir={wd}",
+    *SMALL,
+    *args,
+  ]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = wd / "checkpoints" / "pretrain"
+  deadline = time.time() + 300
+  while time.time() < deadline and not any(p.name.isdigit() and int(p.name) >= 20 for p in ckpts.glob("*")):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)  # no chance to clean up
+  proc.wait()
+  saved = sorted(int(p.name) for p in ckpts.glob("*") if p.name.isdigit())
+  assert saved and saved[-1] < 400, saved
+  again = run_main(wd, *args)  # the same command again
+  log = again.stderr + again.stdout
+  assert f"pretrain: resuming from step {saved[-1]}" in log, log[-2000:]
+  assert int(checkpoint.load(ckpts)["step"]) == 400
