@@ -13,6 +13,7 @@ iterator state needs saving.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -145,6 +146,7 @@ def run_phase(
 
 
 def pretrain(model, params, tokenizer, source, config, workdir, writer) -> dict:
+  """Phase 1, multitask LM training on the meta-training tasks; returns ``{"params": ...}``."""
   cfg = config.pretrain
   decay_steps = max(cfg.steps, cfg.warmup_steps + 1)
   tx = optax.adamw(
@@ -152,12 +154,12 @@ def pretrain(model, params, tokenizer, source, config, workdir, writer) -> dict:
   )
   state = TrainState.create({"params": params}, tx, jax.random.key(config.seed + 1))
   step_fn = lm.make_lm_step(model.apply, tx, dropout=config.model.dropout > 0)
-  make = lambda s: episodes.lm_batch(
+  make = functools.partial(  # step -> batch
+    episodes.lm_batch,
     tokenizer,
     source,
-    s,
-    cfg.tasks_per_step,
-    config.data.seq_len,  # noqa: E731
+    tasks_per_step=cfg.tasks_per_step,
+    seq_len=config.data.seq_len,
     **_encode_kw(config),
   )
   tokens = cfg.tasks_per_step * (_support_size(config) + _query_size(config)) * config.data.seq_len
@@ -182,6 +184,7 @@ def _check_meta_origin(config, workdir: Path) -> None:
 
 
 def meta_train(model, variables, tokenizer, source, config, workdir, writer) -> dict:
+  """Phase 2, MLtD meta-training of ``{"params", "tarp"}``; returns the meta-trained variables."""
   cfg = config.meta
   _check_meta_origin(config, workdir)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.outer_lr))
@@ -197,13 +200,13 @@ def meta_train(model, variables, tokenizer, source, config, workdir, writer) -> 
     task_chunk=cfg.task_chunk or None,
     support_chunks=cfg.support_chunks,
   )
-  make = lambda s: episodes.meta_batch(
+  make = functools.partial(  # step -> meta-batch
+    episodes.meta_batch,
     tokenizer,
     source,
-    s,
-    cfg.tasks_per_step,
-    config.data.seq_len,  # noqa: E731
-    cfg.inner_steps,
+    tasks_per_step=cfg.tasks_per_step,
+    seq_len=config.data.seq_len,
+    inner_steps=cfg.inner_steps,
     **_encode_kw(config),
   )
   tokens = cfg.tasks_per_step * (cfg.inner_steps * _support_size(config) + _query_size(config)) * config.data.seq_len
