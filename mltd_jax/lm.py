@@ -29,8 +29,3 @@ def make_lm_step(apply_fn: Callable, tx: optax.GradientTransformation, dropout: 
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return step
-
-
-def make_eval_loss(apply_fn: Callable) -> Callable:
-  """Jitted mean next-token NLL of a batch (no adaptation)."""
-  return jax.jit(lambda variables, batch: losses.lm_loss(apply_fn, variables, batch))

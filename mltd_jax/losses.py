@@ -63,8 +63,3 @@ def lm_loss(apply_fn, variables, batch: dict, chunks: int = 1, **kw) -> jax.Arra
   )
   (total, count), _ = jax.lax.scan(one, zeros, sliced)
   return total / jnp.maximum(count, 1.0)
-
-
-def perplexity(mean_nll):
-  """exp of a mean NLL (works on floats and arrays)."""
-  return jnp.exp(mean_nll)

@@ -162,7 +162,8 @@ def pretrain(model, params, tokenizer, source, config, workdir, writer) -> dict:
     seq_len=config.data.seq_len,
     **_encode_kw(config),
   )
-  tokens = cfg.tasks_per_step * (_support_size(config) + _query_size(config)) * config.data.seq_len
+  support, query = _episode_sizes(config)
+  tokens = cfg.tasks_per_step * (support + query) * config.data.seq_len
   state = run_phase("pretrain", state, step_fn, make, cfg.steps, tokens, workdir, writer, config)
   return state.variables
 
@@ -209,21 +210,16 @@ def meta_train(model, variables, tokenizer, source, config, workdir, writer) -> 
     inner_steps=cfg.inner_steps,
     **_encode_kw(config),
   )
-  tokens = cfg.tasks_per_step * (cfg.inner_steps * _support_size(config) + _query_size(config)) * config.data.seq_len
+  support, query = _episode_sizes(config)
+  tokens = cfg.tasks_per_step * (cfg.inner_steps * support + query) * config.data.seq_len
   state = run_phase("meta", state, step_fn, make, cfg.steps, tokens, workdir, writer, config)
   return state.variables
 
 
-def _source_cfg(config):
-  return config.data[config.data.source]
-
-
-def _support_size(config) -> int:
-  return _source_cfg(config).support_size
-
-
-def _query_size(config) -> int:
-  return _source_cfg(config).query_size
+def _episode_sizes(config) -> tuple[int, int]:
+  """Texts per task in the support and query sets, from the data source's config block."""
+  source = config.data[config.data.source]
+  return source.support_size, source.query_size
 
 
 def _encode_kw(config) -> dict:
