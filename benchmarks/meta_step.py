@@ -48,9 +48,10 @@ def run_one(a: argparse.Namespace) -> dict:
   import optax
 
   from mltd_jax import meta, models, tarp
+  from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
-  cfg = models.GPT2Config(
+  cfg = gpt2.GPT2Config(
     vocab_size=a.vocab,
     n_positions=a.seq,
     n_embd=a.d,
@@ -60,30 +61,27 @@ def run_one(a: argparse.Namespace) -> dict:
     resid_pdrop=0.0,
     attn_pdrop=0.0,
   )
-  model = models.GPT2LMHeadModel(cfg)
+  model = gpt2.GPT2LMHeadModel(cfg)
   params = model.init_params(jax.random.key(0))
-  diff = tarp.init(jax.random.key(1), params, tarp.TarpConfig(kind=a.kind, rank=a.rank))
+  tcfg = tarp.TarpConfig(kind=a.kind, rank=a.rank, targets=gpt2.DEFAULT_TARGETS)
+  diff = tarp.init(jax.random.key(1), params, tcfg, models.dense_paths(model))
   tx = optax.adam(1e-4)
-  state = TrainState.create({"params": params, "tarp": diff}, tx, jax.random.key(2))
-  step = meta.make_meta_step(
-    model.apply,
-    tx,
-    fast_regex="^tarp/",
-    inner_lr=0.05,
+  state = TrainState.create({"params": params, "tarp": diff}, tx)
+  inner = meta.InnerLoop(
+    steps=a.inner,
+    lr=0.05,
     first_order=a.order == 1,
     remat=bool(a.remat),
-    task_chunk=a.task_chunk or None,
     support_chunks=a.support_chunks,
+    fast_regex="^tarp/",
   )
+  step = jax.jit(meta.make_meta_step(gpt2.make_loss(model), tx, inner, task_chunk=a.task_chunk), donate_argnums=0)
   rng = np.random.default_rng(0)
 
   def batch():
     ids = lambda *s: rng.integers(0, a.vocab, s).astype(np.int32)  # noqa: E731
     return {
-      "support": {
-        "ids": ids(a.tasks, a.inner, a.shots, a.seq),
-        "mask": np.ones((a.tasks, a.inner, a.shots, a.seq), np.int32),
-      },
+      "support": {"ids": ids(a.tasks, a.shots, a.seq), "mask": np.ones((a.tasks, a.shots, a.seq), np.int32)},
       "query": {"ids": ids(a.tasks, a.shots, a.seq), "mask": np.ones((a.tasks, a.shots, a.seq), np.int32)},
     }
 

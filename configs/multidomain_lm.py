@@ -11,8 +11,6 @@ perplexity is clearly below full fine-tuning of the multitask model and below TA
 
 import ml_collections
 
-TARGETS = r"(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)$"
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -22,10 +20,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2  # newest checkpoints kept per phase
 
   c.model = ml_collections.ConfigDict()
-  c.model.name_or_dir = "gpt2-medium"  # hub name or save_pretrained dir; "" = a fresh GPT-2 of size `init`
+  c.model.name_or_dir = "gpt2-medium"  # hub name or save_pretrained dir; "" = a fresh model of `family`, size `init`
+  c.model.family = "gpt2"  # model family of a fresh model (a loaded one's comes from its config.json)
+  c.model.remat = False  # jax.checkpoint every transformer block (less memory, more compute)
   c.model.allow_pickle = False  # accept pytorch_model.bin (only for trusted files)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.dropout = 0.0  # GPT-2 dropouts for a fresh model (the inner loop always runs deterministically)
+  # The size of a fresh model, in its family's config field names.
   c.model.init = ml_collections.ConfigDict(dict(n_layer=2, n_embd=64, n_head=4, n_inner=256, n_positions=64))
 
   c.data = ml_collections.ConfigDict()
@@ -64,11 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tarp = ml_collections.ConfigDict()
   c.tarp.kind = "dynamic"  # bilinear | kronecker | dynamic (paper's proposed kind)
   c.tarp.rank = 32  # r of U [C_in, r], V [C_out, r]
-  c.tarp.targets = TARGETS  # regex over module paths: which kernels get a difference
+  c.tarp.targets = ""  # regex over Dense module paths that get a difference; "" = the family's default targets
   c.tarp.multiplicative = False  # also learn Phi1 = 1 + U1 V1^T
   c.tarp.kron_terms = 2  # kronecker: number of terms
   c.tarp.kron_n = 2  # kronecker: size of each H_k (divides every target's in and out size)
-  c.tarp.sigma_hidden = 16  # dynamic: hidden width of the MLP that makes Sigma(x)
+  c.tarp.sigma_hidden = 0  # dynamic: 0 = Sigma(x) a linear map of x (released code); > 0 = an MLP of this width
+  c.tarp.dynamic_multiplicative = False  # dynamic + multiplicative: Phi1(x) = 1 + U1 Sigma1(x) V1^T (Eq. 3)
   c.tarp.init_scale = 0.02  # std of the Gaussian U (V starts at zero: no difference at init)
 
   c.pretrain = ml_collections.ConfigDict()
@@ -81,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.meta = ml_collections.ConfigDict()
   c.meta.steps = 2000  # outer (meta) steps
   c.meta.tasks_per_step = 4  # tasks per meta-batch (vmapped)
-  c.meta.task_chunk = 1  # tasks adapted in parallel (0 = all); fewer bounds memory, same result
+  c.meta.task_chunk = 1  # tasks adapted in parallel (0 = all vmapped); fewer bounds memory, same result
   c.meta.inner_steps = 1  # T_in: inner steps on the support set per task
   c.meta.inner_lr = 5e-4  # inner learning rate
   c.meta.inner_optimizer = "adam"  # sgd (Algorithm 1) | adam (the paper's released setting)
@@ -90,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.meta.first_order = False  # True: FOMAML (no gradient through inner gradients)
   c.meta.remat = True  # jax.checkpoint the inner step: memory flat in T_in (on CPU also faster; README)
   c.meta.support_chunks = 1  # split each inner step's support batch into chunks run in sequence (less memory)
+  c.meta.inner_adam_eps_root = 1e-8  # Adam's eps_root in the differentiated inner loop (0 gives NaN; README)
   c.meta.fast_params = "^tarp/"  # regex of the variables the inner loop adapts ("^tarp/|ln_" adds layer norms)
 
   c.eval = ml_collections.ConfigDict()
@@ -98,7 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.methods = {"tarp": "^tarp/", "full": "^params/"}  # name -> variables adapted at meta-test time
   c.eval.lr_grid = {"default": (1e-4, 3e-4, 1e-3, 3e-3), "full": (1e-5, 3e-5, 1e-4, 3e-4)}  # per method
   c.eval.tasks_per_batch = 1  # held-out tasks adapted at once (vmapped); raise on small models
-  c.eval.focus_token = ""  # also report perplexity of the tokens that follow this token ("" = off)
+  c.eval.focus_token = ""  # also report perplexity of the tokens that follow this token ("" = off): query_focus
+  c.eval.select_by = ("query",)  # metrics whose validation loss chooses the learning rate per k (one table each)
 
   if arg == "tiny":
     tiny(c)
@@ -134,3 +138,4 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.eval.lr_grid = {"default": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "full": (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3)}
   c.eval.tasks_per_batch = 20
   c.eval.focus_token = "is"  # the objects of the facts: what only adaptation can know
+  c.eval.select_by = ("query", "query_focus")

@@ -56,11 +56,12 @@ def run(name: str, seed: int, out: Path, **overrides) -> tuple[dict, float]:
   return result, time.time() - t0
 
 
-def summarize(rows: list[dict], k: int, metric: str) -> dict:
-  """Mean over seeds of the per-seed mean perplexity at step k, its s.e. over tasks, and per-seed values."""
-  per_seed = [r[f"{metric}_ppl_mean"][k] for r in rows]
-  task_se = [r[f"{metric}_ppl_se"][k] if r[f"{metric}_ppl_se"] else float("nan") for r in rows]
-  return {"ppl": float(np.mean(per_seed)), "per_seed": per_seed, "task_se": task_se}
+def summarize(rows: list[dict], k: int, metric: str, sel: str) -> dict:
+  """Mean over seeds of the per-seed mean perplexity at step k, its s.e. over tasks, per-seed values and rates."""
+  chosen = [r["selections"][sel] for r in rows]
+  per_seed = [c[metric]["ppl_mean"][k] for c in chosen]
+  task_se = [c[metric]["ppl_se"][k] if c[metric]["ppl_se"] else float("nan") for c in chosen]
+  return {"ppl": float(np.mean(per_seed)), "per_seed": per_seed, "task_se": task_se, "lr": [c["lr"][k] for c in chosen]}
 
 
 def markdown(table: dict, k_max: int, title: str) -> list[str]:
@@ -72,7 +73,9 @@ def markdown(table: dict, k_max: int, title: str) -> list[str]:
   ]
   for m, by_k in table.items():
     last = by_k[k_max]
-    seeds_txt = ", ".join(f"{v:.2f} ± {se:.2f}" for v, se in zip(last["per_seed"], last["task_se"]))
+    seeds_txt = ", ".join(
+      f"{v:.2f} ± {se:.2f} (lr {lr:g})" for v, se, lr in zip(last["per_seed"], last["task_se"], last["lr"])
+    )
     lines.append(f"| {m} | " + " | ".join(f"{by_k[k]['ppl']:.3f}" for k in range(k_max + 1)) + f" | {seeds_txt} |")
   return lines + [""]
 
@@ -97,19 +100,27 @@ def main() -> None:
       methods.setdefault(label, []).append(res["methods"]["tarp"])
       seconds.setdefault(label, []).append(t)
   k_max = base["adapt_steps"]
-  metrics = ["query"] + (["query_focus"] if "query_focus_ppl_mean" in base["methods"]["full"] else [])
+  names = {
+    "query": "Overall query perplexity",
+    "query_focus": "Perplexity of the fact objects only (tokens after 'is')",
+  }
   tables = {
-    metric: {m: {k: summarize(rows, k, metric) for k in range(k_max + 1)} for m, rows in methods.items()}
-    for metric in metrics
+    sel: {
+      metric: {m: {k: summarize(rows, k, metric, sel) for k in range(k_max + 1)} for m, rows in methods.items()}
+      for metric in base["metrics"]
+    }
+    for sel in base["select_by"]
   }
   intro = (
-    f"Seeds {a.seeds}; {base['num_test_tasks']} test tasks per seed; each method's adaptation learning rate "
-    "chosen per k on validation tasks by overall query loss. Cells: mean over seeds of the per-seed mean "
-    "test perplexity after k steps; last column: per seed, mean ± standard error over test tasks."
+    f"Seeds {a.seeds}; {base['num_test_tasks']} test tasks per seed. Each method's adaptation learning rate is "
+    "chosen per k on validation tasks, once by overall query loss and once by fact-object loss (a table each). "
+    "Cells: mean over seeds of the per-seed mean test perplexity after k steps; last column: per seed, mean ± "
+    "standard error over test tasks, and the rate chosen for k = K."
   )
-  lines = [intro, ""] + markdown(tables["query"], k_max, "**Overall query perplexity**")
-  if "query_focus" in tables:
-    lines += markdown(tables["query_focus"], k_max, "**Perplexity of the fact objects only** (tokens after 'is')")
+  lines = [intro, ""]
+  for sel in base["select_by"]:
+    for metric in base["metrics"]:
+      lines += markdown(tables[sel][metric], k_max, f"**{names.get(metric, metric)}; rates chosen by {sel} loss**")
   if seconds:
     lines += [
       "",

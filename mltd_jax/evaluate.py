@@ -1,10 +1,12 @@
-"""Meta-testing: adapt to each held-out task on its support set, report query loss and perplexity.
+"""Meta-testing in parts: adapt-and-score per task, `select_lr` on validation tasks, `summarize`; and the driver.
 
 For every adaptation method (a name -> regex of the variables it adapts, e.g. ``{"tarp": "^tarp/", "full":
-"^params/"}``) and every learning rate of the grid, every task is adapted for K steps (`meta.make_adapt_eval`).
-The learning rate is chosen per number of steps k by the mean query loss on the *validation* tasks; the test
-tasks' numbers at that learning rate are reported. Task-to-task noise is reported as the standard error over
-test tasks.
+"^params/"}``) and every learning rate of its grid, every task is adapted for K steps with `meta.adapt` (the
+function meta-training adapts with) and scored on its evaluation batches after each step. The learning rate for k
+steps is chosen by the mean validation loss of each metric in ``config.eval.select_by``; the test tasks' numbers at
+the chosen rates are reported with standard errors over test tasks. The metric set is the experiment's: here
+``query`` (perplexity of the query set) and, with ``focus_token``, ``query_focus`` (perplexity of the tokens after
+it, e.g. the objects of facts).
 """
 
 from __future__ import annotations
@@ -13,94 +15,155 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mltd_jax import meta
 from mltd_jax.data import episodes
 from mltd_jax.data.tasks import Task
 
+EVAL_FIELDS = (("steps", "config.eval.adapt_steps"), ("optimizer", "config.eval.optimizer"))
 
-def encode_tasks(tokenizer, tasks: Sequence[Task], seq_len: int, focus_token: str = "", **kw) -> dict:
-  """Stacked support [N, 1, S, L] and evaluation batches: ``query`` and, with ``focus_token``, ``query_focus``
-  (the query scored only on tokens that follow ``focus_token``, e.g. the objects after "is" in facts)."""
-  arrays = episodes.stack([episodes.encode_task(tokenizer, t, seq_len, inner_steps=1, **kw) for t in tasks])
+
+def eval_inner(cfg: Any, method: str, regex: str) -> meta.InnerLoop:
+  """The adaptation of method ``method`` (``config.eval``): plain optimizers, nothing differentiated."""
+  fields = EVAL_FIELDS + (("fast_regex", f"config.eval.methods[{method!r}]"),)
+  return meta.InnerLoop(steps=cfg.adapt_steps, lr=0.0, optimizer=cfg.optimizer, fast_regex=regex, fields=fields)
+
+
+def adapt_and_score(
+  loss_fn: meta.LossFn, variables: dict, task: dict, inner: meta.InnerLoop, rng: jax.Array, lr
+) -> dict[str, jax.Array]:
+  """``{metric: [K + 1]}`` mean losses of ``task["eval"][metric]`` before (column 0) and after each of K steps."""
+
+  def score(v):
+    return {name: meta.mean_loss(loss_fn(v, batch, rng)) for name, batch in task["eval"].items()}
+
+  _, after = meta.adapt(loss_fn, variables, task["support"], inner, rng, observe=score, lr=lr)
+  return jax.tree.map(lambda b, a: jnp.concatenate([b[None], a]), score(variables), after)
+
+
+def make_scorer(loss_fn: meta.LossFn, inner: meta.InnerLoop) -> Callable:
+  """Jitted ``(variables, tasks, rng, lr) -> {metric: [num_tasks, K + 1]}``; ``lr`` is traced (compiles once)."""
+  one = lambda v, task, rng, lr: adapt_and_score(loss_fn, v, task, inner, rng, lr)  # noqa: E731
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, None, None)))
+
+
+def select_lr(grid: Sequence[float], mean_loss: np.ndarray) -> list[float]:
+  """The learning rate of ``grid`` with the lowest mean validation loss, for each k.
+
+  Args:
+    grid: the candidate rates.
+    mean_loss: [len(grid), K + 1] mean validation loss of each rate after k steps.
+
+  Returns:
+    K + 1 rates (ties go to the earlier rate of the grid).
+  """
+  mean_loss = np.asarray(mean_loss)
+  if mean_loss.shape[0] != len(grid):
+    raise ValueError(f"{mean_loss.shape[0]} rows of losses for a grid of {len(grid)} learning rates.")
+  return [grid[i] for i in np.argmin(mean_loss, axis=0)]
+
+
+def summarize(loss: np.ndarray) -> dict[str, list]:
+  """Means over tasks of [num_tasks, K + 1] losses: loss, perplexity, and the perplexity's standard error."""
+  n, ppl = loss.shape[0], np.exp(loss)
+  return {
+    "loss_mean": loss.mean(0).tolist(),
+    "ppl_mean": ppl.mean(0).tolist(),
+    "ppl_se": (ppl.std(0, ddof=1) / math.sqrt(n)).tolist() if n > 1 else None,
+  }
+
+
+def encode_tasks(encoder, tasks: Sequence[Task], focus_token: str = "") -> dict:
+  """Stacked ``support`` [N, S, ...] and ``eval`` batches: ``query`` and, with ``focus_token``, ``query_focus``."""
+  arrays = episodes.stack([episodes.task_arrays(encoder, t) for t in tasks])
   query = arrays.pop("query")
   arrays["eval"] = {"query": query}
   if focus_token:
-    focus_id = tokenizer.convert_tokens_to_ids(focus_token)
-    if focus_id is None or focus_id == tokenizer.unk_token_id:
-      raise ValueError(f"config.eval.focus_token={focus_token!r} is not a token of the tokenizer.")
-    weights = np.zeros_like(query["mask"])
-    weights[..., 1:] = query["mask"][..., 1:] * (query["ids"][..., :-1] == focus_id)  # [N, Q, L]
-    arrays["eval"]["query_focus"] = {**query, "weights": weights}
+    if not hasattr(encoder, "focus"):
+      raise ValueError(f"config.eval.focus_token={focus_token!r} needs a causal-LM encoder; set it to ''.")
+    arrays["eval"]["query_focus"] = encoder.focus(query, focus_token)
   return arrays
 
 
-def _losses(evaluate: Callable, variables, arrays: dict, lr: float, chunk: int) -> dict[str, np.ndarray]:
-  """{name: [num_tasks, K+1]} losses, evaluated ``chunk`` tasks at a time (bounds memory for large models)."""
-  n = arrays["support"]["ids"].shape[0]
+def _run(scorer: Callable, variables, arrays: dict, rng, lr: float, chunk: int) -> dict[str, np.ndarray]:
+  """{metric: [num_tasks, K + 1]}, scoring ``chunk`` tasks at a time (bounds memory for large models)."""
+  n = meta._leading(arrays["support"])
   parts = [
-    jax.device_get(evaluate(variables, jax.tree.map(lambda x: x[i : i + chunk], arrays), lr))
+    jax.device_get(scorer(variables, jax.tree.map(lambda x: x[i : i + chunk], arrays), rng, lr))
     for i in range(0, n, chunk)
   ]
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def meta_test(
-  apply_fn: Callable, variables: dict, tokenizer, source, cfg: Any, seq_len: int, encode_kw: dict | None = None
-) -> dict:
-  """Evaluate adaptation on held-out tasks; ``cfg`` is ``config.eval``. Returns the eval.json dict."""
-  encode_kw = encode_kw or {}
-  val_tasks, test_tasks = source.eval_tasks("validation"), source.eval_tasks("test")
-  val = encode_tasks(tokenizer, val_tasks, seq_len, cfg.focus_token, **encode_kw)
-  test = encode_tasks(tokenizer, test_tasks, seq_len, cfg.focus_token, **encode_kw)
-  k_steps, n = cfg.adapt_steps, len(test_tasks)
-  out = {"adapt_steps": k_steps, "num_validation_tasks": len(val_tasks), "num_test_tasks": n, "methods": {}}
+def meta_test(loss_fn: meta.LossFn, encoder, variables: dict, source, cfg: Any, rng: jax.Array) -> dict:
+  """Adapt to held-out tasks and score them; ``cfg`` is ``config.eval``. Returns the eval.json dict."""
+  val_tasks, test_tasks = list(source.eval_tasks("validation")), list(source.eval_tasks("test"))
+  val = encode_tasks(encoder, val_tasks, cfg.focus_token)
+  test = encode_tasks(encoder, test_tasks, cfg.focus_token)
+  metrics = list(val["eval"])
+  select_by = list(cfg.select_by)
+  unknown = [m for m in select_by if m not in metrics]
+  if unknown or not select_by:
+    raise ValueError(f"config.eval.select_by={tuple(select_by)} must name some of the metrics {metrics}.")
+  out = {
+    "adapt_steps": cfg.adapt_steps,
+    "num_validation_tasks": len(val_tasks),
+    "num_test_tasks": len(test_tasks),
+    "metrics": metrics,
+    "select_by": select_by,
+    "methods": {},
+  }
   for method, regex in cfg.methods.items():
-    if regex.startswith("^tarp") and "tarp" not in variables:
-      continue
-    evaluate = meta.make_adapt_eval(apply_fn, regex, k_steps, cfg.optimizer)
+    scorer = make_scorer(loss_fn, eval_inner(cfg, method, regex))
     grid = list(cfg.lr_grid[method] if method in cfg.lr_grid else cfg.lr_grid["default"])
-    val_l = [_losses(evaluate, variables, val, lr, cfg.tasks_per_batch) for lr in grid]
-    # The lr for k steps: the one with the lowest mean validation query loss after k steps.
-    best = np.stack([v["query"].mean(0) for v in val_l]).argmin(axis=0)  # [K+1]
-    test_l = {int(i): _losses(evaluate, variables, test, grid[i], cfg.tasks_per_batch) for i in set(best)}
-    pick = lambda runs, name: np.stack([runs[best[k]][name][:, k] for k in range(k_steps + 1)], 1)  # noqa: E731
-    result = {
-      "fast_params": regex,
-      "lr": [grid[i] for i in best],
-      "lr_grid": grid,
-      "validation_query_loss_mean": pick(val_l, "query").mean(0).tolist(),
-    }
-    for name in test_l[int(best[0])]:
-      loss = pick(test_l, name)  # [N, K+1]
-      ppl = np.exp(loss)
-      result[f"{name}_loss_mean"] = loss.mean(0).tolist()
-      result[f"{name}_ppl_mean"] = ppl.mean(0).tolist()
-      result[f"{name}_ppl_se"] = (ppl.std(0, ddof=1) / math.sqrt(n)).tolist() if n > 1 else None
-      if name == "query":
-        result["tasks"] = [
-          {
-            "name": t.name,
-            "query_loss": loss[i].tolist(),
-            "query_ppl": ppl[i].tolist(),
-            "before_adaptation": {"query_loss": float(loss[i, 0]), "query_ppl": float(ppl[i, 0])},
-          }
-          for i, t in enumerate(test_tasks)
-        ]
-    out["methods"][method] = result
+    run = lambda arrays, lr: _run(scorer, variables, arrays, rng, lr, cfg.tasks_per_batch)  # noqa: E731
+    val_runs = [run(val, lr) for lr in grid]
+    test_runs: dict[float, dict] = {}
+    selections = {}
+    for sel in select_by:
+      lrs = select_lr(grid, np.stack([r[sel].mean(0) for r in val_runs]))
+      for lr in set(lrs) - set(test_runs):
+        test_runs[lr] = run(test, lr)
+      # Column k of each metric at the rate chosen for k steps.
+      pick = lambda runs, m: np.stack([runs[lr][m][:, k] for k, lr in enumerate(lrs)], 1)  # noqa: E731, B023
+      chosen = {m: pick(test_runs, m) for m in metrics}
+      val_at = {lr: val_runs[grid.index(lr)] for lr in lrs}
+      selections[sel] = {
+        "lr": lrs,
+        "validation_loss_mean": pick(val_at, sel).mean(0).tolist(),
+        **{m: summarize(chosen[m]) for m in metrics},
+        "tasks": [
+          {"name": t.name, **{f"{m}_loss": chosen[m][i].tolist() for m in metrics}} for i, t in enumerate(test_tasks)
+        ],
+      }
+    out["methods"][method] = {"fast_params": regex, "lr_grid": grid, "selections": selections}
   return out
 
 
-def format_table(result: dict, metric: str = "query") -> str:
+def format_table(result: dict, metric: str = "query", select_by: str | None = None) -> str:
   """Mean test ``metric`` perplexity ± standard error after k = 0..K steps, one column per method."""
-  methods = result["methods"]
-  names = list(methods)
+  select_by = select_by or result["select_by"][0]
+  names = list(result["methods"])
   lines = ["k  " + "".join(f"{n:>22}" for n in names)]
   for k in range(result["adapt_steps"] + 1):
     cells = []
     for n in names:
-      m, se = methods[n][f"{metric}_ppl_mean"][k], methods[n][f"{metric}_ppl_se"]
+      s = result["methods"][n]["selections"][select_by][metric]
+      m, se = s["ppl_mean"][k], s["ppl_se"]
       cells.append(f"{m:>12.3f} ± {se[k]:<7.3f}" if se else f"{m:>22.3f}")
     lines.append(f"{k:<3}" + "".join(cells))
   return "\n".join(lines)
+
+
+def report(result: dict) -> str:
+  """Every (selection, metric) table of a meta-test result, with the chosen learning rates."""
+  parts = []
+  for sel in result["select_by"]:
+    for metric in result["metrics"]:
+      parts.append(f"{metric} perplexity, learning rates chosen by validation {sel} loss:")
+      parts.append(format_table(result, metric, sel))
+    rates = "; ".join(f"{n}: {m['selections'][sel]['lr']}" for n, m in result["methods"].items())
+    parts.append(f"learning rates per k (by {sel}): {rates}")
+  return "\n".join(parts)

@@ -1,18 +1,22 @@
-"""MLtD's meta-learning core (paper Algorithm 1), as pure functions.
+"""MLtD's meta-learning core (paper Algorithm 1), as pure functions over an injected loss.
 
-* `inner_loop`: T_in optimizer steps on a task's support batches, adapting only the "fast" parameters; a
-  `jax.lax.scan`, so `jax.grad` of a loss of its output is the exact second-order meta-gradient.
-* `task_query_loss` / `meta_loss`: adapt on the support set, evaluate on the query set; vmapped over tasks.
-* `make_meta_step`: the jitted outer step ``(state, batch, rng) -> (state, metrics)`` (Adam on everything).
-* `make_adapt_eval`: meta-testing: K adaptation steps per held-out task, query loss after each.
+* `InnerLoop`: the inner loop's settings, one frozen, validated dataclass (a static argument of the steps).
+* `adapt`: ``inner.steps`` optimizer steps on a task's support batch, adapting only the variables whose
+  '/'-joined path matches ``inner.fast_regex``; a `jax.lax.scan`, so `jax.grad` of a loss of its output is the
+  exact second-order meta-gradient. Meta-training and meta-testing both adapt with it.
+* `task_loss` / `meta_loss`: adapt on the support set, score the query set; tasks vmapped or chunked.
+* `make_meta_step` / `make_train_step`: plain ``(state, batch, rng) -> (state, metrics)`` functions; the caller
+  jits them (with donation and shardings).
 
-Which parameters are fast is a regex over '/'-joined variable paths (``^tarp/`` adapts the TARP difference;
-``^params/`` is full fine-tuning; ``^tarp/|ln_`` adds layer norms). Nothing here knows about data or files.
+The model enters only through ``loss_fn(variables, batch, rng)``, which returns a scalar mean or a pair
+``(summed loss, weight)``; a pair makes chunked means exact. This module knows nothing of model families, batch
+keys, data or files: a task is ``{"support": batch, "query": batch}`` of whatever the loss takes.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import math
 import re
 from typing import Any, Callable
 
@@ -21,37 +25,104 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from mltd_jax import losses
 from mltd_jax.state import TrainState
 
 Variables = dict[str, Any]
 Flat = dict[str, jax.Array]
-# eps_root keeps Adam differentiable where a gradient is exactly zero (d sqrt(v)/dv is infinite at v = 0), as it
-# is for a zero-initialized difference: without it the second-order meta-gradient is NaN.
-INNER_OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
-  "sgd": optax.sgd,
-  "adam": lambda lr: optax.adam(lr, eps_root=1e-8),
-}
+LossFn = Callable[[Variables, Any, jax.Array], Any]
+OPTIMIZERS = ("sgd", "adam")
 
 
-def inner_optimizer(name: str, lr) -> optax.GradientTransformation:
-  """The adaptation optimizer ``name`` (config.meta.inner_optimizer / config.eval.optimizer) at rate ``lr``."""
-  if name not in INNER_OPTIMIZERS:
-    raise ValueError(
-      f"inner optimizer {name!r} is not one of {sorted(INNER_OPTIMIZERS)} "
-      "(config.meta.inner_optimizer, config.eval.optimizer)."
-    )
-  return INNER_OPTIMIZERS[name](lr)
+@dataclasses.dataclass(frozen=True)
+class InnerLoop:
+  """How a task adapts: the inner loop of meta-training, or the adaptation of meta-testing.
+
+  Attributes:
+    steps: optimizer steps on the support batch (T_in; K at meta-test time).
+    lr: learning rate (`adapt` also takes a traced ``lr``, so a learning-rate search compiles once).
+    optimizer: "sgd" (the paper's Algorithm 1) or "adam" (its released configs).
+    first_order: stop gradients through the inner gradients (FOMAML): cheaper, ignores the support loss's
+      curvature.
+    remat: `jax.checkpoint` each inner step: memory flat in ``steps`` for one recomputation per step.
+    support_chunks: split the support batch into this many equal slices along its first axis, scanned one after
+      another under `jax.checkpoint`: the same loss and gradients with the activations of one slice.
+    fast_regex: which variables adapt ('/'-joined paths: ``^tarp/`` the TARP difference, ``^params/`` all).
+    adam_eps_root: Adam's ``eps_root``. Differentiating through Adam needs it > 0: at a gradient of exactly zero
+      (a zero-initialized difference) d sqrt(v)/dv is infinite and the meta-gradient NaN. It also changes the
+      update (the first step shrinks for small gradients: 0.10x at |g| = 1e-5 with 1e-8), so the meta-gradient is
+      exact for this slightly changed Adam. Use 0 where nothing is differentiated (meta-testing).
+    per_step_support: the support batch has a leading axis of ``steps`` (batch t at step t) instead of being
+      reused at every step.
+    fields: (attribute, config field) pairs, only for error messages (not compared or hashed).
+  """
+
+  steps: int
+  lr: float
+  optimizer: str = "sgd"
+  first_order: bool = False
+  remat: bool = False
+  support_chunks: int = 1
+  fast_regex: str = "^tarp/"
+  adam_eps_root: float = 0.0
+  per_step_support: bool = False
+  fields: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+  def field(self, name: str) -> str:
+    """The config field behind attribute ``name`` (for messages)."""
+    return dict(self.fields).get(name, f"InnerLoop.{name}")
+
+  def __post_init__(self):
+    def bad(name, why):
+      raise ValueError(f"{self.field(name)}={getattr(self, name)!r} {why}")
+
+    if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+      bad("steps", "must be an integer >= 1.")
+    if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr < 0:
+      bad("lr", "must be a finite number >= 0.")
+    if self.optimizer not in OPTIMIZERS:
+      bad("optimizer", f"is not one of {OPTIMIZERS}.")
+    if not isinstance(self.support_chunks, int) or self.support_chunks < 1:
+      bad("support_chunks", "must be an integer >= 1.")
+    if not isinstance(self.adam_eps_root, (int, float)) or self.adam_eps_root < 0:
+      bad("adam_eps_root", "must be >= 0.")
+    if not self.fast_regex:
+      bad("fast_regex", "must be a non-empty regex over '/'-joined variable paths (e.g. '^tarp/').")
+    try:
+      re.compile(self.fast_regex)
+    except re.error as e:
+      bad("fast_regex", f"is not a valid regex ({e}).")
+
+  def transform(self, lr) -> optax.GradientTransformation:
+    """The optimizer at rate ``lr`` (a float or a traced scalar)."""
+    if self.optimizer == "adam":
+      return optax.adam(lr, eps_root=self.adam_eps_root)
+    return optax.sgd(lr)
 
 
-def split(variables: Variables, fast_regex: str) -> tuple[Flat, Flat]:
-  """Flat ('/'-joined path -> leaf) dicts of the fast and the remaining ("slow") variables."""
+def mean_loss(out) -> jax.Array:
+  """A loss function's result as a mean: a scalar as it is, ``(total, weight)`` as total / weight (0 if empty)."""
+  if isinstance(out, tuple):
+    total, weight = out
+    return total / jnp.where(weight > 0, weight, 1.0)
+  return out
+
+
+def _as_pair(out) -> tuple[jax.Array, jax.Array]:
+  return out if isinstance(out, tuple) else (out, jnp.ones((), jnp.result_type(out)))
+
+
+def split(variables: Variables, fast_regex: str, field: str = "fast_regex") -> tuple[Flat, Flat]:
+  """Flat ('/'-joined path -> leaf) dicts of the fast and the remaining ("slow") variables.
+
+  Raises:
+    ValueError: the regex matches no variable (the message names ``field``, the config field it came from).
+  """
   flat = traverse_util.flatten_dict(variables, sep="/")
   fast = {k: v for k, v in flat.items() if re.search(fast_regex, k)}
   if not fast:
     raise ValueError(
-      f"fast-parameter regex {fast_regex!r} (config.meta.fast_params or config.eval.methods) matches no "
-      f"variable; variable paths look like {sorted(flat)[:3]}."
+      f"{field}={fast_regex!r} matches no variable; variable paths look like {sorted(flat)[:3]} "
+      f"(collections: {sorted(variables)})."
     )
   return fast, {k: v for k, v in flat.items() if k not in fast}
 
@@ -61,146 +132,143 @@ def merge(slow: Flat, fast: Flat) -> Variables:
   return traverse_util.unflatten_dict({**slow, **fast}, sep="/")
 
 
-def inner_loop(
-  loss_fn: Callable[[Any, Any], jax.Array],
-  fast_params: Any,
-  batches: Any,
-  lr,
+def _leading(tree: Any) -> int:
+  sizes = {x.shape[0] for x in jax.tree.leaves(tree)}
+  if len(sizes) != 1:
+    raise ValueError(f"batch leaves disagree on their leading (example or task) axis: {sorted(sizes)}.")
+  return sizes.pop()
+
+
+def chunked_loss(loss_fn: LossFn, chunks: int, field: str = "support_chunks") -> Callable[..., jax.Array]:
+  """``(variables, batch, rng) -> mean loss`` computed over ``chunks`` equal slices of the batch's first axis.
+
+  Each slice's loss is a `jax.checkpoint` inside a `lax.scan`: the same value and gradients (any order), with the
+  activation memory of one slice. With ``(total, weight)`` pairs the mean is over all weight, exactly; with scalar
+  means it is the mean of the slices' means (exact when the slices weigh the same).
+  """
+  if chunks == 1:
+    return lambda v, batch, rng: mean_loss(loss_fn(v, batch, rng))
+
+  def loss(variables, batch, rng):
+    n = _leading(batch)
+    if n % chunks:
+      raise ValueError(
+        f"a batch of {n} examples cannot be split into {chunks} equal chunks; set {field} to a divisor of {n}."
+      )
+    sliced = jax.tree.map(lambda x: x.reshape(chunks, n // chunks, *x.shape[1:]), batch)
+
+    @jax.checkpoint
+    def one(carry, xs):
+      i, piece = xs
+      total, weight = _as_pair(loss_fn(variables, piece, jax.random.fold_in(rng, i)))
+      return (carry[0] + total, carry[1] + weight), None
+
+    first = jax.tree.map(lambda x: x[0], sliced)
+    shapes = jax.eval_shape(lambda p: _as_pair(loss_fn(variables, p, rng)), first)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    (total, weight), _ = jax.lax.scan(one, zeros, (jnp.arange(chunks), sliced))
+    return mean_loss((total, weight))
+
+  return loss
+
+
+def adapt(
+  loss_fn: LossFn,
+  variables: Variables,
+  support: Any,
+  inner: InnerLoop,
+  rng: jax.Array,
+  observe: Callable[[Variables], Any] | None = None,
   *,
-  first_order: bool = False,
-  remat: bool = False,
-  optimizer: str = "sgd",
-) -> Any:
-  """Adapt ``fast_params`` with one optimizer step per support batch.
+  lr: Any = None,
+) -> tuple[Variables, Any]:
+  """Adapt the fast variables of ``variables`` with ``inner.steps`` optimizer steps on ``support``.
 
   Args:
-    loss_fn: ``(fast_params, batch) -> scalar`` support loss.
-    fast_params: pytree of the parameters the inner loop adapts.
-    batches: pytree whose leaves have a leading axis T_in: batch t is used at step t.
-    lr: inner learning rate (a float or a traced scalar).
-    first_order: stop gradients through the inner gradients (FOMAML): the meta-gradient then ignores the
-      curvature of the support loss; cheaper in time and memory.
-    remat: wrap the scan body in `jax.checkpoint`: the backward pass recomputes each step instead of storing its
-      activations, so memory no longer grows with T_in beyond the per-step carry.
-    optimizer: "sgd" (the paper's Algorithm 1) or "adam" (its released configs), as in `INNER_OPTIMIZERS`.
+    loss_fn: ``(variables, batch, rng) -> scalar or (total, weight)``.
+    variables: all variables (e.g. ``{"params": ..., "tarp": ...}``); those matching ``inner.fast_regex`` adapt.
+    support: the support batch, reused at every step (or [steps, ...] with ``inner.per_step_support``).
+    inner: the settings.
+    rng: step t uses ``fold_in(rng, t)``.
+    observe: if given, ``observe(adapted variables)`` after every step, stacked along a leading [steps] axis.
+    lr: a learning rate overriding ``inner.lr`` (may be traced).
 
   Returns:
-    The adapted fast parameters, same structure as ``fast_params``.
+    (adapted variables, the stacked observations or None).
   """
-  tx = inner_optimizer(optimizer, lr)
-  update = _update_fn(loss_fn, tx, first_order)
+  fast, slow = split(variables, inner.fast_regex, inner.field("fast_regex"))
+  tx = inner.transform(inner.lr if lr is None else lr)
+  support_loss = chunked_loss(loss_fn, inner.support_chunks, inner.field("support_chunks"))
 
-  def step(carry, batch):
-    return update(carry, batch), None
-
-  if remat:
-    step = jax.checkpoint(step)
-  (adapted, _), _ = jax.lax.scan(step, (fast_params, tx.init(fast_params)), batches)
-  return adapted
-
-
-def _update_fn(loss_fn: Callable, tx: optax.GradientTransformation, first_order: bool = False) -> Callable:
-  """One optimizer step on ``loss_fn``: ``((fast, opt_state), batch) -> (fast, opt_state)``."""
-
-  def update(carry, batch):
-    fast, opt_state = carry
-    grads = jax.grad(loss_fn)(fast, batch)
-    if first_order:
+  def step(carry, xs):
+    f, opt_state = carry
+    t, per_step = xs
+    batch = per_step if inner.per_step_support else support
+    grads = jax.grad(lambda g: support_loss(merge(slow, g), batch, jax.random.fold_in(rng, t)))(f)
+    if inner.first_order:
       grads = jax.lax.stop_gradient(grads)
-    updates, opt_state = tx.update(grads, opt_state, fast)
-    return optax.apply_updates(fast, updates), opt_state
+    updates, opt_state = tx.update(grads, opt_state, f)
+    f = optax.apply_updates(f, updates)
+    return (f, opt_state), (None if observe is None else observe(merge(slow, f)))
 
-  return update
+  if inner.remat:
+    step = jax.checkpoint(step)
+  xs = (jnp.arange(inner.steps), support if inner.per_step_support else None)
+  (adapted, _), observed = jax.lax.scan(step, (fast, tx.init(fast)), xs)
+  return merge(slow, adapted), observed
 
 
-def task_query_loss(
-  apply_fn: Callable,
-  variables: Variables,
-  task: dict,
-  *,
-  fast_regex: str,
-  inner_lr,
-  first_order: bool = False,
-  remat: bool = False,
-  optimizer: str = "sgd",
-  support_chunks: int = 1,
-) -> jax.Array:
-  """Query loss of one task after adapting the fast variables on its support batches [T_in, S, L].
-
-  ``support_chunks > 1`` computes each inner step's loss over that many slices of the support batch, one after
-  another (`losses.lm_loss`): the same meta-gradient, with the inner step's activation memory divided.
-  """
-  fast, slow = split(variables, fast_regex)
-
-  def support_loss(fast_params, batch):
-    return losses.lm_loss(apply_fn, merge(slow, fast_params), batch, chunks=support_chunks)
-
-  adapted = inner_loop(
-    support_loss, fast, task["support"], inner_lr, first_order=first_order, remat=remat, optimizer=optimizer
-  )
-  return losses.lm_loss(apply_fn, merge(slow, adapted), task["query"])
+def task_loss(loss_fn: LossFn, variables: Variables, task: dict, inner: InnerLoop, rng: jax.Array) -> jax.Array:
+  """Query loss of one task ``{"support": ..., "query": ...}`` after adapting on its support set."""
+  k_adapt, k_query = jax.random.split(rng)
+  adapted, _ = adapt(loss_fn, variables, task["support"], inner, k_adapt)
+  return mean_loss(loss_fn(adapted, task["query"], k_query))
 
 
 def meta_loss(
-  apply_fn: Callable, variables: Variables, batch: dict, task_chunk: int | None = None, **inner
+  loss_fn: LossFn, variables: Variables, batch: dict, inner: InnerLoop, rng: jax.Array, task_chunk: int = 0
 ) -> tuple[jax.Array, jax.Array]:
   """Mean query loss over the tasks of a meta-batch (leading task axis), and the per-task losses.
 
-  Tasks are vmapped; with ``task_chunk`` only that many at a time (the chunks run one after another), which bounds
-  memory for large models at the cost of less parallelism. The result is the same.
+  Each task gets its own key. Tasks are vmapped; with ``task_chunk`` > 0 only that many at a time (the chunks run
+  one after another), which bounds memory at the cost of parallelism. The result is the same.
   """
-  one = lambda task: task_query_loss(apply_fn, variables, task, **inner)  # noqa: E731
-  per_task = jax.vmap(one)(batch) if task_chunk is None else jax.lax.map(one, batch, batch_size=task_chunk)
+  keys = jax.random.split(rng, _leading(batch))
+  one = lambda args: task_loss(loss_fn, variables, args[0], inner, args[1])  # noqa: E731
+  per_task = jax.lax.map(one, (batch, keys), batch_size=task_chunk) if task_chunk else jax.vmap(one)((batch, keys))
   return per_task.mean(), per_task
 
 
-def make_meta_step(apply_fn: Callable, tx: optax.GradientTransformation, **inner) -> Callable:
-  """The jitted outer step ``(state, batch, rng) -> (state, metrics)``; ``state`` is donated.
+def _apply(state: TrainState, tx: optax.GradientTransformation, grads) -> TrainState:
+  updates, opt_state = tx.update(grads, state.opt_state, state.variables)
+  return state.replace(
+    step=state.step + 1, variables=optax.apply_updates(state.variables, updates), opt_state=opt_state
+  )
 
-  ``inner`` holds the keyword arguments of `task_query_loss` (fast_regex, inner_lr, first_order, remat,
-  optimizer, support_chunks) and `meta_loss`'s ``task_chunk``. The gradient reaches every variable: the base
-  model and the fast variables' initialization. ``rng`` is accepted for stochastic extensions (TAMS' Gumbel
-  noise); the TARP step is deterministic.
+
+def make_meta_step(loss_fn: LossFn, tx: optax.GradientTransformation, inner: InnerLoop, task_chunk: int = 0):
+  """The outer step ``(state, batch, rng) -> (state, metrics)`` (not jitted: jit it with ``donate_argnums=0``).
+
+  ``rng`` is the phase's key; the step folds in ``state.step`` and gives every task its own key. The gradient
+  reaches every variable: the base model and the fast variables' initialization.
   """
 
-  @functools.partial(jax.jit, donate_argnums=0)
   def step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
-    del rng
-    (loss, per_task), grads = jax.value_and_grad(lambda v: meta_loss(apply_fn, v, batch, **inner), has_aux=True)(
-      state.variables
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, state.variables)
-    new = state.replace(
-      step=state.step + 1, variables=optax.apply_updates(state.variables, updates), opt_state=opt_state
-    )
-    return new, {"query_loss": loss, "query_loss_max": per_task.max(), "grad_norm": optax.tree.norm(grads)}
+    rng = jax.random.fold_in(rng, state.step)
+    objective = lambda v: meta_loss(loss_fn, v, batch, inner, rng, task_chunk)  # noqa: E731
+    (loss, per_task), grads = jax.value_and_grad(objective, has_aux=True)(state.variables)
+    metrics = {"query_loss": loss, "query_loss_max": per_task.max(), "grad_norm": optax.tree.norm(grads)}
+    return _apply(state, tx, grads), metrics
 
   return step
 
 
-def make_adapt_eval(apply_fn: Callable, fast_regex: str, adapt_steps: int, optimizer: str = "sgd") -> Callable:
-  """Meta-testing: ``evaluate(variables, tasks, lr) -> {name: [num_tasks, adapt_steps + 1]}`` query losses.
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+  """The plain step ``(state, batch, rng) -> (state, metrics)`` on ``loss_fn`` (multitask pretraining; not jitted)."""
 
-  Each task (support [1, S, L] or [T, S, L]: its first support batch is used at every step) is adapted for
-  ``adapt_steps`` steps at learning rate ``lr``; column k is the loss after k steps (column 0: before
-  adaptation) on every batch of ``task["eval"]`` (e.g. ``{"query": ..., "query_focus": ...}``). ``lr`` is an
-  argument, so a learning-rate search compiles once.
-  """
+  def step(state: TrainState, batch: Any, rng: jax.Array) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(rng, state.step)
+    loss, grads = jax.value_and_grad(lambda v: mean_loss(loss_fn(v, batch, rng)))(state.variables)
+    return _apply(state, tx, grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-  def one_task(variables, task, lr):
-    fast, slow = split(variables, fast_regex)
-    support = jax.tree.map(lambda x: x[0], task["support"])
-    tx = inner_optimizer(optimizer, lr)
-    update = _update_fn(lambda f, b: losses.lm_loss(apply_fn, merge(slow, f), b), tx)
-
-    def query_loss(f):
-      return {k: losses.lm_loss(apply_fn, merge(slow, f), b) for k, b in task["eval"].items()}
-
-    def step(carry, _):
-      carry = update(carry, support)
-      return carry, query_loss(carry[0])
-
-    _, after = jax.lax.scan(step, (fast, tx.init(fast)), None, length=adapt_steps)
-    return jax.tree.map(lambda b, a: jnp.concatenate([b[None], a]), query_loss(fast), after)
-
-  return jax.jit(jax.vmap(one_task, in_axes=(None, 0, None)))
+  return step

@@ -12,19 +12,16 @@ from flax import struct
 
 @struct.dataclass
 class TrainState:
-  """step, the variables by collection ({'params': base model, 'tarp': difference, ...}), optimizer state, rng.
+  """step, the variables by collection ({'params': base model, 'tarp': difference, ...}) and optimizer state.
 
-  The optimizer itself is not part of the state (it is closed over by the step function), so the state holds only
-  arrays and saves as it is.
+  The optimizer itself is not part of the state (the step function closes over it), and neither is the random key
+  (each phase has its own stream key; the step folds in ``step``), so the state holds only arrays and saves as is.
   """
 
   step: jax.Array
   variables: dict
   opt_state: Any
-  rng: jax.Array  # raw uint32 key data: jax.random.wrap_key_data(state.rng) gives the key
 
   @classmethod
-  def create(cls, variables: dict, tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
-    return cls(
-      step=jnp.zeros((), jnp.int32), variables=variables, opt_state=tx.init(variables), rng=jax.random.key_data(rng)
-    )
+  def create(cls, variables: dict, tx: optax.GradientTransformation) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), variables=variables, opt_state=tx.init(variables))

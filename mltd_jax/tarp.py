@@ -9,14 +9,25 @@ with low-rank "difference" parameters that live in their own variable collection
 
   * ``bilinear``:  Phi2 = U V^T                         (U [C_in, r], V [C_out, r]; additive-only is LoRA)
   * ``kronecker``: Phi2 = sum_k H_k ⊗ (U_k V_k^T)       (H [k, n, n], U [k, C_in/n, r], V [k, C_out/n, r])
-  * ``dynamic``:   Phi2(x) = U Sigma(x) V^T, Sigma(x) [r, r] made per token by a small MLP of x.
+  * ``dynamic``:   Phi2(x) = U Sigma(x) V^T, Sigma(x) [r, r] made per token from x.
 
-The multiplicative Phi1 is optional: Phi1 = 1 + U1 V1^T (so the all-ones start is exact).
+Sigma(x) is by default a linear map of x to the r*r entries, as in the paper's released code:
+Sigma(x) = reshape(x W_s + b_s) with ``sigma_w`` [C_in, r*r] (Gaussian) and ``sigma_b`` [r*r] (the flattened
+identity), i.e. C_in * r^2 (+ r^2) parameters per layer (C_in=1024, r=32: ~1M per layer). With
+``sigma_hidden`` > 0 it is instead a bottleneck MLP x -> gelu(x W1 + b1) W2 + b2 (``sigma_w1``, ``sigma_b1``,
+``sigma_w2``, ``sigma_b2``), cheaper but confining Sigma(x) to a ``sigma_hidden``-dimensional subspace.
+
+The multiplicative Phi1 is optional: by default the static Phi1 = 1 + U1 V1^T (so the all-ones start is exact).
+With ``dynamic_multiplicative`` (dynamic kind only) it is the per-token Phi1(x) = 1 + U1 Sigma1(x) V1^T of Eq. 3,
+with its own Sigma1 (``sigma1_w``, ``sigma1_b``, or ``sigma1_w1``... with ``sigma_hidden``); it costs r extra
+matmuls of the kernel's size per token, since x (W0 ⊙ U1 S V1^T) = sum_r ((x ⊙ U1[:, r]) W0) ⊙ (S V1^T)[r].
 Every "V" starts at zero, so the reparameterized model equals the base model exactly at initialization.
 
 The kind of a layer's difference is read from its parameter names, so the model code (`models/layers.py`) calls
-`dense` the same way whatever the kind, and with no difference it is the plain dense layer.
-This module imports only jax/flax: it knows nothing of models, data or training.
+`dense` the same way whatever the kind, and with no difference it is the plain dense layer. Which kernels are
+targeted is decided from the model's actual dense layers (``dense_paths``, from `models.layers.dense_paths`),
+never from guesses about parameter names. This module imports only jax/flax: it knows nothing of models, data or
+training.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +43,7 @@ from flax import traverse_util
 
 KINDS = ("bilinear", "kronecker", "dynamic")
 Params = Mapping[str, Any]
+Path = tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,21 +53,26 @@ class TarpConfig:
   Attributes:
     kind: one of KINDS.
     rank: r, the rank of U V^T (per Kronecker term for ``kronecker``).
-    targets: regex searched in the '/'-joined module path of each 2-D ``weight`` (e.g. ``attn/c_attn$``).
-    multiplicative: also learn Phi1 = 1 + U1 V1^T (rank ``rank``).
+    targets: regex searched in the '/'-joined module path of each of the model's dense layers (e.g.
+      ``attn/c_attn$``); it must not match any other module that owns parameters (embeddings, layer norms).
+    multiplicative: also learn Phi1 (static 1 + U1 V1^T unless ``dynamic_multiplicative``; rank ``rank``).
+    dynamic_multiplicative: with kind ``dynamic`` and ``multiplicative``, make Phi1 per token,
+      Phi1(x) = 1 + U1 Sigma1(x) V1^T (Eq. 3); costs r extra matmuls of the kernel's size per token.
     kron_terms: number of Kronecker terms k.
     kron_n: size n of each H_k; must divide C_in and C_out of every target.
-    sigma_hidden: hidden width of the per-token MLP that makes Sigma(x) (``dynamic``).
-    init_scale: standard deviation of the Gaussian U (and H, Sigma-MLP weights); V starts at zero.
+    sigma_hidden: 0 (default): Sigma(x) is a linear map of x to its r*r entries (C_in * r^2 parameters per
+      layer, as in the paper's code); > 0: a bottleneck MLP of this hidden width (``dynamic``).
+    init_scale: standard deviation of the Gaussian U (and H, Sigma weights); V starts at zero.
   """
 
   kind: str = "bilinear"
   rank: int = 4
   targets: str = r"(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)$"
   multiplicative: bool = False
+  dynamic_multiplicative: bool = False
   kron_terms: int = 2
   kron_n: int = 2
-  sigma_hidden: int = 16
+  sigma_hidden: int = 0
   init_scale: float = 0.02
 
   def __post_init__(self):
@@ -63,21 +80,70 @@ class TarpConfig:
       raise ValueError(f"tarp.kind={self.kind!r} is not one of {KINDS}; set config.tarp.kind to one of them.")
     if self.rank < 1:
       raise ValueError(f"tarp.rank={self.rank} must be >= 1.")
+    if self.sigma_hidden < 0:
+      raise ValueError(f"tarp.sigma_hidden={self.sigma_hidden} must be >= 0 (0: linear Sigma(x)).")
+    if self.dynamic_multiplicative and not (self.kind == "dynamic" and self.multiplicative):
+      raise ValueError(
+        "config.tarp.dynamic_multiplicative=True needs config.tarp.kind='dynamic' and "
+        f"config.tarp.multiplicative=True (got kind={self.kind!r}, multiplicative={self.multiplicative})."
+      )
 
 
-def target_paths(params: Params, targets: str) -> list[tuple[str, ...]]:
-  """Module paths (tuples) whose 2-D ``weight`` matches the regex ``targets``."""
-  found = []
-  for path, leaf in traverse_util.flatten_dict(params).items():
-    if path[-1] == "weight" and getattr(leaf, "ndim", 0) == 2 and re.search(targets, "/".join(path[:-1])):
-      found.append(path[:-1])
+def target_paths(params: Params, targets: str, dense_paths: Iterable[Path]) -> list[Path]:
+  """The dense layers' module paths matched by the regex ``targets``, sorted.
+
+  Args:
+    params: the model's ``'params'`` tree.
+    targets: regex searched (``re.search``) in each '/'-joined module path.
+    dense_paths: module paths (tuples of str) of the model's `Dense` layers (`models.layers.dense_paths`).
+
+  Returns:
+    The matched dense paths, e.g. ``[('transformer', 'h', '0', 'attn', 'c_attn'), ...]``.
+
+  Raises:
+    ValueError: when ``targets`` matches no dense layer, or matches a module that owns parameters but is not a
+      dense layer (an embedding, a layer norm), or a dense path has no 2-D ``weight`` in ``params``.
+  """
+  dense = {tuple(p) for p in dense_paths}
+  owners = {path[:-1] for path in traverse_util.flatten_dict(params)}  # modules that own parameters
+  hit = lambda p: re.search(targets, "/".join(p)) is not None  # noqa: E731
+  wrong = sorted("/".join(p) for p in owners - dense if hit(p))
+  if wrong:
+    raise ValueError(
+      f"tarp.targets={targets!r} matches modules that are not dense layers: {wrong}; "
+      "fix config.tarp.targets so that it matches only dense kernels (e.g. 'attn/c_attn$')."
+    )
+  found = sorted(p for p in dense if hit(p))
+  if not found:
+    raise ValueError(
+      f"tarp.targets={targets!r} matches no dense layer of the model; fix config.tarp.targets "
+      f"(dense module paths look like {'/'.join(min(dense)) if dense else 'transformer/h/0/attn/c_attn'!r})."
+    )
+  flat = traverse_util.flatten_dict(params)
+  missing = ["/".join(p) for p in found if getattr(flat.get(p + ("weight",)), "ndim", 0) != 2]
+  if missing:
+    raise ValueError(f"dense layers {missing} have no 2-D 'weight' in params: were dense_paths made for this model?")
   return found
+
+
+def _init_sigma(rng: jax.Array, c_in: int, r: int, cfg: TarpConfig, name: str) -> dict[str, jax.Array]:
+  """Parameters of one Sigma(x) [r, r] (``name`` is 'sigma' or 'sigma1'), with Sigma(x) near I at init."""
+  s, h, eye = cfg.init_scale, cfg.sigma_hidden, jnp.eye(r).reshape(-1)
+  k1, k2 = jax.random.split(rng)
+  if h == 0:  # linear: Sigma(x) = I + x W_s, Gaussian W_s
+    return {f"{name}_w": s * jax.random.normal(k1, (c_in, r * r)), f"{name}_b": eye}
+  return {  # MLP: Sigma(x) = I exactly at init (W2 = 0)
+    f"{name}_w1": s * jax.random.normal(k2, (c_in, h)),
+    f"{name}_b1": jnp.zeros((h,)),
+    f"{name}_w2": jnp.zeros((h, r * r)),
+    f"{name}_b2": eye,
+  }
 
 
 def init_layer(rng: jax.Array, c_in: int, c_out: int, cfg: TarpConfig) -> dict[str, jax.Array]:
   """Difference parameters of one [c_in, c_out] kernel; all of them give a zero difference."""
   r, s = cfg.rank, cfg.init_scale
-  k_u, k_h, k_s, k_m = jax.random.split(rng, 4)
+  k_u, k_h, k_s, k_m, k_s1 = jax.random.split(rng, 5)
   if cfg.kind == "kronecker":
     n, k = cfg.kron_n, cfg.kron_terms
     if c_in % n or c_out % n:
@@ -90,40 +156,50 @@ def init_layer(rng: jax.Array, c_in: int, c_out: int, cfg: TarpConfig) -> dict[s
   else:
     p = {"U": s * jax.random.normal(k_u, (c_in, r)), "V": jnp.zeros((c_out, r))}
   if cfg.kind == "dynamic":
-    h = cfg.sigma_hidden
-    p["sigma_w1"] = s * jax.random.normal(k_s, (c_in, h))
-    p["sigma_b1"] = jnp.zeros((h,))
-    p["sigma_w2"] = jnp.zeros((h, r * r))
-    p["sigma_b2"] = jnp.eye(r).reshape(-1)  # Sigma(x) = I at init: the dynamic kind starts as the bilinear one
+    p.update(_init_sigma(k_s, c_in, r, cfg, "sigma"))
   if cfg.multiplicative:
     p["U1"] = s * jax.random.normal(k_m, (c_in, r))
     p["V1"] = jnp.zeros((c_out, r))
+    if cfg.dynamic_multiplicative:
+      p.update(_init_sigma(k_s1, c_in, r, cfg, "sigma1"))
   return p
 
 
-def init(rng: jax.Array, params: Params, cfg: TarpConfig) -> dict:
+def init(rng: jax.Array, params: Params, cfg: TarpConfig, dense_paths: Iterable[Path]) -> dict:
   """The ``'tarp'`` collection for ``params``: a tree mirroring the targeted modules' paths.
 
+  Args:
+    rng: PRNG key.
+    params: the model's ``'params'`` tree; kernel shapes are read from ``params[path + ('weight',)]``.
+    cfg: the TARP configuration.
+    dense_paths: module paths of the model's `Dense` layers (`models.layers.dense_paths(model)`).
+
+  Returns:
+    ``{path...: {'U': ..., 'V': ..., ...}}`` for every targeted layer.
+
   Raises:
-    ValueError: when ``cfg.targets`` matches no kernel.
+    ValueError: from `target_paths` when ``cfg.targets`` matches nothing or a module that is not dense.
   """
-  paths = target_paths(params, cfg.targets)
-  if not paths:
-    raise ValueError(
-      f"tarp.targets={cfg.targets!r} matches no 2-D 'weight' in the model; "
-      "fix config.tarp.targets (module paths look like 'transformer/h/0/attn/c_attn')."
-    )
   flat = traverse_util.flatten_dict(params)
   out = {}
-  for i, path in enumerate(paths):
+  for i, path in enumerate(target_paths(params, cfg.targets, dense_paths)):
     c_in, c_out = flat[path + ("weight",)].shape
     out[path] = init_layer(jax.random.fold_in(rng, i), c_in, c_out, cfg)
   return traverse_util.unflatten_dict(out)
 
 
+def _has_sigma(d: Mapping[str, jax.Array], name: str) -> bool:
+  return f"{name}_w" in d or f"{name}_w1" in d
+
+
+def is_dynamic(d: Mapping[str, jax.Array]) -> bool:
+  """Whether a layer's difference has an input-dependent additive term (the dynamic kind, either Sigma form)."""
+  return _has_sigma(d, "sigma")
+
+
 def static_delta(d: Mapping[str, jax.Array]) -> jax.Array | None:
   """The input-independent additive Phi2 [C_in, C_out], or None for the dynamic kind."""
-  if "sigma_w1" in d:
+  if is_dynamic(d):
     return None
   if "H" in d:  # sum_k kron(H_k, U_k V_k^T)
     low = jnp.einsum("kir,kor->kio", d["U"], d["V"])  # [k, C_in/n, C_out/n]
@@ -133,30 +209,42 @@ def static_delta(d: Mapping[str, jax.Array]) -> jax.Array | None:
   return d["U"] @ d["V"].T
 
 
-def sigma(d: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
-  """Sigma(x) [..., r, r]: the per-token core of the dynamic kind."""
+def sigma(d: Mapping[str, jax.Array], x: jax.Array, name: str = "sigma") -> jax.Array:
+  """Sigma(x) [..., r, r]: the per-token core of the dynamic kind (``name='sigma1'``: that of Phi1(x)).
+
+  Linear (``{name}_w``, ``{name}_b``) or a bottleneck MLP (``{name}_w1`` ... ``{name}_b2``), read from the names.
+  """
   r = d["U"].shape[-1]
-  h = jax.nn.gelu(x @ d["sigma_w1"].astype(x.dtype) + d["sigma_b1"].astype(x.dtype))
-  s = h @ d["sigma_w2"].astype(x.dtype) + d["sigma_b2"].astype(x.dtype)
+  cast = lambda k: d[f"{name}_{k}"].astype(x.dtype)  # noqa: E731
+  if f"{name}_w" in d:
+    s = x @ cast("w") + cast("b")  # [..., r*r]
+  else:
+    s = jax.nn.gelu(x @ cast("w1") + cast("b1")) @ cast("w2") + cast("b2")  # [..., r*r]
   return s.reshape(*s.shape[:-1], r, r)
 
 
 def dense(x: jax.Array, weight: jax.Array, d: Mapping[str, jax.Array] | None, dtype: Any) -> jax.Array:
   """x W(x) for one dense layer without its bias: x [..., C_in], weight [C_in, C_out] -> [..., C_out].
 
-  With ``d`` None (no difference) this is exactly ``x @ weight``. The dynamic term is computed as
-  ((x U) Sigma(x)) V^T, never as a per-token [C_in, C_out] matrix.
+  With ``d`` None (no difference) this is exactly ``x @ weight``. The dynamic terms are never computed as a
+  per-token [C_in, C_out] matrix: the additive one as ((x U) Sigma(x)) V^T, the multiplicative one as
+  sum_r ((x ⊙ U1[:, r]) W0) ⊙ (Sigma1(x) V1^T)[r].
   """
   x = x.astype(dtype)
+  if d is None:
+    return x @ weight.astype(dtype)
   w = weight
-  if d is not None:
-    if "U1" in d:
-      w = w * (1.0 + d["U1"] @ d["V1"].T)
-    delta = static_delta(d)
-    if delta is not None:
-      w = w + delta
-  y = x @ w.astype(dtype)
-  if d is not None and "sigma_w1" in d:
+  dynamic_phi1 = _has_sigma(d, "sigma1")
+  if "U1" in d and not dynamic_phi1:
+    w = w * (1.0 + d["U1"] @ d["V1"].T)
+  delta = static_delta(d)
+  if delta is not None:
+    w = w + delta
+  y = x @ w.astype(dtype)  # [..., C_out]
+  if dynamic_phi1:  # x (W0 ⊙ U1 S1(x) V1^T), per token
+    z = jnp.einsum("...i,ir,io->...ro", x, d["U1"].astype(dtype), weight.astype(dtype))  # [..., r, C_out]
+    y = y + jnp.einsum("...ro,...rs,os->...o", z, sigma(d, x, "sigma1"), d["V1"].astype(dtype))
+  if is_dynamic(d):
     a = x @ d["U"].astype(dtype)  # [..., r]
     b = jnp.einsum("...r,...rs->...s", a, sigma(d, x))  # [..., r]
     y = y + b @ d["V"].astype(dtype).T

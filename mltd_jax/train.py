@@ -13,6 +13,7 @@ iterator state needs saving.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -24,51 +25,50 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 
-from mltd_jax import data, evaluate, lm, meta, models, tarp
+from mltd_jax import data, evaluate, meta, models, tarp
 from mltd_jax.checkpoint import Checkpointer
 from mltd_jax.data import episodes
 from mltd_jax.metric_writer import MetricWriter
 from mltd_jax.state import TrainState
 
 log = logging.getLogger("mltd_jax")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Named random streams, all split from one root key (config.seed). Data are numpy streams keyed by
+# (config.seed, split, index) in the task sources, so a batch is a pure function of the step.
+STREAMS = ("init", "tarp", "pretrain", "meta", "eval")
+# InnerLoop attribute -> config.meta field.
+META_FIELDS = {
+  "steps": "inner_steps",
+  "lr": "inner_lr",
+  "optimizer": "inner_optimizer",
+  "first_order": "first_order",
+  "remat": "remat",
+  "support_chunks": "support_chunks",
+  "fast_regex": "fast_params",
+  "adam_eps_root": "inner_adam_eps_root",
+}
 
 
-def build_model(cfg: Any, tokenizer, seq_len: int, rng: jax.Array):
-  """(model, params): from ``cfg.name_or_dir`` when set, else a fresh GPT-2 of ``cfg.init``'s size that fits
-  ``tokenizer`` (vocabulary and special tokens)."""
-  vocab_size = len(tokenizer)
-  if cfg.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}.")
-  dtype = DTYPES[cfg.dtype]
-  if cfg.name_or_dir:
-    model, params = models.from_pretrained(cfg.name_or_dir, dtype=dtype, allow_pickle=cfg.allow_pickle)
-    if model.config.vocab_size < vocab_size:
-      raise ValueError(
-        f"the tokenizer has {vocab_size} tokens but {cfg.name_or_dir} has vocab_size="
-        f"{model.config.vocab_size}; use the model's own tokenizer (config.data.tokenizer)."
-      )
-    return model, params
-  gpt = models.GPT2Config(
-    vocab_size=vocab_size,
-    n_positions=max(seq_len, cfg.init.n_positions),
-    n_embd=cfg.init.n_embd,
-    n_layer=cfg.init.n_layer,
-    n_head=cfg.init.n_head,
-    n_inner=cfg.init.n_inner or None,
-    embd_pdrop=cfg.dropout,
-    resid_pdrop=cfg.dropout,
-    attn_pdrop=cfg.dropout,
-    bos_token_id=tokenizer.bos_token_id,
-    eos_token_id=tokenizer.eos_token_id,
+def rng_streams(seed: int) -> dict[str, jax.Array]:
+  """One key per name of `STREAMS`, split from ``jax.random.key(seed)``."""
+  return dict(zip(STREAMS, jax.random.split(jax.random.key(seed), len(STREAMS))))
+
+
+def meta_inner(cfg: Any) -> meta.InnerLoop:
+  """The meta-training inner loop of a ``config.meta`` block (a bad value names its field)."""
+  return meta.InnerLoop(
+    **{attr: cfg[name] for attr, name in META_FIELDS.items()},
+    fields=tuple((attr, f"config.meta.{name}") for attr, name in META_FIELDS.items()),
   )
-  model = models.GPT2LMHeadModel(gpt, dtype=dtype)
-  return model, model.init_params(rng)
+
+
+def jit_step(step_fn: Callable) -> Callable:
+  """The edge where steps are compiled: the state (argument 0) is donated."""
+  return jax.jit(step_fn, donate_argnums=0)
 
 
 def _prefetch(make: Callable[[int], Any], steps: range, depth: int = 2) -> Iterator[Any]:
@@ -105,8 +105,14 @@ def run_phase(
   workdir: Path,
   writer: MetricWriter,
   config: Any,
+  rng: jax.Array,
 ) -> TrainState:
-  """The Python loop of one phase: restore, step, log, checkpoint; stops with a clear error on a NaN loss."""
+  """The Python loop of one phase: restore, step, log, checkpoint; stops with a clear error on a NaN loss.
+
+  ``step_fn(state, batch, rng)`` is jitted here with the state donated; ``rng`` is the phase's stream key (the
+  step folds in its step number), so a resumed run draws the same randomness.
+  """
+  step_fn = jit_step(step_fn)
   ckpt = Checkpointer(workdir / "checkpoints" / name, max_to_keep=config.keep_checkpoints)
   state = ckpt.restore_or(state)
   start = int(state.step)
@@ -116,11 +122,10 @@ def run_phase(
     return state
   if start:
     log.info("%s: resuming from step %d (%s)", name, start, ckpt.directory)
-  base_rng = jax.random.wrap_key_data(np.asarray(state.rng))  # a copy: state is donated to step_fn
   t_start, t_last, s_last = time.time(), time.time(), start
   try:
     for step, batch in zip(range(start, num_steps), _prefetch(make_batch, range(start, num_steps))):
-      state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+      state, metrics = step_fn(state, batch, rng)
       done = step + 1
       save = done % config.checkpoint_every == 0 or done == num_steps
       if done % config.log_every == 0 or save:  # metrics are checked before every save: no NaN is checkpointed
@@ -145,26 +150,27 @@ def run_phase(
   return state
 
 
-def pretrain(model, params, tokenizer, source, config, workdir, writer) -> dict:
-  """Phase 1, multitask LM training on the meta-training tasks; returns ``{"params": ...}``."""
+def _positions(batch: Any) -> int:
+  """Token positions of a batch: the size of its ``*mask`` arrays (the encoders' convention), for tokens/s."""
+  flat = traverse_util.flatten_dict(batch)
+  return int(sum(np.size(v) for k, v in flat.items() if str(k[-1]).endswith("mask")))
+
+
+def pretrain(run: Run, params: dict, config, writer) -> dict:
+  """Phase 1, multitask training on the meta-training tasks' examples; returns ``{"params": ...}``."""
   cfg = config.pretrain
   decay_steps = max(cfg.steps, cfg.warmup_steps + 1)
   tx = optax.adamw(
     optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay_steps), weight_decay=cfg.weight_decay
   )
-  state = TrainState.create({"params": params}, tx, jax.random.key(config.seed + 1))
-  step_fn = lm.make_lm_step(model.apply, tx, dropout=config.model.dropout > 0)
-  make = functools.partial(  # step -> batch
-    episodes.lm_batch,
-    tokenizer,
-    source,
-    tasks_per_step=cfg.tasks_per_step,
-    seq_len=config.data.seq_len,
-    **_encode_kw(config),
+  state = TrainState.create({"params": params}, tx)
+  loss_fn = run.family.make_loss(run.model, train=config.model.dropout > 0)
+  make = functools.partial(episodes.pretrain_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step)
+  tokens = _positions(make(0))
+  step_fn = meta.make_train_step(loss_fn, tx)
+  state = run_phase(
+    "pretrain", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["pretrain"]
   )
-  support, query = _episode_sizes(config)
-  tokens = cfg.tasks_per_step * (support + query) * config.data.seq_len
-  state = run_phase("pretrain", state, step_fn, make, cfg.steps, tokens, workdir, writer, config)
   return state.variables
 
 
@@ -184,46 +190,40 @@ def _check_meta_origin(config, workdir: Path) -> None:
   origin.write_text(json.dumps({"pretrain_steps": config.pretrain.steps}))
 
 
-def meta_train(model, variables, tokenizer, source, config, workdir, writer) -> dict:
+def meta_train(run: Run, variables: dict, config, writer) -> dict:
   """Phase 2, MLtD meta-training of ``{"params", "tarp"}``; returns the meta-trained variables."""
   cfg = config.meta
-  _check_meta_origin(config, workdir)
+  _check_meta_origin(config, run.workdir)
+  inner = meta_inner(cfg)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.outer_lr))
-  state = TrainState.create(variables, tx, jax.random.key(config.seed + 2))
-  step_fn = meta.make_meta_step(
-    model.apply,
-    tx,
-    fast_regex=cfg.fast_params,
-    inner_lr=cfg.inner_lr,
-    first_order=cfg.first_order,
-    remat=cfg.remat,
-    optimizer=cfg.inner_optimizer,
-    task_chunk=cfg.task_chunk or None,
-    support_chunks=cfg.support_chunks,
-  )
-  make = functools.partial(  # step -> meta-batch
-    episodes.meta_batch,
-    tokenizer,
-    source,
-    tasks_per_step=cfg.tasks_per_step,
-    seq_len=config.data.seq_len,
-    inner_steps=cfg.inner_steps,
-    **_encode_kw(config),
-  )
-  support, query = _episode_sizes(config)
-  tokens = cfg.tasks_per_step * (cfg.inner_steps * support + query) * config.data.seq_len
-  state = run_phase("meta", state, step_fn, make, cfg.steps, tokens, workdir, writer, config)
+  state = TrainState.create(variables, tx)
+  step_fn = meta.make_meta_step(run.family.make_loss(run.model), tx, inner, task_chunk=cfg.task_chunk)
+  make = functools.partial(episodes.meta_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step)
+  first = make(0)
+  tokens = inner.steps * _positions(first["support"]) + _positions(first["query"])
+  state = run_phase("meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"])
   return state.variables
 
 
-def _episode_sizes(config) -> tuple[int, int]:
-  """Texts per task in the support and query sets, from the data source's config block."""
-  source = config.data[config.data.source]
-  return source.support_size, source.query_size
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What every phase of one run shares: the model and its family, data, keys and the workdir."""
+
+  model: Any
+  family: models.Family
+  tokenizer: Any
+  encoder: Any
+  source: Any
+  rngs: dict
+  workdir: Path
 
 
-def _encode_kw(config) -> dict:
-  return {"add_eos": config.data.add_eos, "truncate": config.data.truncate}
+def init_tarp(run: Run, params: dict, cfg: Any) -> tuple[dict, tarp.TarpConfig]:
+  """The difference of ``config.tarp`` (targets "" = the family's defaults) for ``params``."""
+  fields = dict(cfg)
+  fields["targets"] = fields["targets"] or run.family.default_targets
+  tcfg = tarp.TarpConfig(**fields)
+  return tarp.init(run.rngs["tarp"], params, tcfg, models.dense_paths(run.model)), tcfg
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -231,11 +231,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  rngs = rng_streams(config.seed)
   tokenizer, source = data.build(config.data, seed=config.seed)
-  model, params = build_model(config.model, tokenizer, config.data.seq_len, jax.random.key(config.seed))
+  model, params, family = models.build(config.model, tokenizer, config.data.get("seq_len", 0), rngs["init"])
+  encoder = data.build_encoder(family.encoder, tokenizer, config.data)
+  run = Run(model, family, tokenizer, encoder, source, rngs, workdir)
+  if config.meta.steps > 0:
+    meta_inner(config.meta)  # a bad inner-loop field fails now, before any compute
   log.info(
-    "model: %s, %.2fM parameters; tokenizer: %d tokens; data: %s",
+    "model: %s (%s), %.2fM parameters; tokenizer: %d tokens; data: %s",
     type(model).__name__,
+    family.model_type,
     tarp.num_params(params) / 1e6,
     len(tokenizer),
     config.data.source,
@@ -243,38 +249,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   writer = MetricWriter(workdir)
   variables = {"params": params}
   if config.pretrain.steps > 0:
-    variables = pretrain(model, params, tokenizer, source, config, workdir, writer)
-  tcfg = tarp.TarpConfig(**config.tarp)
-  variables = {**variables, "tarp": tarp.init(jax.random.key(config.seed + 3), variables["params"], tcfg)}
+    variables = pretrain(run, params, config, writer)
+  difference, tcfg = init_tarp(run, variables["params"], config.tarp)
+  variables = {**variables, "tarp": difference}
   log.info(
-    "TARP %s rank %d on %d kernels: %d difference parameters",
+    "TARP %s rank %d on %d Dense kernels: %d difference parameters",
     tcfg.kind,
     tcfg.rank,
-    len(tarp.target_paths(variables["params"], tcfg.targets)),
-    tarp.num_params(variables["tarp"]),
+    len(jax.tree.leaves(difference, is_leaf=lambda x: isinstance(x, dict) and "U" in x)),
+    tarp.num_params(difference),
   )
   if config.meta.steps > 0:
-    variables = meta_train(model, variables, tokenizer, source, config, workdir, writer)
-  result = evaluate.meta_test(
-    model.apply, variables, tokenizer, source, config.eval, config.data.seq_len, _encode_kw(config)
-  )
+    variables = meta_train(run, variables, config, writer)
+  result = evaluate.meta_test(family.make_loss(model), encoder, variables, source, config.eval, rngs["eval"])
   result["workdir"] = str(workdir)
   (workdir / "eval.json").write_text(json.dumps(result, indent=2))
+  sel, k = result["select_by"][0], config.eval.adapt_steps
   writer.write(
     config.meta.steps,
-    {f"eval/{m}_query_ppl_k{config.eval.adapt_steps}": r["query_ppl_mean"][-1] for m, r in result["methods"].items()},
+    {f"eval/{m}_query_ppl_k{k}": r["selections"][sel]["query"]["ppl_mean"][-1] for m, r in result["methods"].items()},
   )
   writer.close()
-  table = evaluate.format_table(result)
-  if config.eval.focus_token:
-    table += (
-      f"\nPerplexity of the tokens after {config.eval.focus_token!r} only (same learning rates):\n"
-      + evaluate.format_table(result, "query_focus")
-    )
   print(
     f"\nTrained in {workdir}: pretrain {config.pretrain.steps} steps, meta-train {config.meta.steps} steps "
     f"({'first' if config.meta.first_order else 'second'}-order, TARP {tcfg.kind} r={tcfg.rank}).\n"
-    f"Held-out test tasks: mean query perplexity ± s.e. after k adaptation steps:\n{table}\n"
+    f"Held-out test tasks: mean perplexity ± s.e. after k adaptation steps.\n{evaluate.report(result)}\n"
     f"Wrote {workdir / 'eval.json'}, {workdir / 'metrics.jsonl'}, TensorBoard events in "
     f"{workdir / 'tensorboard'}, checkpoints in {workdir / 'checkpoints'}.",
     flush=True,

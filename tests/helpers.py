@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mltd_jax import models, tarp
+from mltd_jax.models.layers import dense_paths
 
 
 def tiny_gpt2(vocab=13, d=8, layers=2, heads=2, positions=16, seed=0, dtype=jnp.float32):
@@ -33,10 +34,13 @@ def lm_batch(vocab, shape, seed=0, pad_last=0):
   return {"ids": ids, "mask": mask}
 
 
-def perturbed_variables(params, kind, seed=1, scale=0.3, **kw):
-  """{'params', 'tarp'} with a non-zero difference, so every meta-gradient term is exercised."""
-  cfg = tarp.TarpConfig(kind=kind, rank=2, kron_n=2, sigma_hidden=4, **kw)
-  diff = tarp.init(jax.random.key(seed), params, cfg)
+def perturbed_variables(model, params, kind, seed=1, scale=0.3, **kw):
+  """{'params', 'tarp'} with a non-zero difference (every leaf perturbed), so every meta-gradient term is exercised.
+
+  The targets are ``model``'s dense layers (`models.layers.dense_paths`); ``kw`` goes to `tarp.TarpConfig`.
+  """
+  cfg = tarp.TarpConfig(kind=kind, rank=2, kron_n=2, **kw)
+  diff = tarp.init(jax.random.key(seed), params, cfg, dense_paths(model))
   leaves, tree = jax.tree.flatten(diff)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   diff = tree.unflatten([x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])

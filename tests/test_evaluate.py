@@ -1,47 +1,106 @@
-"""Meta-testing: focus weights, learning-rate choice on validation tasks, and the eval.json fields."""
+"""Meta-testing: adapt-and-score columns, select_lr on a hand-made table, and the eval.json fields."""
 
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
-from mltd_jax import evaluate, tarp
+from mltd_jax import evaluate, meta, models, tarp
+from mltd_jax.data import CausalLMEncoder
 from mltd_jax.data.synthetic import REL, FactsFamily
 from mltd_jax.data.tokenizers import word_level_tokenizer
+from mltd_jax.models import gpt2
 from tests.helpers import tiny_gpt2
 
 
-def test_focus_weights_mark_the_tokens_after_the_focus_token():
-  fam = FactsFamily(num_eval_tasks=3)
+def test_select_lr_picks_the_exact_argmin_per_k():
+  grid = [0.01, 0.1, 1.0]
+  table = np.array(  # [lr, k]
+    [
+      [3.0, 2.9, 2.8, 2.7],
+      [3.0, 2.5, 2.6, 2.65],
+      [3.0, 2.6, 2.4, 2.9],
+    ]
+  )
+  assert evaluate.select_lr(grid, table) == [0.01, 0.1, 1.0, 0.1]  # k=0: a tie goes to the first rate
+  with pytest.raises(ValueError, match="3 rows of losses for a grid of 2"):
+    evaluate.select_lr(grid[:2], table)
+
+
+def test_summarize_means_and_standard_errors():
+  loss = np.log(np.array([[2.0, 1.0], [4.0, 3.0]]))
+  s = evaluate.summarize(loss)
+  np.testing.assert_allclose(s["ppl_mean"], [3.0, 2.0])
+  np.testing.assert_allclose(s["ppl_se"], [1.0, 1.0])  # std (ddof 1) sqrt(2) / sqrt(2)
+
+
+def facts_setup(n=3):
+  fam = FactsFamily(num_eval_tasks=n, words_per_text=11, facts_per_text=2)
   tok = word_level_tokenizer(fam.vocabulary())
-  arrays = evaluate.encode_tasks(tok, fam.eval_tasks("test"), 48, focus_token=REL)
-  query, focus = arrays["eval"]["query"], arrays["eval"]["query_focus"]
-  assert focus["weights"].shape == query["ids"].shape == (3, 8, 48)
-  assert (focus["weights"].sum(-1) == fam.facts_per_text).all()
-  objects = set(tok.convert_tokens_to_ids(fam.objects))
-  marked = query["ids"][focus["weights"].astype(bool)]
-  assert set(marked.tolist()) <= objects
+  model, params = tiny_gpt2(vocab=len(tok), d=16)
+  cfg = tarp.TarpConfig(rank=2, targets=gpt2.DEFAULT_TARGETS)
+  variables = {"params": params, "tarp": tarp.init(jax.random.key(0), params, cfg, models.dense_paths(model))}
+  return fam, CausalLMEncoder(tok, seq_len=12), model, variables
+
+
+def test_adapt_and_score_columns():
+  fam, encoder, model, variables = facts_setup()
+  arrays = evaluate.encode_tasks(encoder, fam.eval_tasks("test"), focus_token=REL)
+  inner = meta.InnerLoop(steps=4, lr=0.0, fast_regex="^tarp/")
+  loss_fn = gpt2.make_loss(model)
+  scorer = evaluate.make_scorer(loss_fn, inner)
+  result = jax.device_get(scorer(variables, arrays, jax.random.key(0), 0.5))
+  assert result["query"].shape == result["query_focus"].shape == (3, 5)
+  for i in range(3):
+    for name in ("query", "query_focus"):
+      batch = jax.tree.map(lambda x: x[i], arrays["eval"][name])
+      np.testing.assert_allclose(result[name][i, 0], meta.mean_loss(loss_fn(variables, batch, None)), rtol=1e-5)
+  assert not np.allclose(result["query_focus"], result["query"])
+  zero = jax.device_get(scorer(variables, arrays, jax.random.key(0), 0.0))["query"]
+  np.testing.assert_allclose(zero, np.repeat(zero[:, :1], 5, axis=1), rtol=1e-6)
+
+
+def eval_config(**kw):
+  fields = dict(
+    adapt_steps=2,
+    optimizer="sgd",
+    methods={"tarp": "^tarp/", "full": "^params/"},
+    tasks_per_batch=2,
+    lr_grid={"default": (0.0, 0.5), "full": (0.0, 0.1)},
+    focus_token=REL,
+    select_by=("query", "query_focus"),
+  )
+  return ml_collections.ConfigDict({**fields, **kw})
 
 
 def test_meta_test_picks_lr_on_validation_and_reports_every_task():
-  fam = FactsFamily(num_eval_tasks=3, words_per_text=11, facts_per_text=2)
-  tok = word_level_tokenizer(fam.vocabulary())
-  model, params = tiny_gpt2(vocab=len(tok), d=16)
-  variables = {"params": params, "tarp": tarp.init(jax.random.key(0), params, tarp.TarpConfig(rank=2))}
-  cfg = ml_collections.ConfigDict(
-    dict(
-      adapt_steps=2,
-      optimizer="sgd",
-      methods={"tarp": "^tarp/", "full": "^params/"},
-      tasks_per_batch=2,
-      lr_grid={"default": (0.0, 0.5), "full": (0.0, 0.1)},
-      focus_token=REL,
-    )
+  fam, encoder, model, variables = facts_setup()
+  loss_fn = gpt2.make_loss(model)
+  result = evaluate.meta_test(loss_fn, encoder, variables, fam, eval_config(), jax.random.key(0))
+  assert result["metrics"] == ["query", "query_focus"] and result["select_by"] == ["query", "query_focus"]
+  for m in result["methods"].values():
+    for sel, s in m["selections"].items():
+      assert len(s["lr"]) == 3 and set(s["lr"]) <= set(m["lr_grid"])
+      assert len(s["tasks"]) == 3 and len(s["query"]["ppl_mean"]) == len(s["query_focus"]["ppl_mean"]) == 3
+      per_task = np.exp([t["query_loss"] for t in s["tasks"]])
+      np.testing.assert_allclose(s["query"]["ppl_mean"], per_task.mean(0), rtol=1e-6)
+  # The chosen rates are exactly select_lr of the validation losses, recomputed here by hand for one method.
+  scorer = evaluate.make_scorer(loss_fn, evaluate.eval_inner(eval_config(), "tarp", "^tarp/"))
+  val = evaluate.encode_tasks(encoder, fam.eval_tasks("validation"), REL)
+  means = np.stack(
+    [jax.device_get(scorer(variables, val, jax.random.key(0), lr))["query_focus"].mean(0) for lr in (0.0, 0.5)]
   )
-  result = evaluate.meta_test(model.apply, variables, tok, fam, cfg, seq_len=12)
-  for name, m in result["methods"].items():
-    assert len(m["lr"]) == 3 and m["lr"][0] in m["lr_grid"]
-    assert len(m["tasks"]) == 3 and len(m["query_ppl_mean"]) == len(m["query_focus_ppl_mean"]) == 3
-    np.testing.assert_allclose(m["query_ppl_mean"], np.mean([t["query_ppl"] for t in m["tasks"]], 0), rtol=1e-6)
-    # the chosen lr is the one with the lowest validation loss (0.0 = no change is always a candidate)
-    assert all(v <= m["validation_query_loss_mean"][0] + 1e-6 for v in m["validation_query_loss_mean"])
-  assert "full" in evaluate.format_table(result) and "±" in evaluate.format_table(result, "query_focus")
+  assert result["methods"]["tarp"]["selections"]["query_focus"]["lr"] == [(0.0, 0.5)[i] for i in means.argmin(0)]
+  report = evaluate.report(result)
+  assert "chosen by validation query_focus loss" in report and "±" in report
+
+
+def test_method_regex_that_matches_nothing_is_an_error():
+  fam, encoder, model, variables = facts_setup(n=2)
+  cfg = eval_config()
+  cfg.methods = {"adapters": "^adapter/"}
+  with pytest.raises(ValueError, match=r"config.eval.methods\['adapters'\]='\^adapter/' matches no variable"):
+    evaluate.meta_test(gpt2.make_loss(model), encoder, variables, fam, cfg, jax.random.key(0))
+  cfg = eval_config(select_by=("bleu",))
+  with pytest.raises(ValueError, match="config.eval.select_by"):
+    evaluate.meta_test(gpt2.make_loss(model), encoder, variables, fam, cfg, jax.random.key(0))

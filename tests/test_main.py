@@ -1,5 +1,6 @@
 """End-to-end runs of `python -m mltd_jax.main` on the :tiny config (shrunk), in subprocesses like a user."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,6 +19,38 @@ SMALL = [
   "--config.meta.tasks_per_step=2",
   "--config.pretrain.tasks_per_step=2",
 ]
+
+
+def tiny_config():
+  """configs/multidomain_lm.py:tiny as a ConfigDict, shrunk like SMALL (for in-process runs)."""
+  spec = importlib.util.spec_from_file_location("multidomain_lm", ROOT / "configs" / "multidomain_lm.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config("tiny")
+  for override in SMALL:
+    dotted, value = override.removeprefix("--config.").split("=")
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value)
+  return cfg
+
+
+def test_train_and_evaluate_one_step_in_process(tmp_path):
+  """One step of each phase through train.train_and_evaluate itself (as flax's lm1b train_test does)."""
+  from mltd_jax import train
+
+  cfg = tiny_config()
+  cfg.pretrain.steps = cfg.meta.steps = 1
+  cfg.eval.adapt_steps = 1
+  cfg.data.facts.num_eval_tasks = 2
+  result = train.train_and_evaluate(cfg, tmp_path)
+  assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(result))
+  for method in result["methods"].values():
+    for s in method["selections"].values():
+      assert len(s["query"]["ppl_mean"]) == 2 and all(v > 1 for v in s["query"]["ppl_mean"])
+  assert [r["step"] for r in metrics(tmp_path) if "meta/query_loss" in r] == [1]
 
 
 def run_main(workdir, *overrides, check=True):
@@ -53,11 +86,12 @@ def test_main_end_to_end_then_resume(tmp_path):
 
   result = json.loads((wd / "eval.json").read_text())
   assert result["adapt_steps"] == 2 and set(result["methods"]) == {"tarp", "full"}
+  assert result["select_by"] == ["query", "query_focus"] and result["metrics"] == ["query", "query_focus"]
   for method in result["methods"].values():
-    assert len(method["tasks"]) == 4 and len(method["query_ppl_mean"]) == 3 and len(method["lr"]) == 3
-    for task in method["tasks"]:
-      assert len(task["query_loss"]) == len(task["query_ppl"]) == 3
-      assert task["before_adaptation"]["query_loss"] == task["query_loss"][0]
+    for s in method["selections"].values():
+      assert len(s["tasks"]) == 4 and len(s["query"]["ppl_mean"]) == 3 and len(s["lr"]) == 3
+      for task in s["tasks"]:
+        assert len(task["query_loss"]) == len(task["query_focus_loss"]) == 3
 
   saved = checkpoint.load(wd / "checkpoints" / "meta")
   assert int(saved["step"]) == 10 and {"params", "tarp"} <= set(saved["variables"])

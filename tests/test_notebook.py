@@ -14,6 +14,4 @@ def test_quickstart_notebook_runs(monkeypatch):
   for cell in nb["cells"]:
     if cell["cell_type"] == "code":
       exec(compile("".join(cell["source"]), str(NOTEBOOK), "exec"), scope)
-  assert scope["g"]["params"] and float(scope["loss_fn"](scope["adapted"], scope["arrays"]["query"])) < float(
-    scope["loss_fn"](scope["fast"], scope["arrays"]["query"])
-  )
+  assert scope["g"]["params"] and scope["after"] < scope["before"]

@@ -1,7 +1,8 @@
 """Tasks from a JSON Lines file: one ``{"task": ..., "text": ...}`` object per line; a task = a domain.
 
 Meta-training episodes draw a training domain and disjoint support and query texts from it; held-out domains
-(named in the config, or the last ones in sorted order) give fixed evaluation episodes.
+(named in the config, or the last ones in sorted order) give fixed evaluation episodes. Meta-training,
+validation and test domains are disjoint.
 """
 
 from __future__ import annotations
@@ -59,7 +60,14 @@ class JsonlTasks:
     unknown = sorted((set(validation_tasks) | set(test_tasks)) - set(names))
     if unknown:
       raise ValueError(f"{file}: held-out tasks {unknown} are not in the file (its tasks: {names}).")
-    self.test_names = list(test_tasks) or names[-1:]
+    overlap = sorted(set(validation_tasks) & set(test_tasks))
+    if overlap:
+      raise ValueError(
+        f"{file}: tasks {overlap} are in both config.data.jsonl.validation_tasks and config.data.jsonl.test_tasks; "
+        "validation and test tasks must be disjoint."
+      )
+    # A split left unnamed defaults to the last task in sorted order that the other split does not hold.
+    self.test_names = list(test_tasks) or [n for n in names if n not in validation_tasks][-1:]
     self.validation_names = list(validation_tasks) or [n for n in names if n not in self.test_names][-1:]
     self.train_names = [n for n in names if n not in self.test_names + self.validation_names]
     if not self.train_names:

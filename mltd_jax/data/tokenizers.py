@@ -41,7 +41,8 @@ def word_level_tokenizer(words: Sequence[str]) -> transformers.PreTrainedTokeniz
 def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
   """A tokenizer from ``spec``: "bytes", a tokenizer.json file, a local directory, or a hub name.
 
-  A tokenizer without a pad token gets its eos token as pad (GPT-2's habit); one without a bos token uses eos.
+  A bare tokenizer.json names no special tokens, so they are found by name in its vocabulary. A tokenizer
+  without a pad token pads with eos; one without a bos token keeps none (the encoders then prepend nothing).
   """
   path = Path(spec).expanduser()
   if spec == "bytes":
@@ -66,15 +67,17 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
         f"could not load tokenizer {spec!r} ({e}); offline, pass a local directory or tokenizer.json file, or 'bytes'."
       ) from e
   vocab = tok.get_vocab()
-  for role, names in (("eos", ("<|endoftext|>", "</s>", EOS)), ("pad", (PAD, "<|padding|>")), ("bos", (BOS, "<s>"))):
+  # GPT-2's own tokenizer config declares <|endoftext|> as its bos, eos and unk token, so in a bare GPT-2
+  # tokenizer.json it is the declared bos, not a guess; a vocabulary without any of these names gets no bos.
+  names_of = {"eos": ("<|endoftext|>", "</s>", EOS), "pad": (PAD, "<|padding|>"), "bos": (BOS, "<s>", "<|endoftext|>")}
+  for role, names in names_of.items():
     if getattr(tok, f"{role}_token") is None:  # a bare tokenizer.json names no special tokens: find them
       found = next((n for n in names if n in vocab), None)
       if found:
         setattr(tok, f"{role}_token", found)
   if tok.pad_token is None:
+    # Padding is masked out of every loss and attention, so any real id serves; eos is GPT-2's habit.
     tok.pad_token = tok.eos_token
-  if tok.bos_token is None:
-    tok.bos_token = tok.eos_token
   if tok.pad_token is None:
     raise ValueError(f"tokenizer {spec!r} has no eos or pad token; give it one (tokenizer.add_special_tokens).")
   return tok

@@ -1,6 +1,22 @@
-"""Flax language models with transformers' parameter names, and Hugging Face format I/O."""
+"""Model families (Flax, transformers' parameter names) and Hugging Face format I/O.
 
+A family is one module (`gpt2`: config, linen model, HF conversion, default TARP targets, loss) registered in
+`registry.FAMILIES`; `from_pretrained`, `save_pretrained` and `build` work for every registered family.
+"""
+
+from mltd_jax.models.family import Family
 from mltd_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from mltd_jax.models.hub import from_pretrained, save_pretrained
+from mltd_jax.models.layers import dense_paths
+from mltd_jax.models.registry import FAMILIES, build, family_of, from_pretrained, save_pretrained
 
-__all__ = ["GPT2Config", "GPT2LMHeadModel", "from_pretrained", "save_pretrained"]
+__all__ = [
+  "FAMILIES",
+  "Family",
+  "GPT2Config",
+  "GPT2LMHeadModel",
+  "build",
+  "dense_paths",
+  "family_of",
+  "from_pretrained",
+  "save_pretrained",
+]

@@ -1,8 +1,10 @@
-"""GPT-2 as Flax linen modules with transformers' parameter names (``transformer/h/0/attn/c_attn/weight`` ...).
+"""The GPT-2 family: config, Flax linen model, Hugging Face conversion, default TARP targets, causal-LM loss.
 
-Parameters are float32; activations are computed in ``dtype`` (bfloat16 on accelerators), while layer norms,
-attention softmax and logits stay in float32. Every attention and MLP projection is a `layers.Dense`, so the TARP
-difference (the ``'tarp'`` collection) reaches them without this file knowing about it.
+Parameter names are transformers' (``transformer/h/0/attn/c_attn/weight`` ...), kernels [in, out] like GPT-2's
+Conv1D, so a state dict maps onto the param tree by its key names. Parameters are float32; activations are
+computed in ``dtype`` (bfloat16 on accelerators), while layer norms, attention softmax and logits stay in float32.
+Every attention and MLP projection is a `layers.Dense`, so the TARP difference (the ``'tarp'`` collection) reaches
+them without this file knowing about it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mltd_jax import losses
+from mltd_jax.models.family import Family
 from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, normal, wide
+
+# Every attention and MLP projection of every block (the paper's targets for GPT-2).
+DEFAULT_TARGETS = r"(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)$"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +42,8 @@ class GPT2Config:
   resid_pdrop: float = 0.1
   attn_pdrop: float = 0.1
   initializer_range: float = 0.02
-  bos_token_id: int = 50256
-  eos_token_id: int = 50256
+  bos_token_id: int | None = 50256
+  eos_token_id: int | None = 50256
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
@@ -182,3 +190,89 @@ class GPT2LMHeadModel(nn.Module):
     """Random parameters (GPT-2's initialization scheme)."""
     ids = jnp.zeros((1, min(8, self.config.n_positions)), jnp.int32)
     return self.init(rng, ids)["params"]
+
+
+# ---- Hugging Face conversion ----------------------------------------------------------------------------------
+
+# State-dict entries that are buffers or the tied copy of wte, not parameters.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+_UNSUPPORTED = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
+
+
+def from_hf_config(hf: dict) -> GPT2Config:
+  """``config.json`` (transformers' GPT2Config) -> GPT2Config; options we do not implement are an error."""
+  unsupported = {k: hf[k] for k in _UNSUPPORTED if hf.get(k)}
+  if hf.get("scale_attn_weights") is False:
+    unsupported["scale_attn_weights"] = False
+  if unsupported:
+    raise ValueError(f"GPT-2 options {unsupported} are not supported by mltd_jax's GPT-2.")
+  return GPT2Config(**{f: hf[f] for f in GPT2Config.__dataclass_fields__ if hf.get(f) is not None})
+
+
+def to_hf_config(cfg: GPT2Config) -> dict:
+  fields = {k: getattr(cfg, k) for k in GPT2Config.__dataclass_fields__}
+  return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "tie_word_embeddings": True, **fields}
+
+
+def from_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """transformers' GPT2LMHeadModel (or GPT2Model) state dict -> our flat names: the same keys, under
+  ``transformer.``, without the attention-mask buffers and the tied ``lm_head.weight``. No transposes: GPT-2's
+  Conv1D already stores [in, out]."""
+  if not any(k.startswith("transformer.") for k in state):  # saved from the base GPT2Model class
+    state = {"transformer." + k: v for k, v in state.items()}
+  return {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
+
+
+def to_state_dict(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return dict(flat)  # the tied lm_head.weight is not stored (transformers ties it on load)
+
+
+def fresh_config(fields: dict, tokenizer, max_len: int, dropout: float) -> GPT2Config:
+  """A randomly initialized GPT-2 of ``fields``' size (config.model.init) that fits ``tokenizer``."""
+  fields = dict(fields)
+  fields["n_positions"] = max(max_len, fields.get("n_positions") or 0)
+  fields["n_inner"] = fields.get("n_inner") or None
+  unknown = sorted(set(fields) - set(GPT2Config.__dataclass_fields__))
+  if unknown:
+    raise ValueError(f"config.model.init has fields {unknown} that GPT2Config does not have.")
+  return GPT2Config(
+    **fields,
+    vocab_size=len(tokenizer),
+    embd_pdrop=dropout,
+    resid_pdrop=dropout,
+    attn_pdrop=dropout,
+    bos_token_id=tokenizer.bos_token_id,
+    eos_token_id=tokenizer.eos_token_id,
+  )
+
+
+def make_loss(model: GPT2LMHeadModel, train: bool = False):
+  """Next-token loss ``(variables, batch, rng) -> (summed NLL, token count)`` of a causal-LM batch
+  ``{"ids": [B, L], "mask": [B, L]}`` (`mltd_jax.data.CausalLMEncoder`).
+
+  An optional ``batch["weights"]`` [B, L] selects the target tokens that count (default: ``mask``), e.g. only
+  the objects of facts; attention always uses ``mask``. With ``train`` dropout is on, driven by ``rng``.
+  """
+
+  def loss_fn(variables, batch, rng):
+    ids, mask = batch["ids"], batch["mask"]
+    kw = {"deterministic": False, "rngs": {"dropout": rng}} if train else {}
+    logits = model.apply(variables, ids[..., :-1], attention_mask=mask[..., :-1], **kw)
+    return losses.token_nll(logits, ids[..., 1:], batch.get("weights", mask)[..., 1:])
+
+  return loss_fn
+
+
+FAMILY = Family(
+  model_type="gpt2",
+  config_cls=GPT2Config,
+  model=lambda config, dtype=jnp.float32, remat=False: GPT2LMHeadModel(config, dtype, remat),
+  from_hf_config=from_hf_config,
+  to_hf_config=to_hf_config,
+  from_state_dict=from_state_dict,
+  to_state_dict=to_state_dict,
+  fresh_config=fresh_config,
+  default_targets=DEFAULT_TARGETS,
+  make_loss=make_loss,
+  encoder="causal_lm",
+)

@@ -45,6 +45,32 @@ class Dense(nn.Module):
     return y
 
 
+def dense_paths(model: nn.Module) -> list[tuple[str, ...]]:
+  """Module paths of every `Dense` layer that ``model`` calls, e.g. ``('transformer', 'h', '0', 'attn', 'c_attn')``.
+
+  Found by tracing ``model.init_params`` (abstractly, with `jax.eval_shape`: nothing is computed or allocated)
+  and recording each `Dense.__call__`, so they are the model's real dense layers, whatever their names; the
+  paths are those of the layers' entries in ``'params'`` (and in the ``'tarp'`` collection), also under
+  `nn.remat`. The model's family module must define ``init_params(rng)``.
+
+  Args:
+    model: a linen model with an ``init_params(rng) -> params`` method.
+
+  Returns:
+    The paths, sorted and without duplicates (a layer called twice is listed once).
+  """
+  found = set()
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, Dense) and context.method_name == "__call__":
+      found.add(tuple(context.module.scope.path))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(model.init_params, jax.random.key(0))
+  return sorted(found)
+
+
 class Embed(nn.Module):
   """Token or position embedding; ``weight`` [num, features]; `attend` gives tied output logits in float32."""
 

@@ -1,0 +1,218 @@
+"""Encoders: a task's examples -> fixed-shape int32 arrays in one model family's input convention.
+
+An encoder owns everything that depends on the tokenizer and the model family: which special tokens frame a
+sequence, padding, over-long examples. Task sources only produce examples (`mltd_jax.data.tasks.Example`).
+
+* `CausalLMEncoder` (decoder-only LMs such as GPT-2): an example is a text; a sequence is
+  ``[bos] + tokens (+ [eos])``, with bos only when the tokenizer declares one.
+  Batch: ``{"ids": [N, seq_len], "mask": [N, seq_len]}``.
+* `Seq2SeqEncoder` (encoder-decoders such as T5): an example is a ``(source, target)`` pair; each side is
+  ``tokens + [eos]`` with no bos (the decoder start token is the model's business, T5's convention).
+  Batch: ``{"source_ids", "source_mask": [N, source_len], "target_ids", "target_mask": [N, target_len]}``.
+
+Padding uses the tokenizer's pad id and ``mask`` is 0 there, so the pad id itself never matters to a loss.
+`build_encoder(kind, tokenizer, config.data)` makes the encoder named by ``kind`` (registered in `ENCODERS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+def _token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+  """Token ids of each text, without the tokenizer's own special tokens (the encoder adds its own)."""
+  if not texts:
+    return []
+  return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _pack(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pad ``seqs`` (each at most ``length`` long) to ids and mask, both int32 [len(seqs), length]."""
+  ids = np.full((len(seqs), length), pad_id, dtype=np.int32)
+  mask = np.zeros((len(seqs), length), dtype=np.int32)
+  for i, seq in enumerate(seqs):
+    ids[i, : len(seq)] = seq
+    mask[i, : len(seq)] = 1
+  return ids, mask
+
+
+def _check_tokenizer(tokenizer, length_fields: Mapping[str, int], need_eos: bool, what: str) -> None:
+  """Refuse a tokenizer without the special tokens the encoder uses, and non-positive lengths."""
+  for role, needed in (("pad", True), ("eos", need_eos)):
+    if needed and getattr(tokenizer, f"{role}_token_id") is None:
+      raise ValueError(
+        f"the {what} encoder needs a tokenizer with {'an' if role == 'eos' else 'a'} {role} token; "
+        "this one has none (config.data.tokenizer)."
+      )
+  for name, value in length_fields.items():
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"config.data.{name}={value!r} must be a positive integer.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMEncoder:
+  """Texts -> ``{"ids", "mask"}`` [N, seq_len] for a causal LM (see the module docstring).
+
+  Attributes:
+    tokenizer: a transformers tokenizer with a pad token (and an eos token if ``add_eos``).
+    seq_len: tokens per sequence, bos and eos included.
+    add_eos: end every sequence with eos (so the model learns where texts end).
+    truncate: cut over-long sequences to ``seq_len`` instead of raising.
+  """
+
+  tokenizer: Any
+  seq_len: int
+  add_eos: bool = False
+  truncate: bool = False
+
+  def __post_init__(self):
+    _check_tokenizer(self.tokenizer, {"seq_len": self.seq_len}, self.add_eos, "causal-LM")
+
+  def encode(self, examples: Sequence[str], where: str = "") -> Batch:
+    """Encode texts into int32 ``{"ids", "mask"}`` of shape [len(examples), seq_len].
+
+    Args:
+      examples: texts.
+      where: a prefix for error messages that says where the examples come from (e.g. "task 'x' support: ").
+
+    Returns:
+      ``ids`` (pad id after the end) and ``mask`` (1 on real tokens).
+
+    Raises:
+      TypeError: an example that is not a text.
+      ValueError: a sequence longer than ``seq_len`` (unless ``truncate``); the message names it and the fix.
+    """
+    for i, example in enumerate(examples):
+      if not isinstance(example, str):
+        raise TypeError(f"{where}example {i} is a {type(example).__name__}; causal-LM examples are texts (str).")
+    tok = self.tokenizer
+    # No bos is made up for a tokenizer that declares none: the model was trained without one.
+    prefix = [] if tok.bos_token_id is None else [tok.bos_token_id]
+    suffix = [tok.eos_token_id] if self.add_eos else []
+    seqs = []
+    for i, toks in enumerate(_token_ids(tok, examples)):
+      seq = [*prefix, *toks, *suffix]
+      if len(seq) > self.seq_len:
+        if not self.truncate:
+          raise ValueError(
+            f"{where}text {i} has {len(seq)} tokens (with bos/eos) > config.data.seq_len={self.seq_len}; "
+            "raise config.data.seq_len or set config.data.truncate=True."
+          )
+        seq = seq[: self.seq_len]  # a cut text did not end here, so it keeps no eos
+      seqs.append(seq)
+    ids, mask = _pack(seqs, self.seq_len, tok.pad_token_id)
+    return {"ids": ids, "mask": mask}
+
+  def focus(self, batch: Batch, token: str) -> Batch:
+    """``batch`` with ``weights`` on the tokens that follow ``token`` (e.g. the fact objects after "is").
+
+    Args:
+      batch: ``{"ids", "mask"}`` of shape [..., L] (e.g. [N, L] or [T, N, L]).
+      token: a token of the tokenizer's vocabulary.
+
+    Returns:
+      ``{**batch, "weights": w}`` with ``w[..., j] = mask[..., j] * (ids[..., j - 1] == id(token))`` and
+      ``w[..., 0] = 0``, int32 like the mask.
+
+    Raises:
+      ValueError: ``token`` is not in the vocabulary.
+    """
+    token_id = self.tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == self.tokenizer.unk_token_id:
+      raise ValueError(f"config.eval.focus_token={token!r} is not a token of the tokenizer.")
+    ids, mask = np.asarray(batch["ids"]), np.asarray(batch["mask"])
+    weights = np.zeros_like(mask)  # [..., L]
+    weights[..., 1:] = mask[..., 1:] * (ids[..., :-1] == token_id)
+    return {**batch, "weights": weights}
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqEncoder:
+  """``(source, target)`` pairs -> source and target ids and masks for an encoder-decoder (see the module docstring).
+
+  Attributes:
+    tokenizer: a transformers tokenizer with pad and eos tokens.
+    source_len: source tokens per example, eos included.
+    target_len: target tokens per example, eos included.
+    truncate: cut over-long sides (keeping eos last) instead of raising.
+  """
+
+  tokenizer: Any
+  source_len: int
+  target_len: int
+  truncate: bool = False
+
+  def __post_init__(self):
+    lengths = {"source_len": self.source_len, "target_len": self.target_len}
+    _check_tokenizer(self.tokenizer, lengths, True, "seq2seq")
+
+  def _side(self, texts: Sequence[str], length: int, side: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    eos = self.tokenizer.eos_token_id
+    seqs = []
+    for i, toks in enumerate(_token_ids(self.tokenizer, texts)):
+      seq = [*toks, eos]
+      if len(seq) > length:
+        if not self.truncate:
+          raise ValueError(
+            f"{where}example {i} {side} has {len(seq)} tokens (with eos) > config.data.{side}_len={length}; "
+            f"raise config.data.{side}_len or set config.data.truncate=True."
+          )
+        seq = [*toks[: length - 1], eos]  # eos stays last: T5 reads it as the end of the input
+      seqs.append(seq)
+    return _pack(seqs, length, self.tokenizer.pad_token_id)
+
+  def encode(self, examples: Sequence[tuple[str, str]], where: str = "") -> Batch:
+    """Encode pairs into int32 source arrays [N, source_len] and target arrays [N, target_len].
+
+    Args:
+      examples: ``(source, target)`` pairs of texts.
+      where: a prefix for error messages that says where the examples come from.
+
+    Returns:
+      ``{"source_ids", "source_mask", "target_ids", "target_mask"}``; ids are pad after the end, masks 1 on
+      real tokens.
+
+    Raises:
+      TypeError: an example that is not a pair of texts.
+      ValueError: a side longer than its length (unless ``truncate``); the message names it and the fix.
+    """
+    for i, example in enumerate(examples):
+      if not (isinstance(example, (tuple, list)) and len(example) == 2 and all(isinstance(s, str) for s in example)):
+        raise TypeError(
+          f"{where}example {i} is {type(example).__name__} {example!r:.80}; seq2seq examples are "
+          "(source, target) pairs of texts."
+        )
+    source_ids, source_mask = self._side([s for s, _ in examples], self.source_len, "source", where)
+    target_ids, target_mask = self._side([t for _, t in examples], self.target_len, "target", where)
+    return {"source_ids": source_ids, "source_mask": source_mask, "target_ids": target_ids, "target_mask": target_mask}
+
+
+ENCODERS: dict[str, type] = {"causal_lm": CausalLMEncoder, "seq2seq": Seq2SeqEncoder}
+
+
+def _config_field(data_cfg: Any, name: str, kind: str) -> Any:
+  try:
+    return data_cfg[name] if isinstance(data_cfg, Mapping) else getattr(data_cfg, name)
+  except (AttributeError, KeyError):
+    raise ValueError(f"config.data.{name} is missing; the {kind!r} encoder needs it.") from None
+
+
+def build_encoder(kind: str, tokenizer, data_cfg: Any):
+  """The encoder ``ENCODERS[kind]`` with its settings read from ``data_cfg`` (a ``config.data`` block).
+
+  Every field of the encoder but the tokenizer is read by name: ``seq_len, add_eos, truncate`` for "causal_lm",
+  ``source_len, target_len, truncate`` for "seq2seq".
+
+  Raises:
+    ValueError: an unknown ``kind``, or a field missing from ``data_cfg``.
+  """
+  if kind not in ENCODERS:
+    raise ValueError(f"unknown encoder kind {kind!r}; known kinds: {sorted(ENCODERS)}.")
+  cls = ENCODERS[kind]
+  names = [f.name for f in dataclasses.fields(cls) if f.name != "tokenizer"]
+  return cls(tokenizer, **{name: _config_field(data_cfg, name, kind) for name in names})
