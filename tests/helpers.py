@@ -4,12 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mltd_jax import models, tarp
+from mltd_jax import tarp
+from mltd_jax.models import gpt2
 from mltd_jax.models.layers import dense_paths
 
 
 def tiny_gpt2(vocab=13, d=8, layers=2, heads=2, positions=16, seed=0, dtype=jnp.float32):
-  cfg = models.GPT2Config(
+  cfg = gpt2.GPT2Config(
     vocab_size=vocab,
     n_positions=positions,
     n_embd=d,
@@ -21,7 +22,7 @@ def tiny_gpt2(vocab=13, d=8, layers=2, heads=2, positions=16, seed=0, dtype=jnp.
     bos_token_id=0,
     eos_token_id=0,
   )
-  model = models.GPT2LMHeadModel(cfg, dtype=dtype)
+  model = gpt2.GPT2LMHeadModel(cfg, dtype=dtype)
   return model, model.init_params(jax.random.key(seed))
 
 

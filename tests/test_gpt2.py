@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from mltd_jax import models
+from mltd_jax.models import gpt2
 
 CONFIGS = {
   "odd": dict(vocab_size=101, n_positions=32, n_embd=15, n_layer=2, n_head=3, activation_function="gelu_new"),
@@ -82,8 +83,8 @@ def test_logits_match_transformers_with_padding(tmp_path, name):
 
 
 def test_save_pretrained_round_trip(tmp_path):
-  cfg = models.GPT2Config(**CONFIGS["odd"], bos_token_id=0, eos_token_id=0)
-  model = models.GPT2LMHeadModel(cfg)
+  cfg = gpt2.GPT2Config(**CONFIGS["odd"], bos_token_id=0, eos_token_id=0)
+  model = gpt2.GPT2LMHeadModel(cfg)
   params = model.init_params(jax.random.key(1))
   out = models.save_pretrained(model, params, tmp_path / "ours")
   hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

@@ -5,18 +5,16 @@ A family is one module (`gpt2`: config, linen model, HF conversion, default TARP
 """
 
 from mltd_jax.models.family import Family
-from mltd_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from mltd_jax.models.layers import dense_paths
-from mltd_jax.models.registry import FAMILIES, build, family_of, from_pretrained, save_pretrained
+from mltd_jax.models.registry import FAMILIES, build, family_of, fresh, from_pretrained, save_pretrained
 
 __all__ = [
   "FAMILIES",
   "Family",
-  "GPT2Config",
-  "GPT2LMHeadModel",
   "build",
   "dense_paths",
   "family_of",
+  "fresh",
   "from_pretrained",
   "save_pretrained",
 ]

@@ -117,6 +117,33 @@ def build(cfg: Any, tokenizer, max_len: int, rng: jax.Array) -> tuple[Any, dict,
         f"{model.config.vocab_size}; use the model's own tokenizer (config.data.tokenizer)."
       )
     return model, params, family
-  family = family_named(cfg.family, "config.model.family")
-  model = family.model(family.fresh_config(cfg.init, tokenizer, max_len, cfg.dropout), dtype=dtype, remat=remat)
-  return model, model.init_params(rng), family
+  model, params = fresh(cfg.family, cfg.init, tokenizer, max_len, rng, dtype=dtype, dropout=cfg.dropout, remat=remat)
+  return model, params, family_of(model)
+
+
+def fresh(
+  model_type: str,
+  size: dict,
+  tokenizer,
+  max_len: int,
+  rng: jax.Array,
+  *,
+  dtype: Any = jnp.float32,
+  dropout: float = 0.0,
+  remat: bool = False,
+):
+  """``(model, params)``: a randomly initialized model of family ``model_type``.
+
+  Args:
+    model_type: a key of `FAMILIES` (e.g. ``"gpt2"``).
+    size: the family's config fields that set its size, e.g. ``dict(n_layer=2, n_embd=64, n_head=4)``.
+    tokenizer: the vocabulary size and special tokens come from it.
+    max_len: the longest sequence the model must take.
+    rng: initialization key.
+    dtype: compute dtype (parameters are float32).
+    dropout: the family's dropout rates.
+    remat: checkpoint every transformer block.
+  """
+  family = family_named(model_type, "config.model.family")
+  model = family.model(family.fresh_config(dict(size), tokenizer, max_len, dropout), dtype=dtype, remat=remat)
+  return model, model.init_params(rng)
