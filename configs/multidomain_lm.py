@@ -25,7 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.remat = False  # jax.checkpoint every transformer block (less memory, more compute)
   c.model.allow_pickle = False  # accept pytorch_model.bin (only for trusted files)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
-  c.model.dropout = 0.0  # GPT-2 dropouts for a fresh model (the inner loop always runs deterministically)
+  # Dropout of a fresh model (a loaded one keeps config.json's rates); used in pretraining when > 0. Adaptation
+  # (meta-training's inner loop and query, meta-testing) always runs deterministically.
+  c.model.dropout = 0.0
   # The size of a fresh model, in its family's config field names.
   c.model.init = ml_collections.ConfigDict(dict(n_layer=2, n_embd=64, n_head=4, n_inner=256, n_positions=64))
 
@@ -101,7 +103,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.methods = {"tarp": "^tarp/", "full": "^params/"}  # name -> variables adapted at meta-test time
   c.eval.lr_grid = {"default": (1e-4, 3e-4, 1e-3, 3e-3), "full": (1e-5, 3e-5, 1e-4, 3e-4)}  # per method
   c.eval.tasks_per_batch = 1  # held-out tasks adapted at once (vmapped); raise on small models
-  c.eval.focus_token = ""  # also report perplexity of the tokens that follow this token ("" = off): query_focus
+  c.eval.metrics = ("query",)  # query: query-set perplexity; query_focus: of the tokens after focus_token
+  c.eval.focus_token = ""  # the token whose successors query_focus scores
+  c.eval.support_chunks = 1  # split each adaptation step's support batch into chunks run in sequence (less memory)
   c.eval.select_by = ("query",)  # metrics whose validation loss chooses the learning rate per k (one table each)
 
   if arg == "tiny":
@@ -137,5 +141,6 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.eval.optimizer = "sgd"
   c.eval.lr_grid = {"default": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "full": (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3)}
   c.eval.tasks_per_batch = 20
+  c.eval.metrics = ("query", "query_focus")
   c.eval.focus_token = "is"  # the objects of the facts: what only adaptation can know
   c.eval.select_by = ("query", "query_focus")

@@ -34,7 +34,14 @@ class Checkpointer:
     if step is None:
       return state
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(
+        f"{self.directory}/{step} holds a state of another structure than this run's (a different model, TARP or "
+        f"optimizer config, or an older mltd_jax): use a new --workdir, or delete {self.directory} to start this "
+        f"phase again. ({type(e).__name__}: {str(e)[:300]})"
+      ) from e
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -4,9 +4,10 @@ For every adaptation method (a name -> regex of the variables it adapts, e.g. ``
 "^params/"}``) and every learning rate of its grid, every task is adapted for K steps with `meta.adapt` (the
 function meta-training adapts with) and scored on its evaluation batches after each step. The learning rate for k
 steps is chosen by the mean validation loss of each metric in ``config.eval.select_by``; the test tasks' numbers at
-the chosen rates are reported with standard errors over test tasks. The metric set is the experiment's: here
-``query`` (perplexity of the query set) and, with ``focus_token``, ``query_focus`` (perplexity of the tokens after
-it, e.g. the objects of facts).
+the chosen rates are reported with standard errors over test tasks. The metric set is the experiment's
+(``config.eval.metrics``, names of `METRICS`): ``query`` (perplexity of the query set) and ``query_focus``
+(perplexity of the tokens after ``config.eval.focus_token``, e.g. the objects of facts); decoding metrics (ROUGE,
+BLEU) register there too.
 """
 
 from __future__ import annotations
@@ -22,31 +23,69 @@ from mltd_jax import meta
 from mltd_jax.data import episodes
 from mltd_jax.data.tasks import Task
 
-EVAL_FIELDS = (("steps", "config.eval.adapt_steps"), ("optimizer", "config.eval.optimizer"))
+EVAL_FIELDS = (
+  ("steps", "config.eval.adapt_steps"),
+  ("optimizer", "config.eval.optimizer"),
+  ("support_chunks", "config.eval.support_chunks"),
+)
+
+
+def _query(encoder, query: dict, cfg: Any) -> dict:
+  return query
+
+
+def _query_focus(encoder, query: dict, cfg: Any) -> dict:
+  if not cfg.focus_token:
+    raise ValueError("config.eval.metrics has 'query_focus' but config.eval.focus_token is empty; name the token.")
+  return encoder.focus(query, cfg.focus_token)
+
+
+# Metric name -> (encoder, query batch, config.eval) -> the batch whose loss is the metric.
+METRICS: dict[str, Callable[[Any, dict, Any], dict]] = {"query": _query, "query_focus": _query_focus}
 
 
 def eval_inner(cfg: Any, method: str, regex: str) -> meta.InnerLoop:
-  """The adaptation of method ``method`` (``config.eval``): plain optimizers, nothing differentiated."""
+  """The adaptation of method ``method`` (``config.eval``): plain optimizers (Adam's eps_root 0), nothing
+  differentiated; the learning rate comes from the grid at call time."""
   fields = EVAL_FIELDS + (("fast_regex", f"config.eval.methods[{method!r}]"),)
-  return meta.InnerLoop(steps=cfg.adapt_steps, lr=0.0, optimizer=cfg.optimizer, fast_regex=regex, fields=fields)
+  return meta.InnerLoop(
+    steps=cfg.adapt_steps,
+    lr=0.0,
+    optimizer=cfg.optimizer,
+    support_chunks=cfg.support_chunks,
+    fast_regex=regex,
+    adam_eps_root=0.0,
+    fields=fields,
+  )
+
+
+def lr_grid(cfg: Any, method: str) -> list[float]:
+  """Method ``method``'s learning-rate grid (``config.eval.lr_grid[method]``, else ``["default"]``), checked."""
+  field = f"config.eval.lr_grid[{method!r}]" if method in cfg.lr_grid else "config.eval.lr_grid['default']"
+  grid = list(cfg.lr_grid[method] if method in cfg.lr_grid else cfg.lr_grid["default"])
+  if not grid or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0 for lr in grid):
+    raise ValueError(f"{field}={tuple(grid)} must be a non-empty tuple of finite learning rates >= 0.")
+  return grid
 
 
 def adapt_and_score(
   loss_fn: meta.LossFn, variables: dict, task: dict, inner: meta.InnerLoop, rng: jax.Array, lr
 ) -> dict[str, jax.Array]:
   """``{metric: [K + 1]}`` mean losses of ``task["eval"][metric]`` before (column 0) and after each of K steps."""
+  k_adapt, k_score = jax.random.split(rng)
 
   def score(v):
-    return {name: meta.mean_loss(loss_fn(v, batch, rng)) for name, batch in task["eval"].items()}
+    return {name: meta.mean_loss(loss_fn(v, batch, k_score)) for name, batch in task["eval"].items()}
 
-  _, after = meta.adapt(loss_fn, variables, task["support"], inner, rng, observe=score, lr=lr)
+  _, after = meta.adapt(loss_fn, variables, task["support"], inner, k_adapt, observe=score, lr=lr)
   return jax.tree.map(lambda b, a: jnp.concatenate([b[None], a]), score(variables), after)
 
 
 def make_scorer(loss_fn: meta.LossFn, inner: meta.InnerLoop) -> Callable:
-  """Jitted ``(variables, tasks, rng, lr) -> {metric: [num_tasks, K + 1]}``; ``lr`` is traced (compiles once)."""
+  """Jitted ``(variables, tasks, keys, lr) -> {metric: [num_tasks, K + 1]}``, one key per task; ``lr`` is traced
+  (a learning-rate search compiles once)."""
   one = lambda v, task, rng, lr: adapt_and_score(loss_fn, v, task, inner, rng, lr)  # noqa: E731
-  return jax.jit(jax.vmap(one, in_axes=(None, 0, None, None)))
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None)))
 
 
 def select_lr(grid: Sequence[float], mean_loss: np.ndarray) -> list[float]:
@@ -57,12 +96,19 @@ def select_lr(grid: Sequence[float], mean_loss: np.ndarray) -> list[float]:
     mean_loss: [len(grid), K + 1] mean validation loss of each rate after k steps.
 
   Returns:
-    K + 1 rates (ties go to the earlier rate of the grid).
+    K + 1 rates (ties go to the earlier rate of the grid; a rate whose loss is NaN is never chosen).
+
+  Raises:
+    ValueError: the table does not fit the grid, or every rate diverged (NaN) for some k.
   """
-  mean_loss = np.asarray(mean_loss)
+  mean_loss = np.asarray(mean_loss, dtype=np.float64)
   if mean_loss.shape[0] != len(grid):
     raise ValueError(f"{mean_loss.shape[0]} rows of losses for a grid of {len(grid)} learning rates.")
-  return [grid[i] for i in np.argmin(mean_loss, axis=0)]
+  diverged = np.isnan(mean_loss)
+  if diverged.all(axis=0).any():
+    k = int(np.flatnonzero(diverged.all(axis=0))[0])
+    raise ValueError(f"every learning rate of {list(grid)} gives a NaN loss after {k} steps; lower the grid.")
+  return [grid[i] for i in np.argmin(np.where(diverged, np.inf, mean_loss), axis=0)]
 
 
 def summarize(loss: np.ndarray) -> dict[str, list]:
@@ -75,23 +121,24 @@ def summarize(loss: np.ndarray) -> dict[str, list]:
   }
 
 
-def encode_tasks(encoder, tasks: Sequence[Task], focus_token: str = "") -> dict:
-  """Stacked ``support`` [N, S, ...] and ``eval`` batches: ``query`` and, with ``focus_token``, ``query_focus``."""
+def encode_tasks(encoder, tasks: Sequence[Task], cfg: Any) -> dict:
+  """Stacked ``support`` [N, S, ...] and ``eval`` batches, one per metric of ``cfg.metrics`` (``config.eval``)."""
+  unknown = [m for m in cfg.metrics if m not in METRICS]
+  if unknown or not cfg.metrics:
+    raise ValueError(f"config.eval.metrics={tuple(cfg.metrics)} must name some of {sorted(METRICS)}.")
   arrays = episodes.stack([episodes.task_arrays(encoder, t) for t in tasks])
   query = arrays.pop("query")
-  arrays["eval"] = {"query": query}
-  if focus_token:
-    if not hasattr(encoder, "focus"):
-      raise ValueError(f"config.eval.focus_token={focus_token!r} needs a causal-LM encoder; set it to ''.")
-    arrays["eval"]["query_focus"] = encoder.focus(query, focus_token)
+  arrays["eval"] = {m: METRICS[m](encoder, query, cfg) for m in cfg.metrics}
   return arrays
 
 
 def _run(scorer: Callable, variables, arrays: dict, rng, lr: float, chunk: int) -> dict[str, np.ndarray]:
-  """{metric: [num_tasks, K + 1]}, scoring ``chunk`` tasks at a time (bounds memory for large models)."""
-  n = meta._leading(arrays["support"])
+  """{metric: [num_tasks, K + 1]}, scoring ``chunk`` tasks at a time (bounds memory for large models); task i
+  gets the key ``fold_in(rng, i)``, the same at every learning rate."""
+  n = meta.leading_dim(arrays["support"])
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
   parts = [
-    jax.device_get(scorer(variables, jax.tree.map(lambda x: x[i : i + chunk], arrays), rng, lr))
+    jax.device_get(scorer(variables, jax.tree.map(lambda x: x[i : i + chunk], arrays), keys[i : i + chunk], lr))
     for i in range(0, n, chunk)
   ]
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -100,8 +147,8 @@ def _run(scorer: Callable, variables, arrays: dict, rng, lr: float, chunk: int) 
 def meta_test(loss_fn: meta.LossFn, encoder, variables: dict, source, cfg: Any, rng: jax.Array) -> dict:
   """Adapt to held-out tasks and score them; ``cfg`` is ``config.eval``. Returns the eval.json dict."""
   val_tasks, test_tasks = list(source.eval_tasks("validation")), list(source.eval_tasks("test"))
-  val = encode_tasks(encoder, val_tasks, cfg.focus_token)
-  test = encode_tasks(encoder, test_tasks, cfg.focus_token)
+  val = encode_tasks(encoder, val_tasks, cfg)
+  test = encode_tasks(encoder, test_tasks, cfg)
   metrics = list(val["eval"])
   select_by = list(cfg.select_by)
   unknown = [m for m in select_by if m not in metrics]
@@ -117,7 +164,7 @@ def meta_test(loss_fn: meta.LossFn, encoder, variables: dict, source, cfg: Any, 
   }
   for method, regex in cfg.methods.items():
     scorer = make_scorer(loss_fn, eval_inner(cfg, method, regex))
-    grid = list(cfg.lr_grid[method] if method in cfg.lr_grid else cfg.lr_grid["default"])
+    grid = lr_grid(cfg, method)
     run = lambda arrays, lr: _run(scorer, variables, arrays, rng, lr, cfg.tasks_per_batch)  # noqa: E731
     val_runs = [run(val, lr) for lr in grid]
     test_runs: dict[float, dict] = {}

@@ -18,14 +18,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from mltd_jax.state import TrainState
+if TYPE_CHECKING:  # the steps only call .replace on it: any flax struct with step, variables, opt_state works
+  from mltd_jax.state import TrainState
 
 Variables = dict[str, Any]
 Flat = dict[str, jax.Array]
@@ -50,7 +51,8 @@ class InnerLoop:
     adam_eps_root: Adam's ``eps_root``. Differentiating through Adam needs it > 0: at a gradient of exactly zero
       (a zero-initialized difference) d sqrt(v)/dv is infinite and the meta-gradient NaN. It also changes the
       update (the first step shrinks for small gradients: 0.10x at |g| = 1e-5 with 1e-8), so the meta-gradient is
-      exact for this slightly changed Adam. Use 0 where nothing is differentiated (meta-testing).
+      exact for this slightly changed Adam. Use 0 where nothing is differentiated (meta-testing); with
+      ``first_order`` nothing is differentiated through Adam either, and it is not applied.
     per_step_support: the support batch has a leading axis of ``steps`` (batch t at step t) instead of being
       reused at every step.
     fields: (attribute, config field) pairs, only for error messages (not compared or hashed).
@@ -83,8 +85,12 @@ class InnerLoop:
       bad("optimizer", f"is not one of {OPTIMIZERS}.")
     if not isinstance(self.support_chunks, int) or self.support_chunks < 1:
       bad("support_chunks", "must be an integer >= 1.")
-    if not isinstance(self.adam_eps_root, (int, float)) or self.adam_eps_root < 0:
-      bad("adam_eps_root", "must be >= 0.")
+    if (
+      not isinstance(self.adam_eps_root, (int, float))
+      or not math.isfinite(self.adam_eps_root)
+      or self.adam_eps_root < 0
+    ):
+      bad("adam_eps_root", "must be a finite number >= 0.")
     if not self.fast_regex:
       bad("fast_regex", "must be a non-empty regex over '/'-joined variable paths (e.g. '^tarp/').")
     try:
@@ -95,7 +101,7 @@ class InnerLoop:
   def transform(self, lr) -> optax.GradientTransformation:
     """The optimizer at rate ``lr`` (a float or a traced scalar)."""
     if self.optimizer == "adam":
-      return optax.adam(lr, eps_root=self.adam_eps_root)
+      return optax.adam(lr, eps_root=0.0 if self.first_order else self.adam_eps_root)
     return optax.sgd(lr)
 
 
@@ -132,7 +138,8 @@ def merge(slow: Flat, fast: Flat) -> Variables:
   return traverse_util.unflatten_dict({**slow, **fast}, sep="/")
 
 
-def _leading(tree: Any) -> int:
+def leading_dim(tree: Any) -> int:
+  """The common size of the leading axis of every leaf (examples of a batch, tasks of a meta-batch)."""
   sizes = {x.shape[0] for x in jax.tree.leaves(tree)}
   if len(sizes) != 1:
     raise ValueError(f"batch leaves disagree on their leading (example or task) axis: {sorted(sizes)}.")
@@ -150,7 +157,7 @@ def chunked_loss(loss_fn: LossFn, chunks: int, field: str = "support_chunks") ->
     return lambda v, batch, rng: mean_loss(loss_fn(v, batch, rng))
 
   def loss(variables, batch, rng):
-    n = _leading(batch)
+    n = leading_dim(batch)
     if n % chunks:
       raise ValueError(
         f"a batch of {n} examples cannot be split into {chunks} equal chunks; set {field} to a divisor of {n}."
@@ -233,13 +240,13 @@ def meta_loss(
   Each task gets its own key. Tasks are vmapped; with ``task_chunk`` > 0 only that many at a time (the chunks run
   one after another), which bounds memory at the cost of parallelism. The result is the same.
   """
-  keys = jax.random.split(rng, _leading(batch))
+  keys = jax.random.split(rng, leading_dim(batch))
   one = lambda args: task_loss(loss_fn, variables, args[0], inner, args[1])  # noqa: E731
   per_task = jax.lax.map(one, (batch, keys), batch_size=task_chunk) if task_chunk else jax.vmap(one)((batch, keys))
   return per_task.mean(), per_task
 
 
-def _apply(state: TrainState, tx: optax.GradientTransformation, grads) -> TrainState:
+def _apply(state: "TrainState", tx: optax.GradientTransformation, grads) -> TrainState:
   updates, opt_state = tx.update(grads, state.opt_state, state.variables)
   return state.replace(
     step=state.step + 1, variables=optax.apply_updates(state.variables, updates), opt_state=opt_state
@@ -253,7 +260,7 @@ def make_meta_step(loss_fn: LossFn, tx: optax.GradientTransformation, inner: Inn
   reaches every variable: the base model and the fast variables' initialization.
   """
 
-  def step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+  def step(state: "TrainState", batch: dict, rng: jax.Array) -> tuple["TrainState", dict]:
     rng = jax.random.fold_in(rng, state.step)
     objective = lambda v: meta_loss(loss_fn, v, batch, inner, rng, task_chunk)  # noqa: E731
     (loss, per_task), grads = jax.value_and_grad(objective, has_aux=True)(state.variables)
@@ -266,7 +273,7 @@ def make_meta_step(loss_fn: LossFn, tx: optax.GradientTransformation, inner: Inn
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
   """The plain step ``(state, batch, rng) -> (state, metrics)`` on ``loss_fn`` (multitask pretraining; not jitted)."""
 
-  def step(state: TrainState, batch: Any, rng: jax.Array) -> tuple[TrainState, dict]:
+  def step(state: "TrainState", batch: Any, rng: jax.Array) -> tuple["TrainState", dict]:
     rng = jax.random.fold_in(rng, state.step)
     loss, grads = jax.value_and_grad(lambda v: mean_loss(loss_fn(v, batch, rng)))(state.variables)
     return _apply(state, tx, grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}

@@ -67,7 +67,7 @@ class TarpConfig:
 
   kind: str = "bilinear"
   rank: int = 4
-  targets: str = r"(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)$"
+  targets: str = ""
   multiplicative: bool = False
   dynamic_multiplicative: bool = False
   kron_terms: int = 2
@@ -106,6 +106,11 @@ def target_paths(params: Params, targets: str, dense_paths: Iterable[Path]) -> l
   """
   dense = {tuple(p) for p in dense_paths}
   owners = {path[:-1] for path in traverse_util.flatten_dict(params)}  # modules that own parameters
+  if not targets:
+    raise ValueError(
+      'tarp.targets is empty: set config.tarp.targets to a regex over Dense module paths ("" in a config means the '
+      "family's default, models.family_of(model).default_targets)."
+    )
   hit = lambda p: re.search(targets, "/".join(p)) is not None  # noqa: E731
   wrong = sorted("/".join(p) for p in owners - dense if hit(p))
   if wrong:
@@ -117,7 +122,7 @@ def target_paths(params: Params, targets: str, dense_paths: Iterable[Path]) -> l
   if not found:
     raise ValueError(
       f"tarp.targets={targets!r} matches no dense layer of the model; fix config.tarp.targets "
-      f"(dense module paths look like {'/'.join(min(dense)) if dense else 'transformer/h/0/attn/c_attn'!r})."
+      f"(dense module paths look like {['/'.join(p) for p in sorted(dense)[:3]]})."
     )
   flat = traverse_util.flatten_dict(params)
   missing = ["/".join(p) for p in found if getattr(flat.get(p + ("weight",)), "ndim", 0) != 2]

@@ -26,9 +26,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
-import numpy as np
 import optax
-from flax import traverse_util
 
 from mltd_jax import data, evaluate, meta, models, tarp
 from mltd_jax.checkpoint import Checkpointer
@@ -37,9 +35,9 @@ from mltd_jax.metric_writer import MetricWriter
 from mltd_jax.state import TrainState
 
 log = logging.getLogger("mltd_jax")
-# Named random streams, all split from one root key (config.seed). Data are numpy streams keyed by
-# (config.seed, split, index) in the task sources, so a batch is a pure function of the step.
-STREAMS = ("init", "tarp", "pretrain", "meta", "eval")
+# Named random streams, all split from one root key (config.seed). The task sources are numpy streams keyed by
+# (data seed, split, index), the data seed drawn from the "data" stream, so a batch is a pure function of the step.
+STREAMS = ("data", "init", "tarp", "pretrain", "meta", "eval")
 # InnerLoop attribute -> config.meta field.
 META_FIELDS = {
   "steps": "inner_steps",
@@ -58,12 +56,23 @@ def rng_streams(seed: int) -> dict[str, jax.Array]:
   return dict(zip(STREAMS, jax.random.split(jax.random.key(seed), len(STREAMS))))
 
 
+def data_seed(key: jax.Array) -> int:
+  """The integer seed of the numpy task streams, drawn from the "data" key."""
+  return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
 def meta_inner(cfg: Any) -> meta.InnerLoop:
   """The meta-training inner loop of a ``config.meta`` block (a bad value names its field)."""
-  return meta.InnerLoop(
+  inner = meta.InnerLoop(
     **{attr: cfg[name] for attr, name in META_FIELDS.items()},
     fields=tuple((attr, f"config.meta.{name}") for attr, name in META_FIELDS.items()),
   )
+  if inner.optimizer == "adam" and not inner.first_order and inner.adam_eps_root == 0:
+    raise ValueError(
+      "config.meta.inner_adam_eps_root=0 with the Adam inner optimizer gives NaN second-order meta-gradients (a "
+      "zero gradient has an infinite sqrt derivative); set it > 0 (1e-8) or config.meta.first_order=True."
+    )
+  return inner
 
 
 def jit_step(step_fn: Callable) -> Callable:
@@ -150,12 +159,6 @@ def run_phase(
   return state
 
 
-def _positions(batch: Any) -> int:
-  """Token positions of a batch: the size of its ``*mask`` arrays (the encoders' convention), for tokens/s."""
-  flat = traverse_util.flatten_dict(batch)
-  return int(sum(np.size(v) for k, v in flat.items() if str(k[-1]).endswith("mask")))
-
-
 def pretrain(run: Run, params: dict, config, writer) -> dict:
   """Phase 1, multitask training on the meta-training tasks' examples; returns ``{"params": ...}``."""
   cfg = config.pretrain
@@ -166,7 +169,7 @@ def pretrain(run: Run, params: dict, config, writer) -> dict:
   state = TrainState.create({"params": params}, tx)
   loss_fn = run.family.make_loss(run.model, train=config.model.dropout > 0)
   make = functools.partial(episodes.pretrain_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step)
-  tokens = _positions(make(0))
+  tokens = run.encoder.positions(make(0))
   step_fn = meta.make_train_step(loss_fn, tx)
   state = run_phase(
     "pretrain", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["pretrain"]
@@ -190,17 +193,16 @@ def _check_meta_origin(config, workdir: Path) -> None:
   origin.write_text(json.dumps({"pretrain_steps": config.pretrain.steps}))
 
 
-def meta_train(run: Run, variables: dict, config, writer) -> dict:
+def meta_train(run: Run, variables: dict, inner: meta.InnerLoop, config, writer) -> dict:
   """Phase 2, MLtD meta-training of ``{"params", "tarp"}``; returns the meta-trained variables."""
   cfg = config.meta
   _check_meta_origin(config, run.workdir)
-  inner = meta_inner(cfg)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.outer_lr))
   state = TrainState.create(variables, tx)
   step_fn = meta.make_meta_step(run.family.make_loss(run.model), tx, inner, task_chunk=cfg.task_chunk)
   make = functools.partial(episodes.meta_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step)
   first = make(0)
-  tokens = inner.steps * _positions(first["support"]) + _positions(first["query"])
+  tokens = inner.steps * run.encoder.positions(first["support"]) + run.encoder.positions(first["query"])
   state = run_phase("meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"])
   return state.variables
 
@@ -223,7 +225,16 @@ def init_tarp(run: Run, params: dict, cfg: Any) -> tuple[dict, tarp.TarpConfig]:
   fields = dict(cfg)
   fields["targets"] = fields["targets"] or run.family.default_targets
   tcfg = tarp.TarpConfig(**fields)
-  return tarp.init(run.rngs["tarp"], params, tcfg, models.dense_paths(run.model)), tcfg
+  dense = models.dense_paths(run.model)
+  difference = tarp.init(run.rngs["tarp"], params, tcfg, dense)
+  log.info(
+    "TARP %s rank %d on %d Dense kernels: %d difference parameters",
+    tcfg.kind,
+    tcfg.rank,
+    len(tarp.target_paths(params, tcfg.targets, dense)),
+    tarp.num_params(difference),
+  )
+  return difference, tcfg
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -232,12 +243,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   rngs = rng_streams(config.seed)
-  tokenizer, source = data.build(config.data, seed=config.seed)
-  model, params, family = models.build(config.model, tokenizer, config.data.get("seq_len", 0), rngs["init"])
+  inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
+  tokenizer, source = data.build(config.data, seed=data_seed(rngs["data"]))
+  family = models.family_for(config.model)
   encoder = data.build_encoder(family.encoder, tokenizer, config.data)
+  model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
   run = Run(model, family, tokenizer, encoder, source, rngs, workdir)
-  if config.meta.steps > 0:
-    meta_inner(config.meta)  # a bad inner-loop field fails now, before any compute
   log.info(
     "model: %s (%s), %.2fM parameters; tokenizer: %d tokens; data: %s",
     type(model).__name__,
@@ -252,22 +263,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     variables = pretrain(run, params, config, writer)
   difference, tcfg = init_tarp(run, variables["params"], config.tarp)
   variables = {**variables, "tarp": difference}
-  log.info(
-    "TARP %s rank %d on %d Dense kernels: %d difference parameters",
-    tcfg.kind,
-    tcfg.rank,
-    len(jax.tree.leaves(difference, is_leaf=lambda x: isinstance(x, dict) and "U" in x)),
-    tarp.num_params(difference),
-  )
-  if config.meta.steps > 0:
-    variables = meta_train(run, variables, config, writer)
+  if inner is not None:
+    variables = meta_train(run, variables, inner, config, writer)
   result = evaluate.meta_test(family.make_loss(model), encoder, variables, source, config.eval, rngs["eval"])
   result["workdir"] = str(workdir)
   (workdir / "eval.json").write_text(json.dumps(result, indent=2))
   sel, k = result["select_by"][0], config.eval.adapt_steps
   writer.write(
     config.meta.steps,
-    {f"eval/{m}_query_ppl_k{k}": r["selections"][sel]["query"]["ppl_mean"][-1] for m, r in result["methods"].items()},
+    {
+      f"eval/{m}_{metric}_ppl_k{k}": r["selections"][sel][metric]["ppl_mean"][-1]
+      for m, r in result["methods"].items()
+      for metric in result["metrics"]
+    },
   )
   writer.close()
   print(

@@ -40,7 +40,7 @@ def perturbed_variables(model, params, kind, seed=1, scale=0.3, **kw):
 
   The targets are ``model``'s dense layers (`models.layers.dense_paths`); ``kw`` goes to `tarp.TarpConfig`.
   """
-  cfg = tarp.TarpConfig(kind=kind, rank=2, kron_n=2, **kw)
+  cfg = tarp.TarpConfig(**{"kind": kind, "rank": 2, "kron_n": 2, "targets": gpt2.DEFAULT_TARGETS, **kw})
   diff = tarp.init(jax.random.key(seed), params, cfg, dense_paths(model))
   leaves, tree = jax.tree.flatten(diff)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))

@@ -262,3 +262,26 @@ def test_jsonl_validation_and_test_tasks_are_disjoint(tmp_path):
   assert only_val.validation_names == ["d"] and only_val.test_names == ["c"] and only_val.train_names == ["a", "b"]
   only_test = JsonlTasks(path, support_size=2, query_size=2, test_tasks=("d",))
   assert only_test.validation_names == ["c"] and only_test.test_names == ["d"] and only_test.train_names == ["a", "b"]
+  one = JsonlTasks(path, support_size=2, query_size=2, validation_tasks="a", test_tasks=("b", "b"))  # a str is one name
+  assert one.validation_names == ["a"] and one.test_names == ["b"] and one.train_names == ["c", "d"]
+
+
+def test_directory_tokenizer_keeps_its_declared_specials(tmp_path):
+  """A tokenizer saved with eos = <|endoftext|> and no bos loads with no bos (nothing made up from eos)."""
+  vocab = {"<|endoftext|>": 0, "a": 1, "b": 2}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+  wrapped.save_pretrained(tmp_path / "tok")
+  loaded = data.load_tokenizer(str(tmp_path / "tok"))
+  assert loaded.bos_token is None and loaded.eos_token == "<|endoftext|>"
+  assert data.CausalLMEncoder(loaded, seq_len=3).encode(["a b"])["ids"].tolist() == [[1, 2, 0]]
+
+
+def test_encoders_report_lengths_and_positions():
+  tok = data.word_level_tokenizer(["a", "b"])
+  causal, s2s = data.CausalLMEncoder(tok, seq_len=5), data.Seq2SeqEncoder(tok, source_len=6, target_len=3)
+  assert causal.max_len == 5 and causal.positions(causal.encode(["a", "b a"])) == 10
+  assert s2s.max_len == 6 and s2s.positions(s2s.encode([("a", "b")])) == 9
+  with pytest.raises(ValueError, match="config.eval.focus_token='a'"):
+    s2s.focus(s2s.encode([("a", "b")]), "a")

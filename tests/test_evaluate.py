@@ -1,6 +1,7 @@
 """Meta-testing: adapt-and-score columns, select_lr on a hand-made table, and the eval.json fields."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -25,6 +26,30 @@ def test_select_lr_picks_the_exact_argmin_per_k():
   assert evaluate.select_lr(grid, table) == [0.01, 0.1, 1.0, 0.1]  # k=0: a tie goes to the first rate
   with pytest.raises(ValueError, match="3 rows of losses for a grid of 2"):
     evaluate.select_lr(grid[:2], table)
+  diverged = table.copy()
+  diverged[2, 1:] = np.nan  # lr 1.0 blew up: never chosen, although argmin alone would pick a NaN
+  assert evaluate.select_lr(grid, diverged) == [0.01, 0.1, 0.1, 0.1]
+  diverged[:, 3] = np.nan
+  with pytest.raises(ValueError, match="every learning rate .* NaN loss after 3 steps"):
+    evaluate.select_lr(grid, diverged)
+
+
+def test_meta_testing_adam_is_plain_adam():
+  """eps_root is for differentiating through Adam only: meta-testing's first Adam step is lr * sign(g) even for a
+  tiny gradient, while the meta-training inner loop's (eps_root 1e-8) shrinks it to about 0.1 lr at |g| = 1e-5."""
+  loss = lambda v, batch, rng: 1e-5 * v["params"]["w"].sum()  # noqa: E731
+  variables = {"params": {"w": jnp.zeros(3)}}
+  plain = evaluate.eval_inner(eval_config(optimizer="adam", adapt_steps=1), "full", "^params/")
+  step = lambda inner: meta.adapt(loss, variables, None, inner, jax.random.key(0), lr=0.1)[0]["params"]["w"]  # noqa: E731
+  np.testing.assert_allclose(step(plain), -0.1 * 1e-5 / (1e-5 + 1e-8), rtol=1e-5)  # Adam's eps = 1e-8
+  shrunk = meta.InnerLoop(steps=1, lr=0.1, optimizer="adam", adam_eps_root=1e-8, fast_regex="^params/")
+  np.testing.assert_allclose(step(shrunk), -0.1 * 1e-5 / (np.sqrt(1e-10 + 1e-8) + 1e-8), rtol=1e-5)
+
+
+def test_lr_grid_values_are_checked():
+  with pytest.raises(ValueError, match=r"config.eval.lr_grid\['full'\]=\(0.1, -1.0\)"):
+    evaluate.lr_grid(eval_config(lr_grid={"default": (0.1,), "full": (0.1, -1.0)}), "full")
+  assert evaluate.lr_grid(eval_config(), "tarp") == [0.0, 0.5]
 
 
 def test_summarize_means_and_standard_errors():
@@ -45,18 +70,19 @@ def facts_setup(n=3):
 
 def test_adapt_and_score_columns():
   fam, encoder, model, variables = facts_setup()
-  arrays = evaluate.encode_tasks(encoder, fam.eval_tasks("test"), focus_token=REL)
+  arrays = evaluate.encode_tasks(encoder, fam.eval_tasks("test"), eval_config())
   inner = meta.InnerLoop(steps=4, lr=0.0, fast_regex="^tarp/")
   loss_fn = gpt2.make_loss(model)
   scorer = evaluate.make_scorer(loss_fn, inner)
-  result = jax.device_get(scorer(variables, arrays, jax.random.key(0), 0.5))
+  keys = jax.random.split(jax.random.key(0), 3)
+  result = jax.device_get(scorer(variables, arrays, keys, 0.5))
   assert result["query"].shape == result["query_focus"].shape == (3, 5)
   for i in range(3):
     for name in ("query", "query_focus"):
       batch = jax.tree.map(lambda x: x[i], arrays["eval"][name])
       np.testing.assert_allclose(result[name][i, 0], meta.mean_loss(loss_fn(variables, batch, None)), rtol=1e-5)
   assert not np.allclose(result["query_focus"], result["query"])
-  zero = jax.device_get(scorer(variables, arrays, jax.random.key(0), 0.0))["query"]
+  zero = jax.device_get(scorer(variables, arrays, keys, 0.0))["query"]
   np.testing.assert_allclose(zero, np.repeat(zero[:, :1], 5, axis=1), rtol=1e-6)
 
 
@@ -68,7 +94,9 @@ def eval_config(**kw):
     tasks_per_batch=2,
     lr_grid={"default": (0.0, 0.5), "full": (0.0, 0.1)},
     focus_token=REL,
+    metrics=("query", "query_focus"),
     select_by=("query", "query_focus"),
+    support_chunks=1,
   )
   return ml_collections.ConfigDict({**fields, **kw})
 
@@ -86,10 +114,9 @@ def test_meta_test_picks_lr_on_validation_and_reports_every_task():
       np.testing.assert_allclose(s["query"]["ppl_mean"], per_task.mean(0), rtol=1e-6)
   # The chosen rates are exactly select_lr of the validation losses, recomputed here by hand for one method.
   scorer = evaluate.make_scorer(loss_fn, evaluate.eval_inner(eval_config(), "tarp", "^tarp/"))
-  val = evaluate.encode_tasks(encoder, fam.eval_tasks("validation"), REL)
-  means = np.stack(
-    [jax.device_get(scorer(variables, val, jax.random.key(0), lr))["query_focus"].mean(0) for lr in (0.0, 0.5)]
-  )
+  val = evaluate.encode_tasks(encoder, fam.eval_tasks("validation"), eval_config())
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(3))
+  means = np.stack([jax.device_get(scorer(variables, val, keys, lr))["query_focus"].mean(0) for lr in (0.0, 0.5)])
   assert result["methods"]["tarp"]["selections"]["query_focus"]["lr"] == [(0.0, 0.5)[i] for i in means.argmin(0)]
   report = evaluate.report(result)
   assert "chosen by validation query_focus loss" in report and "±" in report

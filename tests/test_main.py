@@ -180,3 +180,15 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
   log = again.stderr + again.stdout
   assert f"pretrain: resuming from step {saved[-1]}" in log, log[-2000:]
   assert int(checkpoint.load(ckpts)["step"]) == 400
+
+
+def test_restoring_a_state_of_another_structure_names_the_directory(tmp_path):
+  import numpy as np
+
+  ckpt = checkpoint.Checkpointer(tmp_path / "phase")
+  ckpt.save(1, {"step": np.int32(1), "w": np.zeros(3, np.float32)})
+  ckpt.close()
+  again = checkpoint.Checkpointer(tmp_path / "phase")
+  with pytest.raises(ValueError, match=r"phase/1 holds a state of another structure.*new --workdir"):
+    again.restore_or({"step": np.int32(0), "w": np.zeros(3, np.float32), "rng": np.zeros(2, np.uint32)})
+  again.close()

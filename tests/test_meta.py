@@ -44,7 +44,7 @@ def loop_reference(loss_fn, variables, t, cfg: meta.InnerLoop):
 
 CASES = {  # kind, InnerLoop settings
   "bilinear-sgd": ("bilinear", {}),
-  "kronecker-sgd": ("kronecker", {}),
+  "kronecker-sgd-remat-chunks": ("kronecker", dict(remat=True, support_chunks=2)),
   "dynamic-sgd": ("dynamic", {}),
   "bilinear-sgd-remat-chunks-per-step": ("bilinear", dict(remat=True, support_chunks=2, per_step_support=True)),
   "dynamic-adam": ("dynamic", dict(optimizer="adam", lr=0.05, adam_eps_root=1e-8)),
@@ -198,6 +198,18 @@ def test_inner_loop_validates_and_names_the_config_field(field, value, message):
   cfg[train.META_FIELDS[field]] = value
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
     train.meta_inner(cfg)
+
+
+def test_adam_without_eps_root_in_second_order_meta_training_is_refused():
+  from mltd_jax import train
+  from tests.test_main import tiny_config
+
+  cfg = tiny_config().meta
+  cfg.inner_optimizer, cfg.inner_adam_eps_root = "adam", 0.0
+  with pytest.raises(ValueError, match="config.meta.inner_adam_eps_root=0"):
+    train.meta_inner(cfg)
+  cfg.first_order = True  # nothing is differentiated through Adam: allowed, and eps_root is not applied
+  assert train.meta_inner(cfg).first_order
 
 
 def test_fast_regex_that_matches_nothing_is_an_error():

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from mltd_jax import tarp
-from mltd_jax.models import GPT2LMHeadModel
+from mltd_jax.models.gpt2 import DEFAULT_TARGETS, GPT2LMHeadModel
 from mltd_jax.models.layers import dense_paths
 from tests.helpers import lm_batch, perturbed_variables, tiny_gpt2
 
@@ -40,13 +40,13 @@ def _linear_sigma(w, b, x, r):
 def test_zero_difference_at_init_is_the_base_model(case):
   model, params = tiny_gpt2()
   paths = dense_paths(model)
-  diff = tarp.init(jax.random.key(3), params, tarp.TarpConfig(rank=3, **case), paths)
+  diff = tarp.init(jax.random.key(3), params, tarp.TarpConfig(rank=3, targets=DEFAULT_TARGETS, **case), paths)
   ids = lm_batch(13, (2, 7))["ids"]
   base = model.apply({"params": params}, ids)
   reparam = model.apply({"params": params, "tarp": diff}, ids)
   np.testing.assert_allclose(reparam, base, atol=1e-6, rtol=0)
   # ... and the difference is really there: every targeted layer has one, with non-zero U (and Sigma weights).
-  assert len(tarp.target_paths(params, tarp.TarpConfig().targets, paths)) == 4 * 2
+  assert len(tarp.target_paths(params, DEFAULT_TARGETS, paths)) == 4 * 2
   layers = _layers(diff)
   assert len(layers) == 4 * 2
   for d in layers:
@@ -180,7 +180,12 @@ def _lm_loss(model, params, diff, ids):
 def test_each_kind_reduces_the_support_loss(case):
   """Five plain gradient-descent steps (lr 0.3) on the difference alone lower the loss at every step."""
   model, params = tiny_gpt2(d=16)
-  diff = tarp.init(jax.random.key(0), params, tarp.TarpConfig(rank=4, init_scale=0.3, **case), dense_paths(model))
+  diff = tarp.init(
+    jax.random.key(0),
+    params,
+    tarp.TarpConfig(rank=4, init_scale=0.3, targets=DEFAULT_TARGETS, **case),
+    dense_paths(model),
+  )
   start = diff
   ids = jnp.asarray(lm_batch(13, (4, 10), seed=5)["ids"])
   value_and_grad = jax.jit(jax.value_and_grad(lambda t: _lm_loss(model, params, t, ids)))

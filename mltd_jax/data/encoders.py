@@ -108,6 +108,15 @@ class CausalLMEncoder:
     ids, mask = _pack(seqs, self.seq_len, tok.pad_token_id)
     return {"ids": ids, "mask": mask}
 
+  @property
+  def max_len(self) -> int:
+    """The longest sequence a model must take."""
+    return self.seq_len
+
+  def positions(self, batch: Batch) -> int:
+    """Token positions (padding included) of a batch, for tokens/s."""
+    return int(np.size(batch["ids"]))
+
   def focus(self, batch: Batch, token: str) -> Batch:
     """``batch`` with ``weights`` on the tokens that follow ``token`` (e.g. the fact objects after "is").
 
@@ -150,6 +159,21 @@ class Seq2SeqEncoder:
   def __post_init__(self):
     lengths = {"source_len": self.source_len, "target_len": self.target_len}
     _check_tokenizer(self.tokenizer, lengths, True, "seq2seq")
+
+  @property
+  def max_len(self) -> int:
+    """The longest sequence a model must take."""
+    return max(self.source_len, self.target_len)
+
+  def positions(self, batch: Batch) -> int:
+    """Token positions (padding included) of a batch, sources and targets, for tokens/s."""
+    return int(np.size(batch["source_ids"]) + np.size(batch["target_ids"]))
+
+  def focus(self, batch: Batch, token: str) -> Batch:
+    raise ValueError(
+      f"config.eval.focus_token={token!r}: the focus metric scores causal-LM texts; seq2seq tasks have none yet. "
+      "Remove 'query_focus' from config.eval.metrics."
+    )
 
   def _side(self, texts: Sequence[str], length: int, side: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     eos = self.tokenizer.eos_token_id

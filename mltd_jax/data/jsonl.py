@@ -57,6 +57,11 @@ class JsonlTasks:
         "lower config.data.jsonl.support_size/query_size or drop those tasks."
       )
     names = list(self.texts)
+    # A single name given as a string (e.g. --config.data.jsonl.test_tasks=b) is one task, not its characters.
+    validation_tasks = tuple(
+      dict.fromkeys([validation_tasks] if isinstance(validation_tasks, str) else validation_tasks)
+    )
+    test_tasks = tuple(dict.fromkeys([test_tasks] if isinstance(test_tasks, str) else test_tasks))
     unknown = sorted((set(validation_tasks) | set(test_tasks)) - set(names))
     if unknown:
       raise ValueError(f"{file}: held-out tasks {unknown} are not in the file (its tasks: {names}).")

@@ -38,6 +38,25 @@ def word_level_tokenizer(words: Sequence[str]) -> transformers.PreTrainedTokeniz
   return _wrap(tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token="<unk>")
 
 
+# Names of special tokens in bare tokenizer.json files. GPT-2's own tokenizer config declares <|endoftext|> as its
+# bos, eos and unk token, so in a bare GPT-2 tokenizer.json it is the declared bos, not a guess; a tokenizer loaded
+# from a directory or the hub keeps exactly the special tokens its config declares (no bos made up from eos).
+SPECIAL_NAMES = {
+  "eos": ("<|endoftext|>", "</s>", EOS),
+  "pad": (PAD, "<|padding|>"),
+  "bos": (BOS, "<s>", "<|endoftext|>"),
+}
+
+
+def _declare_special_tokens(tok) -> None:
+  vocab = tok.get_vocab()
+  for role, names in SPECIAL_NAMES.items():
+    if getattr(tok, f"{role}_token") is None:
+      found = next((n for n in names if n in vocab), None)
+      if found:
+        setattr(tok, f"{role}_token", found)
+
+
 def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
   """A tokenizer from ``spec``: "bytes", a tokenizer.json file, a local directory, or a hub name.
 
@@ -45,6 +64,7 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
   without a pad token pads with eos; one without a bos token keeps none (the encoders then prepend nothing).
   """
   path = Path(spec).expanduser()
+  bare = False
   if spec == "bytes":
     return byte_level_tokenizer()
   if spec.endswith(".json") or path.suffix == ".json":
@@ -54,6 +74,7 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
         "tokenizer.json, a directory, a hub name, or 'bytes'."
       )
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    bare = True
   elif spec.startswith((".", "/", "~")) and not path.is_dir():
     raise FileNotFoundError(
       f"tokenizer directory {path} not found; set config.data.tokenizer to an existing "
@@ -66,15 +87,8 @@ def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
       raise OSError(
         f"could not load tokenizer {spec!r} ({e}); offline, pass a local directory or tokenizer.json file, or 'bytes'."
       ) from e
-  vocab = tok.get_vocab()
-  # GPT-2's own tokenizer config declares <|endoftext|> as its bos, eos and unk token, so in a bare GPT-2
-  # tokenizer.json it is the declared bos, not a guess; a vocabulary without any of these names gets no bos.
-  names_of = {"eos": ("<|endoftext|>", "</s>", EOS), "pad": (PAD, "<|padding|>"), "bos": (BOS, "<s>", "<|endoftext|>")}
-  for role, names in names_of.items():
-    if getattr(tok, f"{role}_token") is None:  # a bare tokenizer.json names no special tokens: find them
-      found = next((n for n in names if n in vocab), None)
-      if found:
-        setattr(tok, f"{role}_token", found)
+  if bare:  # a bare tokenizer.json declares no special tokens: find them by their usual names
+    _declare_special_tokens(tok)
   if tok.pad_token is None:
     # Padding is masked out of every loss and attention, so any real id serves; eos is GPT-2's habit.
     tok.pad_token = tok.eos_token

@@ -6,13 +6,14 @@ A family is one module (`gpt2`: config, linen model, HF conversion, default TARP
 
 from mltd_jax.models.family import Family
 from mltd_jax.models.layers import dense_paths
-from mltd_jax.models.registry import FAMILIES, build, family_of, fresh, from_pretrained, save_pretrained
+from mltd_jax.models.registry import FAMILIES, build, family_for, family_of, fresh, from_pretrained, save_pretrained
 
 __all__ = [
   "FAMILIES",
   "Family",
   "build",
   "dense_paths",
+  "family_for",
   "family_of",
   "fresh",
   "from_pretrained",

@@ -93,6 +93,14 @@ def save_pretrained(model, params: dict, out_dir: str | os.PathLike) -> Path:
   return hub.write(out_dir, family.to_hf_config(model.config), family.to_state_dict(flat))
 
 
+def family_for(cfg: Any) -> Family:
+  """The family of a ``config.model`` block: from ``name_or_dir``'s config.json, else ``cfg.family``."""
+  if not cfg.name_or_dir:
+    return family_named(cfg.family, "config.model.family")
+  directory = hub.resolve_dir(cfg.name_or_dir, cfg.allow_pickle)
+  return family_named(hub.read_config(directory).get("model_type"), f"{directory / hub.CONFIG_FILE}: model_type")
+
+
 def build(cfg: Any, tokenizer, max_len: int, rng: jax.Array) -> tuple[Any, dict, Family]:
   """``(model, params, family)`` of a ``config.model`` block.
 
