@@ -256,6 +256,42 @@ def dense(x: jax.Array, weight: jax.Array, d: Mapping[str, jax.Array] | None, dt
   return y
 
 
+def fold(params: Params, difference: Params) -> tuple[dict, dict]:
+  """Fold every input-independent part of a difference into its kernels, once (e.g. before decoding).
+
+  Each targeted kernel W0 becomes ``Phi1 ⊙ W0 + Phi2`` for the static parts (the static Phi1 = 1 + U1 V1^T, and
+  the bilinear or Kronecker Phi2), so a decoder computes one plain matmul per token for those layers. The dynamic
+  terms (Sigma(x), Sigma1(x)) depend on each token and stay in the difference.
+
+  Args:
+    params: the base model's ``'params'``.
+    difference: the ``'tarp'`` collection for ``params``.
+
+  Returns:
+    (params with folded kernels, the difference that is left: only the dynamic layers' per-token terms; empty when
+    every layer was static). ``apply({'params': p, 'tarp': left})`` (or without 'tarp' when ``left`` is empty)
+    gives the same outputs as ``apply({'params': params, 'tarp': difference})``.
+  """
+  flat = traverse_util.flatten_dict(params)
+  layers: dict[Path, dict] = {}
+  for key, value in traverse_util.flatten_dict(difference).items():
+    layers.setdefault(key[:-1], {})[key[-1]] = value
+  left = {}
+  for path, d in layers.items():
+    if path + ("weight",) not in flat:
+      raise ValueError(f"the difference has a layer {'/'.join(path)} that params has no 'weight' for.")
+    w = flat[path + ("weight",)]
+    if "U1" in d and not _has_sigma(d, "sigma1"):
+      w = w * (1.0 + d.pop("U1") @ d.pop("V1").T)
+    delta = static_delta(d)
+    if delta is not None:
+      w, d = w + delta, {}
+    flat[path + ("weight",)] = w
+    if d:
+      left.update({path + (k,): v for k, v in d.items()})
+  return traverse_util.unflatten_dict(flat), traverse_util.unflatten_dict(left)
+
+
 def num_params(tree: Any) -> int:
   """Number of scalars in a pytree (to report the size of the difference)."""
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))

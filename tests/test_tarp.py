@@ -199,3 +199,19 @@ def test_each_kind_reduces_the_support_loss(case):
   # Every difference parameter got a gradient on the way (U, H, Sigma's and Phi1's only once V, V1 left zero).
   for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(diff)):
     assert float(jnp.abs(a - b).max()) > 0
+
+
+def test_fold_gives_the_same_logits_and_leaves_only_dynamic_terms():
+  """Folding the static parts into the kernels (before decoding) changes no output, for every case at once."""
+  model, params = tiny_gpt2()
+  ids = lm_batch(13, (2, 7))["ids"]
+  for case in CASES:
+    variables = perturbed_variables(model, params, **case)
+    params_f, left = tarp.fold(variables["params"], variables["tarp"])
+    folded = model.apply({"params": params_f, **({"tarp": left} if left else {})}, ids)
+    np.testing.assert_allclose(folded, model.apply(variables, ids), atol=1e-5, rtol=0, err_msg=str(case))
+    names = {k[-1] for k in traverse_util.flatten_dict(left)}
+    if case["kind"] != "dynamic":
+      assert left == {}, case
+    else:  # the per-token terms stay; the static Phi1 (U1, V1 without Sigma1) is folded
+      assert {"U", "V"} <= names and (("U1" in names) == case.get("dynamic_multiplicative", False)), (case, names)
