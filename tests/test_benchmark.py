@@ -16,3 +16,16 @@ def test_meta_step_benchmark_prints_json_lines(tmp_path):
   assert [(r["order"], r["remat"], r["inner"]) for r in rows] == [(2, True, 2), (1, True, 2)], out.stderr
   for r in rows:
     assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_mb"] > 0 and r["xla_temp_mb"] is not None
+
+
+def test_decode_benchmark_prints_json_lines(tmp_path):
+  script = SCRIPT.parent / "decode.py"
+  tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--batch=2", "--prompt=4", "--new=3", "--repeats=1"]
+  cmd = [sys.executable, str(script), *tiny, "--beams", "1", "2", "--tarp", "none", "dynamic"]
+  out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  rows = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [(r["num_beams"], r["tarp"]) for r in rows] == [(1, "none"), (1, "dynamic"), (2, "none"), (2, "dynamic")], (
+    out.stderr
+  )
+  for r in rows:
+    assert r["tokens_per_s"] > 0 and r["first_call_s"] > 0 and r["cost_vs_none"] > 0

@@ -59,27 +59,38 @@ class GPT2Config:
 
 
 class Attention(nn.Module):
-  """Causal multi-head self-attention; ``c_attn`` makes q, k, v in one [d, 3d] projection, as in GPT-2."""
+  """Causal multi-head self-attention; ``c_attn`` makes q, k, v in one [d, 3d] projection, as in GPT-2.
+
+  With ``kv`` (decoding) this call's keys and values are first written into the fixed-size cache
+  ``kv = {'k', 'v'}`` (each [b, T, h, hd]) at slot ``index``, the queries attend over all T slots (``mask``
+  [b, 1, q, T] hides the padded and the not yet written ones), and the updated cache is returned too.
+  """
 
   config: GPT2Config
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, kv: dict | None = None, index=None):
     cfg = self.config
     b, t, d = x.shape
     heads, head_dim = cfg.n_head, d // cfg.n_head
     proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
     qkv = Dense(3 * d, dtype=self.dtype, weight_init=normal(cfg.initializer_range), name="c_attn")(x)
     q, k, v = jnp.split(qkv.reshape(b, t, 3, heads, head_dim), 3, axis=2)  # each [b, t, 1, h, hd]
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # each [b, t, h, hd]
+    if kv is not None:  # decoding: keys/values of slots [index, index + t) are this call's; attend to all T
+      k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, index, 0, 0))  # [b, T, h, hd]
+      v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, index, 0, 0))
+      kv = {"k": k, "v": v}
     wdt = wide(self.dtype)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, 0], k[:, :, 0]).astype(wdt) / math.sqrt(head_dim)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(wdt) / math.sqrt(head_dim)
     scores = jnp.where(mask, scores, jnp.finfo(wdt).min)  # mask [b, 1, q, k]
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v[:, :, 0]).reshape(b, t, d)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
     out = Dense(d, dtype=self.dtype, weight_init=normal(proj_std), name="c_proj")(out)
-    return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+    out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+    return out if kv is None else (out, kv)
 
 
 class MLP(nn.Module):
@@ -103,12 +114,16 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, kv: dict | None = None, index=None):
     eps = self.config.layer_norm_epsilon
-    x = x + Attention(self.config, self.dtype, name="attn")(
-      LayerNorm(eps, self.dtype, name="ln_1")(x), mask, deterministic
+    h = Attention(self.config, self.dtype, name="attn")(
+      LayerNorm(eps, self.dtype, name="ln_1")(x), mask, deterministic, kv, index
     )
-    return x + MLP(self.config, self.dtype, name="mlp")(LayerNorm(eps, self.dtype, name="ln_2")(x), deterministic)
+    if kv is not None:  # decoding: the attention also returns its updated cache
+      h, kv = h
+    x = x + h
+    x = x + MLP(self.config, self.dtype, name="mlp")(LayerNorm(eps, self.dtype, name="ln_2")(x), deterministic)
+    return x if kv is None else (x, kv)
 
 
 class Blocks(nn.Module):
@@ -123,11 +138,17 @@ class Blocks(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, kv: tuple | None = None, index=None):
     block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block  # argnum 3: `deterministic`
+    if kv is None:
+      for i in range(self.config.n_layer):
+        x = block(self.config, self.dtype, name=str(i))(x, mask, deterministic)
+      return x
+    new_kv = []  # decoding: kv is a tuple of per-layer caches
     for i in range(self.config.n_layer):
-      x = block(self.config, self.dtype, name=str(i))(x, mask, deterministic)
-    return x
+      x, layer_kv = block(self.config, self.dtype, name=str(i))(x, mask, deterministic, kv[i], index)
+      new_kv.append(layer_kv)
+    return x, tuple(new_kv)
 
 
 class GPT2Model(nn.Module):
@@ -160,6 +181,14 @@ class GPT2Model(nn.Module):
     x = self.drop(x, deterministic=deterministic)
     return self.ln_f(self.h(x, mask, deterministic))
 
+  def cached(self, input_ids, position_ids, mask, kv, index):
+    """The forward pass for decoding: ``input_ids`` [b, t] at ``position_ids`` [b, t] read and write the key/value
+    cache ``kv`` (a tuple of per-layer ``{'k', 'v'}`` [b, T, h, hd]) at slots [index, index + t), attending as
+    ``mask`` [b, 1, t, T] allows. Returns (hidden states [b, t, n_embd], the updated kv)."""
+    x = self.wte(input_ids) + self.wpe(position_ids)
+    x, kv = self.h(x, mask, True, kv, index)
+    return self.ln_f(x), kv
+
 
 class GPT2LMHeadModel(nn.Module):
   """GPT-2 with the output projection tied to ``wte``.
@@ -190,6 +219,54 @@ class GPT2LMHeadModel(nn.Module):
     """Random parameters (GPT-2's initialization scheme)."""
     ids = jnp.zeros((1, min(8, self.config.n_positions)), jnp.int32)
     return self.init(rng, ids)["params"]
+
+  # ---- decoding (the `mltd_jax.decode.Decoder` protocol) -------------------------------------------------------
+  # The cache is {'mask': the prompt's attention mask [B, P] (bool), 'kv': per layer {'k', 'v'} [B, P + N, h, hd]}:
+  # every leaf has the batch first, so beam search reorders it with one gather; the step index stays outside.
+
+  def forward_cached(self, input_ids, position_ids, mask, kv, index):
+    """Next-token logits [b, vocab] (float32) after the last of ``input_ids`` [b, t], and the updated cache."""
+    hidden, kv = self.transformer.cached(input_ids, position_ids, mask, kv, index)
+    return self.transformer.wte.attend(hidden[:, -1]), kv
+
+  def init_decode(self, variables: dict, input_ids: jax.Array, attention_mask: jax.Array | None, max_new_tokens: int):
+    """Runs the prompt ``input_ids`` [B, P] (left-padded: ``attention_mask`` [B, P] has its zeros first) into a
+    cache with room for ``max_new_tokens`` more tokens.
+
+    Positions are cumsum(mask) - 1 (0 on padding), as transformers' ``generate`` makes them for GPT-2, so a padded
+    prompt continues exactly like the unpadded one. Returns (logits [B, vocab] for the first new token, cache).
+    """
+    cfg = self.config
+    b, p = input_ids.shape
+    total = p + max_new_tokens  # T: cache slots
+    if total > cfg.n_positions:
+      raise ValueError(
+        f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds n_positions={cfg.n_positions}; "
+        "shorten the prompt or generate fewer tokens."
+      )
+    mask = jnp.ones((b, p), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)  # [B, P]
+    keys = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), bool)], -1)  # [B, T]: the prompt's real tokens
+    attend = jnp.tril(jnp.ones((p, total), bool))[None, None] & keys[:, None, None, :]  # [B, 1, P, T], causal
+    head_dim = cfg.n_embd // cfg.n_head
+    empty = jnp.zeros((b, total, cfg.n_head, head_dim), self.dtype)
+    kv = tuple({"k": empty, "v": empty} for _ in range(cfg.n_layer))
+    logits, kv = self.apply(variables, input_ids, positions, attend, kv, 0, method="forward_cached")
+    return logits, {"mask": mask, "kv": kv}
+
+  def decode_step(self, variables: dict, cache: dict, tokens: jax.Array, index: jax.Array):
+    """Feeds ``tokens`` [B], the generated token number ``index`` (0-based), into the cache (slot P + index, position
+    one past the prompt's last plus ``index``). Returns (logits [B, vocab] for the next token, cache)."""
+    mask = cache["mask"]  # [B, P]
+    b, p = mask.shape
+    total = cache["kv"][0]["k"].shape[1]  # T = P + max_new_tokens
+    last = jnp.maximum(mask.sum(-1) - 1, 0)  # [B]: position of the prompt's last token (0 for an empty prompt)
+    positions = (last + 1 + index)[:, None]  # [B, 1]
+    written = jnp.arange(total - p) <= index  # [N]: generated slots filled so far, this one included
+    keys = jnp.concatenate([mask, jnp.broadcast_to(written, (b, total - p))], -1)  # [B, T]
+    args = (tokens[:, None], positions, keys[:, None, None, :], cache["kv"], p + index)
+    logits, kv = self.apply(variables, *args, method="forward_cached")
+    return logits, {"mask": mask, "kv": kv}
 
 
 # ---- Hugging Face conversion ----------------------------------------------------------------------------------
