@@ -44,7 +44,7 @@ def test_build_fresh_then_from_its_directory(tmp_path):
 
 def test_build_errors_name_the_field(tmp_path):
   tok = word_level_tokenizer(["a"])
-  with pytest.raises(ValueError, match=r"config.model.family='t6' is not supported.*\['gpt2'\]"):
+  with pytest.raises(ValueError, match=r"config.model.family='t6' is not supported.*\['gpt2', 't5'\]"):
     models.build(model_config(family="t6"), tok, 8, jax.random.key(0))
   with pytest.raises(ValueError, match="config.model.dtype"):
     models.build(model_config(dtype="int8"), tok, 8, jax.random.key(0))

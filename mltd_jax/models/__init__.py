@@ -1,6 +1,6 @@
 """Model families (Flax, transformers' parameter names) and Hugging Face format I/O.
 
-A family is one module (`gpt2`: config, linen model, HF conversion, default TARP targets, loss) registered in
+A family is one module (`gpt2`, `t5`: config, linen model, HF conversion, default TARP targets, loss) registered in
 `registry.FAMILIES`; `from_pretrained`, `save_pretrained` and `build` work for every registered family.
 """
 

@@ -108,6 +108,23 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+class RMSNorm(nn.Module):
+  """T5's layer norm (``T5LayerNorm``): x / sqrt(mean(x^2) + eps) * weight, no mean, no bias; float32 (or wider).
+
+  The mean of squares is taken in float32 even for bfloat16 activations, where its sum would lose precision.
+  """
+
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+    xw = x.astype(wide(self.dtype))
+    y = xw * jax.lax.rsqrt(jnp.square(xw).mean(-1, keepdims=True) + self.eps) * weight
+    return y.astype(self.dtype)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
   "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
   "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),

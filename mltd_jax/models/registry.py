@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mltd_jax.models import gpt2, hub
+from mltd_jax.models import gpt2, hub, t5
 from mltd_jax.models.family import Family
 
 # config.json's model_type -> family. A new family is one module plus one line here.
 FAMILIES: dict[str, Family] = {
   gpt2.FAMILY.model_type: gpt2.FAMILY,
+  t5.FAMILY.model_type: t5.FAMILY,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
