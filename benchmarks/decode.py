@@ -1,9 +1,12 @@
 """Benchmark of decoding (`mltd_jax.decode.generate`): one JSON line per (search, TARP) setting.
 
-Settings: greedy and beam search (``--beams``, default 1 and 4) on a random GPT-2 whose size is given on the
-command line, with no TARP difference, a dynamic one (Sigma(x) per token, rank ``--rank`` on every attention and
-MLP kernel), or a static bilinear one applied per step (``bilinear``) or folded into the kernels once
-(``bilinear_folded``, `mltd_jax.tarp.fold`). No EOS, so every row generates ``--new`` tokens.
+Settings: greedy and beam search (``--beams``, default 1 and 4) on a random GPT-2 or T5 (``--family``) whose size
+is given on the command line, with no TARP difference, a dynamic one (Sigma(x) per token, rank ``--rank`` on the
+family's default targets: every attention and feed-forward kernel), or a static bilinear one applied per step
+(``bilinear``) or folded into the kernels once (``bilinear_folded``, `mltd_jax.tarp.fold`). No EOS, so every row
+generates ``--new`` tokens. GPT-2 continues a ``--prompt``-token prompt; T5 encodes a ``--prompt``-token source once
+and decodes from its start token (``--layers`` encoder and decoder blocks, d_kv = d / heads, d_ff = 4 d, gated-GELU
+with an untied head as in T5 v1.1).
 
   * ``tokens_per_s``: generated tokens (batch x new, beams not multiplied) per second, median of ``--repeats``;
   * ``first_call_s``: the first call, compilation included (unless an earlier setting had the same structure,
@@ -11,7 +14,8 @@ MLP kernel), or a static bilinear one applied per step (``bilinear``) or folded 
   * ``cost_vs_none``: median time over that of the same search without TARP (the paper reports about +10% for
     the dynamic kind).
 
-  python benchmarks/decode.py                              # greedy and beam 4; none and dynamic TARP
+  python benchmarks/decode.py                              # GPT-2: greedy and beam 4; none and dynamic TARP
+  python benchmarks/decode.py --family t5                  # the same for T5
   python benchmarks/decode.py --tarp none bilinear bilinear_folded --beams 4
 """
 
@@ -35,11 +39,11 @@ def variables_for(kind: str, model, params, rank: int) -> dict:
   import jax
 
   from mltd_jax import models, tarp
-  from mltd_jax.models import gpt2
 
   if kind == "none":
     return {"params": params}
-  cfg = tarp.TarpConfig(kind=kind.removesuffix("_folded"), rank=rank, targets=gpt2.DEFAULT_TARGETS)
+  targets = models.family_of(model).default_targets
+  cfg = tarp.TarpConfig(kind=kind.removesuffix("_folded"), rank=rank, targets=targets)
   diff = tarp.init(jax.random.key(1), params, cfg, models.dense_paths(model))
   diff = jax.tree.map(lambda x: x + 0.01, diff)  # V != 0: the difference changes the outputs
   if kind.endswith("_folded"):
@@ -48,19 +52,23 @@ def variables_for(kind: str, model, params, rank: int) -> dict:
   return {"params": params, "tarp": diff}
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  for k, v in FIELDS.items():
-    p.add_argument(f"--{k}", type=type(v), default=v)
-  p.add_argument("--beams", type=int, nargs="*", default=[1, 4], help="1 = greedy")
-  p.add_argument("--tarp", nargs="*", default=["none", "dynamic"], choices=TARPS)
-  a = p.parse_args()
+def build(a: argparse.Namespace, dtype):
+  """The random model of ``a.family`` with the command line's sizes (no dropout)."""
+  if a.family == "t5":
+    from mltd_jax.models import t5
 
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from mltd_jax import decode
+    cfg = t5.T5Config(
+      vocab_size=a.vocab,
+      d_model=a.d,
+      d_kv=a.d // a.heads,
+      d_ff=4 * a.d,
+      num_layers=a.layers,
+      num_heads=a.heads,
+      dropout_rate=0.0,
+      feed_forward_proj="gated-gelu",
+      tie_word_embeddings=False,
+    )
+    return t5.T5ForConditionalGeneration(cfg, dtype=dtype)
   from mltd_jax.models import gpt2
 
   cfg = gpt2.GPT2Config(
@@ -73,7 +81,25 @@ def main() -> None:
     resid_pdrop=0.0,
     attn_pdrop=0.0,
   )
-  model = gpt2.GPT2LMHeadModel(cfg, dtype=jnp.dtype(a.dtype))
+  return gpt2.GPT2LMHeadModel(cfg, dtype=dtype)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--family", default="gpt2", choices=("gpt2", "t5"))
+  for k, v in FIELDS.items():
+    p.add_argument(f"--{k}", type=type(v), default=v)
+  p.add_argument("--beams", type=int, nargs="*", default=[1, 4], help="1 = greedy")
+  p.add_argument("--tarp", nargs="*", default=["none", "dynamic"], choices=TARPS)
+  a = p.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mltd_jax import decode
+
+  model = build(a, jnp.dtype(a.dtype))
   params = model.init_params(jax.random.key(0))
   ids = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.prompt)).astype(np.int32)
   baseline = {}
@@ -95,6 +121,7 @@ def main() -> None:
         baseline[beams] = med
       row = {
         "impl": "mltd_jax",
+        "family": a.family,
         "search": "greedy" if beams == 1 else "beam",
         "num_beams": beams,
         "tarp": kind,

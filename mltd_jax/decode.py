@@ -40,7 +40,9 @@ class Decoder(Protocol):
   """What a model family's linen model class provides for `generate` (plain Python methods that call ``apply``).
 
   The cache is any pytree whose leaves ALL have the batch as leading axis (beam search reorders and expands it
-  with ``jax.tree.map``); the number of generated tokens is kept by `generate`, not in the cache.
+  with ``jax.tree.map``); the number of generated tokens is kept by `generate`, not in the cache. A family may also
+  define ``check_decode_inputs(input_ids, attention_mask)``, which `generate` calls on the arrays before compiling
+  to refuse inputs it cannot decode (e.g. GPT-2: right-padded prompts).
   """
 
   def init_decode(
@@ -73,7 +75,7 @@ def generate(
     model: a linen model implementing `Decoder` (e.g. `mltd_jax.models.gpt2.GPT2LMHeadModel`).
     variables: its variables, e.g. ``{'params': p}`` or ``{'params': p, 'tarp': d}`` (a dynamic TARP difference
       runs per token; fold static ones first with `mltd_jax.tarp.fold` so they cost nothing).
-    input_ids: [B, P] int prompts (left-padded for a causal LM).
+    input_ids: [B, P] int prompts (left-padded for a causal LM; any padding for a seq2seq source).
     attention_mask: [B, P], 1 on real tokens (for a causal LM the zeros must come first); None: all real.
     num_beams: 1 for greedy search, > 1 for beam search.
     max_new_tokens: N, the number of tokens to generate at most.
@@ -87,8 +89,8 @@ def generate(
     int32 [B, N]: the new tokens only; after a row's EOS (included), ``pad_token_id``.
 
   Raises:
-    ValueError: for ``num_beams`` < 1, ``max_new_tokens`` < 1, or a right-padded ``attention_mask`` given as a
-      concrete array.
+    ValueError: for ``num_beams`` < 1, ``max_new_tokens`` < 1, or inputs the model's ``check_decode_inputs``
+      refuses (GPT-2: a right-padded ``attention_mask`` given as a concrete array).
   """
   if num_beams < 1 or max_new_tokens < 1:
     raise ValueError(f"num_beams={num_beams} and max_new_tokens={max_new_tokens} must be >= 1.")
@@ -97,13 +99,8 @@ def generate(
   eos = () if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(eos_token_id))
   pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
   input_ids = jnp.asarray(input_ids, jnp.int32)
-  if attention_mask is not None:
-    try:
-      m = np.asarray(attention_mask).astype(bool)  # checked only when concrete (not under an outer jit)
-    except jax.errors.TracerArrayConversionError:
-      m = None
-    if m is not None and (m[:, 1:] < m[:, :-1]).any():
-      raise ValueError("attention_mask has padding after a real token: pad prompts on the left for decoding.")
+  if hasattr(model, "check_decode_inputs"):
+    model.check_decode_inputs(input_ids, attention_mask)
   settings = dict(max_new_tokens=max_new_tokens, eos=eos, pad=int(pad))
   if num_beams == 1:
     return _greedy(model, variables, input_ids, attention_mask, **settings)

@@ -229,6 +229,19 @@ class GPT2LMHeadModel(nn.Module):
     hidden, kv = self.transformer.cached(input_ids, position_ids, mask, kv, index)
     return self.transformer.wte.attend(hidden[:, -1]), kv
 
+  def check_decode_inputs(self, input_ids: jax.Array, attention_mask: jax.Array | None):
+    """Refuses a right-padded ``attention_mask`` (the cache continues after the prompt's last slot), checked only
+    when concrete (not under an outer jit); `decode.generate` calls it before compiling."""
+    del input_ids
+    if attention_mask is None:
+      return
+    try:
+      m = np.asarray(attention_mask).astype(bool)
+    except jax.errors.TracerArrayConversionError:
+      return
+    if (m[:, 1:] < m[:, :-1]).any():
+      raise ValueError("attention_mask has padding after a real token: pad prompts on the left for decoding.")
+
   def init_decode(self, variables: dict, input_ids: jax.Array, attention_mask: jax.Array | None, max_new_tokens: int):
     """Runs the prompt ``input_ids`` [B, P] (left-padded: ``attention_mask`` [B, P] has its zeros first) into a
     cache with room for ``max_new_tokens`` more tokens.

@@ -16,6 +16,10 @@ the other blocks reuse its bias. Scores are not scaled by 1/sqrt(d_kv) (T5's ini
 Parameters are float32; activations are computed in ``dtype``, while layer norms, softmax and logits stay in
 float32. Every projection (q, k, v, o, wi, wi_0, wi_1, wo, lm_head) is a `layers.Dense`, so the TARP difference
 (the ``'tarp'`` collection) reaches them without this file knowing about it.
+
+Decoding (`mltd_jax.decode`): ``init_decode`` encodes the source once and projects it into each decoder block's
+cross-attention keys/values; ``decode_step`` feeds one target token, whose self-attention keys/values go into a
+fixed-size cache and whose position bias is the full sequence's row for its position.
 """
 
 from __future__ import annotations
@@ -130,6 +134,12 @@ class Attention(nn.Module):
 
   With ``relative_bias`` this layer owns the bucketed position-bias table (``relative_attention_bias``, [buckets,
   heads]) and returns the bias it computed, which the later blocks of its stack reuse.
+
+  Decoding reads and writes projected keys and values (``cache`` = {'k', 'v'}, each [b, T, heads, d_kv]):
+  with ``index`` (decoder self-attention) this call's keys/values are written into the T cache slots at slot
+  ``index`` and the queries attend over all T (``mask`` hides the slots not written yet), their bias computed for
+  query positions ``index, index + 1, ...``; with ``kv=None`` (cross-attention) the cached keys/values, projected
+  once from the encoder output, are used as they are.
   """
 
   config: T5Config
@@ -138,35 +148,46 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, kv, mask, bias, deterministic: bool):
-    """x [b, q, d], kv [b, k, d], mask bool [b or 1, 1, q or 1, k], bias [1, h, q, k] or None.
+  def __call__(self, x, kv, mask, bias, deterministic: bool, cache: dict | None = None, index=None):
+    """x [b, q, d], kv [b, k, d] or None, mask bool [b or 1, 1, q or 1, k], bias [1, h, q, k] or None.
 
-    Returns (output [b, q, d], the position bias used: [1, h, q, k] or None).
+    Returns (output [b, q, d], the position bias used: [1, h, q, k] or None, the keys/values attended over:
+    {'k', 'v'} [b, k, h, d_kv]).
     """
     cfg = self.config
     b, tq, _ = x.shape
-    tk = kv.shape[1]
     heads, dk, f = cfg.num_heads, cfg.d_kv, cfg.initializer_factor
     dense = lambda n, std, name: Dense(n, False, self.dtype, normal(f * std), name=name)  # noqa: E731
     q = dense(heads * dk, (cfg.d_model * dk) ** -0.5, "q")(x).reshape(b, tq, heads, dk)
-    k = dense(heads * dk, cfg.d_model**-0.5, "k")(kv).reshape(b, tk, heads, dk)
-    v = dense(heads * dk, cfg.d_model**-0.5, "v")(kv).reshape(b, tk, heads, dk)
+    if kv is None:  # cross-attention while decoding: keys/values projected once from the encoder output
+      k, v = cache["k"], cache["v"]  # [b, k, h, dk]
+    else:
+      k = dense(heads * dk, cfg.d_model**-0.5, "k")(kv).reshape(b, kv.shape[1], heads, dk)
+      v = dense(heads * dk, cfg.d_model**-0.5, "v")(kv).reshape(b, kv.shape[1], heads, dk)
+    if index is not None:  # self-attention while decoding: this call's keys/values go to slots [index, index + q)
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))  # [b, T, h, dk]
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+    tk = k.shape[1]
     wdt = wide(self.dtype)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(wdt)  # no 1/sqrt(d_kv): T5 does not scale
     if self.relative_bias:
-      bias = self.position_bias(tq, tk)
+      bias = self.position_bias(tq, tk, 0 if index is None else index)
     if bias is not None:
       scores = scores + bias
     scores = jnp.where(mask, scores, jnp.finfo(wdt).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, tq, heads * dk)
-    return dense(cfg.d_model, (heads * dk) ** -0.5, "o")(out), bias
+    return dense(cfg.d_model, (heads * dk) ** -0.5, "o")(out), bias, {"k": k, "v": v}
 
-  def position_bias(self, q_len: int, k_len: int) -> jax.Array:
-    """The learned bias of every (query, key) pair, [1, heads, q_len, k_len], in float32 (or wider)."""
+  def position_bias(self, q_len: int, k_len: int, q_offset=0) -> jax.Array:
+    """The learned bias of every (query, key) pair, [1, heads, q_len, k_len], in float32 (or wider).
+
+    The queries sit at positions ``q_offset + [0, q_len)`` (an int or a traced scalar: the decoding step), the keys
+    at ``[0, k_len)``, so one query decoded at position i gets row i of the full sequence's bias.
+    """
     cfg = self.config
-    relative = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]  # [q, k]: key - query
+    relative = jnp.arange(k_len)[None, :] - (q_offset + jnp.arange(q_len))[:, None]  # [q, k]: key - query
     buckets = relative_position_bucket(
       relative, not self.causal, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
     )
@@ -200,7 +221,7 @@ class FeedForward(nn.Module):
 
 
 class SelfAttentionLayer(nn.Module):
-  """Pre-norm residual self-attention; returns (x, position bias)."""
+  """Pre-norm residual self-attention; returns (x, position bias, keys/values attended over)."""
 
   config: T5Config
   causal: bool = False
@@ -208,26 +229,31 @@ class SelfAttentionLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, bias, deterministic: bool):
+  def __call__(self, x, mask, bias, deterministic: bool, cache: dict | None = None, index=None):
     cfg = self.config
     h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
     attention = Attention(cfg, self.causal, self.relative_bias, self.dtype, name="SelfAttention")
-    out, bias = attention(h, h, mask, bias, deterministic)
-    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic), bias
+    out, bias, kv = attention(h, h, mask, bias, deterministic, cache, index)
+    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic), bias, kv
 
 
 class CrossAttentionLayer(nn.Module):
-  """Pre-norm residual attention of the decoder over the encoder output (no position bias)."""
+  """Pre-norm residual attention of the decoder over the encoder output (no position bias).
+
+  ``encoded`` None: attend over ``cache``, the keys/values a previous call returned (decoding). Returns (x, the
+  keys/values attended over).
+  """
 
   config: T5Config
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, encoded, encoder_mask, deterministic: bool):
+  def __call__(self, x, encoded, encoder_mask, deterministic: bool, cache: dict | None = None):
     cfg = self.config
     h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
-    out, _ = Attention(cfg, dtype=self.dtype, name="EncDecAttention")(h, encoded, encoder_mask, None, deterministic)
-    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    attention = Attention(cfg, dtype=self.dtype, name="EncDecAttention")
+    out, _, kv = attention(h, encoded, encoder_mask, None, deterministic, cache)
+    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic), kv
 
 
 class FeedForwardLayer(nn.Module):
@@ -245,7 +271,11 @@ class FeedForwardLayer(nn.Module):
 
 
 class Sublayers(nn.Module):
-  """A block's ``layer`` list: "0" self-attention, then ("1" cross-attention in the decoder and) feed-forward."""
+  """A block's ``layer`` list: "0" self-attention, then ("1" cross-attention in the decoder and) feed-forward.
+
+  Decoding (decoder only) passes ``cache`` = {'self': {'k', 'v'} [b, N, h, dk], written at slot ``index``,
+  'cross': {'k', 'v'} [b, S, h, dk] or None to project ``encoded`` now} and gets the updated cache back.
+  """
 
   config: T5Config
   decoder: bool = False
@@ -253,12 +283,18 @@ class Sublayers(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, bias, mask, encoded, encoder_mask, deterministic: bool):
+  def __call__(self, x, bias, mask, encoded, encoder_mask, deterministic: bool, cache=None, index=None):
     cfg, dt = self.config, self.dtype
-    x, bias = SelfAttentionLayer(cfg, self.decoder, self.relative_bias, dt, name="0")(x, mask, bias, deterministic)
+    attention = SelfAttentionLayer(cfg, self.decoder, self.relative_bias, dt, name="0")
+    x, bias, self_kv = attention(x, mask, bias, deterministic, None if cache is None else cache["self"], index)
+    cross_kv = None
     if self.decoder:
-      x = CrossAttentionLayer(cfg, dt, name="1")(x, encoded, encoder_mask, deterministic)
-    return FeedForwardLayer(cfg, dt, name="2" if self.decoder else "1")(x, deterministic), bias
+      cross = CrossAttentionLayer(cfg, dt, name="1")
+      x, cross_kv = cross(x, encoded, encoder_mask, deterministic, None if cache is None else cache["cross"])
+    x = FeedForwardLayer(cfg, dt, name="2" if self.decoder else "1")(x, deterministic)
+    if cache is None:
+      return x, bias
+    return x, bias, {"self": self_kv, "cross": cross_kv}
 
 
 class Block(nn.Module):
@@ -270,15 +306,16 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, bias, mask, encoded, encoder_mask, deterministic: bool):
+  def __call__(self, x, bias, mask, encoded, encoder_mask, deterministic: bool, cache=None, index=None):
     layer = Sublayers(self.config, self.decoder, self.relative_bias, self.dtype, name="layer")
-    return layer(x, bias, mask, encoded, encoder_mask, deterministic)
+    return layer(x, bias, mask, encoded, encoder_mask, deterministic, cache, index)
 
 
 class Blocks(nn.Module):
   """The ``block`` list, named "0", "1", ...; block 0 computes the position bias that the others reuse.
 
-  With ``remat`` each block is a `jax.checkpoint` (same parameters and outputs, activations recomputed).
+  With ``remat`` each block is a `jax.checkpoint` (same parameters and outputs, activations recomputed). With
+  ``cache`` (decoding: a tuple of per-block caches, see `Sublayers`) returns (x, the updated caches).
   """
 
   config: T5Config
@@ -287,18 +324,25 @@ class Blocks(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, encoded, encoder_mask, deterministic: bool):
+  def __call__(self, x, mask, encoded, encoder_mask, deterministic: bool, cache: tuple | None = None, index=None):
     block = nn.remat(Block, static_argnums=(6,)) if self.remat else Block  # argnum 6: `deterministic`
     cfg = self.config
-    bias = None
+    bias, new_cache = None, []
     for i in range(cfg.num_decoder_layers if self.decoder else cfg.num_layers):
       layer = block(cfg, self.decoder, i == 0, self.dtype, name=str(i))
-      x, bias = layer(x, bias, mask, encoded, encoder_mask, deterministic)
-    return x
+      if cache is None:
+        x, bias = layer(x, bias, mask, encoded, encoder_mask, deterministic)
+      else:
+        x, bias, layer_cache = layer(x, bias, mask, encoded, encoder_mask, deterministic, cache[i], index)
+        new_cache.append(layer_cache)
+    return x if cache is None else (x, tuple(new_cache))
 
 
 class T5Stack(nn.Module):
-  """The encoder or the decoder: embedded tokens [b, t, d] -> blocks -> final RMS norm -> hidden states [b, t, d]."""
+  """The encoder or the decoder: embedded tokens [b, t, d] -> blocks -> final RMS norm -> hidden states [b, t, d].
+
+  With ``cache`` (decoding, see `Blocks`) returns (hidden states, the updated cache).
+  """
 
   config: T5Config
   decoder: bool = False
@@ -306,14 +350,19 @@ class T5Stack(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, embedded, mask, encoded=None, encoder_mask=None, deterministic: bool = True):
+  def __call__(
+    self, embedded, mask, encoded=None, encoder_mask=None, deterministic: bool = True, cache=None, index=None
+  ):
     drop = nn.Dropout(self.config.dropout_rate)
     x = drop(embedded, deterministic=deterministic)
     x = Blocks(self.config, self.decoder, self.dtype, self.remat, name="block")(
-      x, mask, encoded, encoder_mask, deterministic
+      x, mask, encoded, encoder_mask, deterministic, cache, index
     )
+    if cache is not None:
+      x, cache = x
     x = RMSNorm(self.config.layer_norm_epsilon, self.dtype, name="final_layer_norm")(x)
-    return drop(x, deterministic=deterministic)
+    x = drop(x, deterministic=deterministic)
+    return x if cache is None else (x, cache)
 
 
 def _key_mask(mask: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -329,7 +378,8 @@ class T5ForConditionalGeneration(nn.Module):
   ``apply({'params': params}, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None)``
   returns float32 logits [batch, target_len, vocab]; ``method=model.encode`` / ``method=model.decode`` run the
   halves. Pass ``{'params': ..., 'tarp': ...}`` for the TARP-reparameterized model, ``deterministic=False`` and a
-  ``'dropout'`` rng to train with dropout; ``remat=True`` checkpoints every block.
+  ``'dropout'`` rng to train with dropout; ``remat=True`` checkpoints every block. ``init_decode`` and
+  ``decode_step`` implement `mltd_jax.decode.Decoder` (a source batch in, target tokens out).
   """
 
   config: T5Config
@@ -363,6 +413,10 @@ class T5ForConditionalGeneration(nn.Module):
     mask = causal & _key_mask(decoder_attention_mask, b, t)  # [b, 1, q, k]
     encoder_mask = _key_mask(attention_mask, b, encoded.shape[1])  # [b, 1, 1, s]
     hidden = self.decoder(self.shared(decoder_input_ids), mask, encoded, encoder_mask, deterministic)
+    return self.head(hidden)
+
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """Decoder hidden states [..., d] -> float32 (or wider) logits [..., vocab]."""
     if self.config.tie_word_embeddings:  # the original T5 rescales before reusing the input embedding
       return self.shared.attend(hidden.astype(wide(self.dtype)) * self.config.d_model**-0.5)
     return self.lm_head(hidden)
@@ -382,6 +436,46 @@ class T5ForConditionalGeneration(nn.Module):
     """Random parameters (T5's initialization scheme, scaled by ``initializer_factor``)."""
     ids = jnp.zeros((1, 2), jnp.int32)
     return self.init(rng, ids, ids)["params"]
+
+  # ---- decoding (the `mltd_jax.decode.Decoder` protocol) -------------------------------------------------------
+  # The cache is {'mask': the source mask [B, S] (bool), 'layers': per decoder block {'self': {'k', 'v'} [B, N, h,
+  # dk], the target's keys/values, one slot per fed token, 'cross': {'k', 'v'} [B, S, h, dk], the encoder output
+  # projected once}}. Every leaf has the batch first, so beam search expands and reorders it like any other cache;
+  # the encoder output itself is not kept (only its projections are read after the first step).
+
+  def decode_cached(self, tokens, encoded, encoder_mask, cache, index):
+    """Feeds ``tokens`` [b] at target position ``index`` (cache slot ``index``); ``encoded`` [b, S, d] projects the
+    cross-attention keys/values into the cache (the first step), None reads them from it. ``encoder_mask`` [b, S].
+    Returns (logits [b, vocab] for the next token, float32, and the updated cache)."""
+    slots = cache[0]["self"]["k"].shape[1]
+    mask = (jnp.arange(slots) <= index)[None, None, None, :]  # [1, 1, 1, N]: the slots written so far
+    embedded = self.shared(tokens[:, None])  # [b, 1, d]
+    hidden, cache = self.decoder(
+      embedded, mask, encoded, _key_mask(encoder_mask, *encoder_mask.shape), True, cache, index
+    )
+    return self.head(hidden[:, 0]), cache
+
+  def init_decode(self, variables: dict, input_ids: jax.Array, attention_mask: jax.Array | None, max_new_tokens: int):
+    """Encodes the source ``input_ids`` [B, S] once (``attention_mask`` [B, S]: any padding, right-padding is the
+    usual) and feeds ``decoder_start_token_id`` into a cache with ``max_new_tokens`` target slots: the start token
+    and the generated tokens but the last, which is never fed. Returns (logits [B, vocab] of the first new token,
+    cache)."""
+    cfg = self.config
+    b, s = input_ids.shape
+    mask = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    encoded = self.apply(variables, input_ids, mask, method="encode")  # [B, S, d]
+    empty = jnp.zeros((b, max_new_tokens, cfg.num_heads, cfg.d_kv), self.dtype)
+    layers = tuple({"self": {"k": empty, "v": empty}, "cross": None} for _ in range(cfg.num_decoder_layers))
+    start = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
+    logits, layers = self.apply(variables, start, encoded, mask, layers, 0, method="decode_cached")
+    return logits, {"mask": mask, "layers": layers}
+
+  def decode_step(self, variables: dict, cache: dict, tokens: jax.Array, index: jax.Array):
+    """Feeds ``tokens`` [B], generated token number ``index`` (0-based), at target position ``index + 1`` (after the
+    start token). Returns (logits [B, vocab] for the next token, cache)."""
+    args = (tokens, None, cache["mask"], cache["layers"], index + 1)
+    logits, layers = self.apply(variables, *args, method="decode_cached")
+    return logits, {"mask": cache["mask"], "layers": layers}
 
 
 # ---- Hugging Face conversion ----------------------------------------------------------------------------------
