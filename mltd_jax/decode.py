@@ -42,7 +42,9 @@ class Decoder(Protocol):
   The cache is any pytree whose leaves ALL have the batch as leading axis (beam search reorders and expands it
   with ``jax.tree.map``); the number of generated tokens is kept by `generate`, not in the cache. A family may also
   define ``check_decode_inputs(input_ids, attention_mask)``, which `generate` calls on the arrays before compiling
-  to refuse inputs it cannot decode (e.g. GPT-2: right-padded prompts).
+  to refuse inputs it cannot decode (e.g. GPT-2: right-padded prompts), and ``prepare_decode(variables) ->
+  variables``, which `generate` applies once before decoding (GPT-2 and T5: the static TARP parts folded into the
+  kernels with `mltd_jax.tarp.fold`, so they cost nothing per token; the dynamic kind runs per token).
   """
 
   def init_decode(
@@ -73,8 +75,8 @@ def generate(
 
   Args:
     model: a linen model implementing `Decoder` (e.g. `mltd_jax.models.gpt2.GPT2LMHeadModel`).
-    variables: its variables, e.g. ``{'params': p}`` or ``{'params': p, 'tarp': d}`` (a dynamic TARP difference
-      runs per token; fold static ones first with `mltd_jax.tarp.fold` so they cost nothing).
+    variables: its variables, e.g. ``{'params': p}`` or ``{'params': p, 'tarp': d}`` (the model's
+      ``prepare_decode`` folds static TARP kinds into the kernels once; a dynamic difference runs per token).
     input_ids: [B, P] int prompts (left-padded for a causal LM; any padding for a seq2seq source).
     attention_mask: [B, P], 1 on real tokens (for a causal LM the zeros must come first); None: all real.
     num_beams: 1 for greedy search, > 1 for beam search.
@@ -101,6 +103,8 @@ def generate(
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if hasattr(model, "check_decode_inputs"):
     model.check_decode_inputs(input_ids, attention_mask)
+  if hasattr(model, "prepare_decode"):  # e.g. static TARP folded into the kernels, once per call, not per token
+    variables = model.prepare_decode(variables)
   settings = dict(max_new_tokens=max_new_tokens, eos=eos, pad=int(pad))
   if num_beams == 1:
     return _greedy(model, variables, input_ids, attention_mask, **settings)

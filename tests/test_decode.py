@@ -117,6 +117,10 @@ def test_folded_static_difference_decodes_the_same_tokens(hf_and_ours):
   variables = perturbed_variables(model, params, "bilinear", multiplicative=True, scale=0.1)
   folded, left = tarp.fold(variables["params"], variables["tarp"])
   assert not left  # static kinds fold completely
+  prepared = model.prepare_decode(variables)  # what generate decodes with: folded once, no per-token difference
+  assert set(prepared) == {"params"}
+  for x, y in zip(jax.tree.leaves(prepared["params"]), jax.tree.leaves(folded)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   ids, mask = prompts()
   kw = dict(max_new_tokens=N, eos_token_id=EOS, pad_token_id=PAD)
   for num_beams in (1, 3):

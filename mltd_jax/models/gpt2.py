@@ -20,7 +20,7 @@ import numpy as np
 
 from mltd_jax import losses
 from mltd_jax.models.family import Family
-from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, normal, wide
+from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, fold_for_decoding, normal, wide
 
 # Every attention and MLP projection of every block (the paper's targets for GPT-2).
 DEFAULT_TARGETS = r"(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)$"
@@ -241,6 +241,10 @@ class GPT2LMHeadModel(nn.Module):
       return
     if (m[:, 1:] < m[:, :-1]).any():
       raise ValueError("attention_mask has padding after a real token: pad prompts on the left for decoding.")
+
+  def prepare_decode(self, variables: dict) -> dict:
+    """Static TARP parts folded into the kernels once before decoding (`layers.fold_for_decoding`)."""
+    return fold_for_decoding(variables)
 
   def init_decode(self, variables: dict, input_ids: jax.Array, attention_mask: jax.Array | None, max_new_tokens: int):
     """Runs the prompt ``input_ids`` [B, P] (left-padded: ``attention_mask`` [B, P] has its zeros first) into a

@@ -125,6 +125,19 @@ class RMSNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+def fold_for_decoding(variables: dict) -> dict:
+  """``variables`` with the static parts of a ``'tarp'`` difference folded into the kernels (`tarp.fold`), once.
+
+  The families' ``prepare_decode``: decoding then pays nothing per token for static kinds, and the dynamic kind
+  keeps only its per-token terms. Without a ``'tarp'`` collection the variables are returned as they are.
+  """
+  if "tarp" not in variables:
+    return variables
+  params, left = tarp.fold(variables["params"], variables["tarp"])
+  rest = {k: v for k, v in variables.items() if k not in ("params", "tarp")}
+  return {**rest, "params": params, **({"tarp": left} if left else {})}
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
   "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
   "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),

@@ -36,7 +36,7 @@ import numpy as np
 
 from mltd_jax import losses
 from mltd_jax.models.family import Family
-from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, RMSNorm, normal, wide
+from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, RMSNorm, fold_for_decoding, normal, wide
 
 # Self-attention, cross-attention and feed-forward projections of every encoder and decoder block (not lm_head).
 DEFAULT_TARGETS = r"((SelfAttention|EncDecAttention)/(q|k|v|o)|DenseReluDense/(wi|wi_0|wi_1|wo))$"
@@ -454,6 +454,10 @@ class T5ForConditionalGeneration(nn.Module):
       embedded, mask, encoded, _key_mask(encoder_mask, *encoder_mask.shape), True, cache, index
     )
     return self.head(hidden[:, 0]), cache
+
+  def prepare_decode(self, variables: dict) -> dict:
+    """Static TARP parts folded into the kernels once before decoding (`layers.fold_for_decoding`)."""
+    return fold_for_decoding(variables)
 
   def init_decode(self, variables: dict, input_ids: jax.Array, attention_mask: jax.Array | None, max_new_tokens: int):
     """Encodes the source ``input_ids`` [B, S] once (``attention_mask`` [B, S]: any padding, right-padding is the
