@@ -3,7 +3,7 @@
 Default (paper scale, needs internet for the weights and a JSONL file of {"task": domain, "text": ...}):
   python -m mltd_jax.main --config=configs/multidomain_lm.py --workdir=runs/mdlm \
       --config.data.jsonl.path=/path/to/domains.jsonl
-Tiny (offline, built-in synthetic facts family, 2-layer d=64 GPT-2; ~3-4 min on 2 CPU cores):
+Tiny (offline, built-in synthetic facts family, 2-layer d=64 GPT-2; 3-7 min on 2 CPU cores):
   python -m mltd_jax.main --config=configs/multidomain_lm.py:tiny --workdir=runs/tiny
 Expected on :tiny (README "Results" has the measured table): after K=5 steps the meta-trained model's query
 perplexity is clearly below full fine-tuning of the multitask model and below TARP without meta-training.
