@@ -1,5 +1,7 @@
 """Small builders shared by the tests."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,3 +48,18 @@ def perturbed_variables(model, params, kind, seed=1, scale=0.3, **kw):
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   diff = tree.unflatten([x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   return {"params": params, "tarp": diff}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "slots"))
+def cached_logits(model, variables, ids, mask, new, slots):
+  """Logits [b, 1 + n, V] from a family's decoding cache (`mltd_jax.decode.Decoder`): after the prompt (or the
+  start token), then after feeding each of ``new`` [b, n]; ``slots`` is init_decode's ``max_new_tokens``."""
+  first, cache = model.init_decode(variables, ids, mask, slots)
+
+  def step(cache, x):
+    tok, i = x
+    logits, cache = model.decode_step(variables, cache, tok, i)
+    return cache, logits
+
+  _, rest = jax.lax.scan(step, cache, (new.T, jnp.arange(new.shape[1])))  # rest [n, b, V]
+  return jnp.concatenate([first[:, None], rest.transpose(1, 0, 2)], 1)

@@ -1,8 +1,6 @@
 """Decoding (`mltd_jax.decode`) on a tiny random GPT-2: the key/value cache against the full forward, greedy and
 beam search against transformers' ``generate`` on the same weights, and TARP differences (folded or per token)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ import transformers
 from flax import traverse_util
 
 from mltd_jax import decode, models, tarp
-from tests.helpers import perturbed_variables
+from tests.helpers import cached_logits, perturbed_variables
 
 VOCAB, PAD, N = 50, 3, 10  # N: max_new_tokens
 EOS = 30  # a token this seed's model emits: row 1 ends at once, row 2 after 8 tokens, the others never
@@ -55,27 +53,13 @@ def hf_generate(hf, ids, mask, **kw):
   return np.pad(out, ((0, 0), (0, N - out.shape[1])), constant_values=PAD)
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def cached_logits(model, variables, ids, mask, new):
-  """Logits [b, 1 + n, V] from the cache path: after the prompt, then after each of ``new`` [b, n]."""
-  first, cache = model.init_decode(variables, ids, mask, new.shape[1])
-
-  def step(cache, x):
-    tok, i = x
-    logits, cache = model.decode_step(variables, cache, tok, i)
-    return cache, logits
-
-  _, rest = jax.lax.scan(step, cache, (new.T, jnp.arange(new.shape[1])))  # rest [n, b, V]
-  return jnp.concatenate([first[:, None], rest.transpose(1, 0, 2)], 1)
-
-
 @pytest.mark.parametrize("kind", [None, "dynamic"])
 def test_cache_matches_full_forward_at_every_position(hf_and_ours, kind):
   _, model, params = hf_and_ours
   variables = {"params": params} if kind is None else perturbed_variables(model, params, kind)
   ids, mask = prompts()
   new = np.random.default_rng(1).integers(0, VOCAB, (ids.shape[0], 5))
-  got = np.asarray(cached_logits(model, variables, ids, mask, new))  # [b, 6, V]
+  got = np.asarray(cached_logits(model, variables, ids, mask, new, slots=new.shape[1]))  # [b, 6, V]
   full_ids, full_mask = np.concatenate([ids, new], 1), np.concatenate([mask, np.ones_like(new)], 1)
   pos = np.maximum(np.cumsum(full_mask, 1) - 1, 0)
   ref = np.asarray(model.apply(variables, full_ids, attention_mask=full_mask, position_ids=pos))

@@ -13,7 +13,7 @@ import transformers
 
 from mltd_jax import decode, models, tarp
 from mltd_jax.models import t5
-from tests.helpers import perturbed_variables
+from tests.helpers import cached_logits, perturbed_variables
 
 N, PAD = 10, 2  # N: max_new_tokens; PAD: written after EOS (not T5's pad 0: transformers' beam search skips 0)
 # 8 buckets up to distance 12: the logarithmic buckets are used within N target positions.
@@ -85,20 +85,6 @@ def hf_generate(hf, ids, mask, **kw):
   return np.pad(out, ((0, 0), (0, N - out.shape[1])), constant_values=PAD)
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def cached_logits(model, variables, ids, mask, new):
-  """Logits [b, 1 + n, V] from the cache: after the start token, then after each of ``new`` [b, n]."""
-  first, cache = model.init_decode(variables, ids, mask, new.shape[1] + 1)  # slots: start + n tokens
-
-  def step(cache, x):
-    tok, i = x
-    logits, cache = model.decode_step(variables, cache, tok, i)
-    return cache, logits
-
-  _, rest = jax.lax.scan(step, cache, (new.T, jnp.arange(new.shape[1])))  # rest [n, b, V]
-  return jnp.concatenate([first[:, None], rest.transpose(1, 0, 2)], 1)
-
-
 @pytest.mark.parametrize("name,kind", [("original", None), ("v1_1", None), ("v1_1", "dynamic")])
 def test_cache_matches_full_forward_at_every_position(root, name, kind):
   _, model, params = hf_and_ours(name, root)
@@ -107,7 +93,7 @@ def test_cache_matches_full_forward_at_every_position(root, name, kind):
     variables = perturbed_variables(model, params, kind, scale=0.1, targets=t5.DEFAULT_TARGETS)
   ids, mask = sources()
   new = np.random.default_rng(1).integers(0, SIZE["vocab_size"], (ids.shape[0], N - 1)).astype(np.int32)
-  got = np.asarray(cached_logits(model, variables, ids, mask, new))  # [b, N, V]
+  got = np.asarray(cached_logits(model, variables, ids, mask, new, slots=new.shape[1] + 1))  # start + n  # [b, N, V]
   target = np.concatenate([np.zeros_like(new[:, :1]), new], 1)  # decoder_start_token_id, then the new tokens
   ref = np.asarray(jax.jit(model.apply)(variables, ids, target, mask))  # [b, N, V]
   np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
