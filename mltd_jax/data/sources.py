@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from mltd_jax.data.adaptsum import AdaptSumTasks
 from mltd_jax.data.jsonl import JsonlTasks
+from mltd_jax.data.persona_chat import PersonaChatTasks
 from mltd_jax.data.synthetic import FactsFamily
+from mltd_jax.data.synthetic_personas import SyntheticPersonas
 from mltd_jax.data.tasks import TaskSource
+from mltd_jax.data.tfds_source import TfdsTasks
 from mltd_jax.data.tokenizers import load_tokenizer, word_level_tokenizer
 
 
@@ -18,22 +22,46 @@ def _jsonl(cfg: Any, seed: int) -> TaskSource:
   return JsonlTasks(seed=seed, **dict(cfg.jsonl))
 
 
-SOURCES: dict[str, Callable[[Any, int], TaskSource]] = {"facts": _facts, "jsonl": _jsonl}
+def _personachat(cfg: Any, seed: int) -> TaskSource:
+  return PersonaChatTasks(seed=seed, **dict(cfg.personachat))
+
+
+def _personas(cfg: Any, seed: int) -> TaskSource:
+  return SyntheticPersonas(seed=seed, **dict(cfg.personas))
+
+
+def _adaptsum(cfg: Any, seed: int) -> TaskSource:
+  return AdaptSumTasks(seed=seed, **dict(cfg.adaptsum))
+
+
+def _tfds(cfg: Any, seed: int) -> TaskSource:
+  return TfdsTasks(seed=seed, **dict(cfg.tfds))
+
+
+SOURCES: dict[str, Callable[[Any, int], TaskSource]] = {
+  "facts": _facts,
+  "jsonl": _jsonl,
+  "adaptsum": _adaptsum,
+  "tfds": _tfds,
+  "personachat": _personachat,
+  "personas": _personas,
+}
 
 
 def build(cfg: Any, seed: int = 0):
   """Tokenizer and task source named by ``cfg.source`` / ``cfg.tokenizer`` (a ``config.data`` block).
 
-  ``cfg.tokenizer == "facts"`` builds the word-level tokenizer of the synthetic family's vocabulary in code.
+  ``cfg.tokenizer`` "facts" or "personas" builds in code the word-level tokenizer of the source's ``vocabulary()``
+  (the synthetic families have one).
   """
   if cfg.source not in SOURCES:
     raise ValueError(f"config.data.source={cfg.source!r} is not one of {sorted(SOURCES)}.")
   source = SOURCES[cfg.source](cfg, seed)
-  if cfg.tokenizer == "facts":
-    if not isinstance(source, FactsFamily):
+  if cfg.tokenizer in ("facts", "personas"):
+    if not hasattr(source, "vocabulary"):
       raise ValueError(
-        "config.data.tokenizer='facts' only fits config.data.source='facts'; use 'bytes', a "
-        "tokenizer.json file, a directory or a hub name."
+        f"config.data.tokenizer={cfg.tokenizer!r} only fits a synthetic source ('facts', 'personas'), not "
+        f"config.data.source={cfg.source!r}; use 'bytes', a tokenizer.json file, a directory or a hub name."
       )
     return word_level_tokenizer(source.vocabulary()), source
   return load_tokenizer(cfg.tokenizer), source
