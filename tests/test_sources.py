@@ -60,6 +60,8 @@ def test_adaptsum_tasks(tmp_path):
   assert AdaptSumTasks(str(root), **kw, seed=1).train_task(0) != src.train_task(0)
   assert src.split_examples("email", "low_resource")[4] == ("email low train doc 4", "email low train sum 4")
   assert len(src.split_examples("email", "train")) == 12
+  cfg = ml_collections.ConfigDict(dict(source="adaptsum", tokenizer="bytes", adaptsum=dict(root=str(root), **kw)))
+  assert data.build(cfg, seed=0)[1].train_task(2) == src.train_task(2)
 
 
 def test_adaptsum_validation_domain_text_mode_and_caps(tmp_path):
