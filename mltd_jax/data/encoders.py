@@ -6,6 +6,12 @@ sequence, padding, over-long examples. Task sources only produce examples (`mltd
 * `CausalLMEncoder` (decoder-only LMs such as GPT-2): an example is a text; a sequence is
   ``[bos] + tokens (+ [eos])``, with bos only when the tokenizer declares one.
   Batch: ``{"ids": [N, seq_len], "mask": [N, seq_len]}``.
+  Or a dialogue turn, a ``(context, response)`` pair of texts (one kind per batch): the sequence is
+  ``[bos] + context + separator + response (+ [eos])``, the separator being the tokens of ``SEPARATOR`` ("\n",
+  which also joins the context's turns; none for whitespace-splitting tokenizers). The context is cut from the
+  left to fit (the most recent turns stay); the response is never cut unless ``truncate``. The batch adds
+  ``"weights": [N, seq_len]``, 1 on the response tokens (and eos) only, so the loss is the response's NLL.
+  ``prompts`` gives the left-padded ``[bos] + context + separator`` for generating responses.
 * `Seq2SeqEncoder` (encoder-decoders such as T5): an example is a ``(source, target)`` pair; each side is
   ``tokens + [eos]`` with no bos (the decoder start token is the model's business, T5's convention).
   Batch: ``{"source_ids", "source_mask": [N, source_len], "target_ids", "target_mask": [N, target_len]}``.
@@ -22,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 Batch = dict[str, np.ndarray]
+SEPARATOR = "\n"  # between a dialogue's context and its response (task sources join the context's turns with it)
 
 
 def _token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -41,6 +48,27 @@ def _pack(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.n
   return ids, mask
 
 
+def _is_pair(example: Any) -> bool:
+  return isinstance(example, (tuple, list)) and len(example) == 2 and all(isinstance(s, str) for s in example)
+
+
+def _check_one_kind(examples: Sequence[Any], pairs: bool, where: str) -> None:
+  """Raise a TypeError at the first example that is not of the batch's kind: a text, or a pair if ``pairs``."""
+  for i, example in enumerate(examples):
+    if _is_pair(example) if pairs else isinstance(example, str):
+      continue
+    first = "a (context, response) pair" if pairs else "a text"
+    raise TypeError(
+      f"{where}example {i} is a {type(example).__name__}; causal-LM examples are texts (str) or (context, response) "
+      f"pairs of texts, one kind per batch (example 0 is {first})."
+    )
+
+
+def _left_cut(tokens: Sequence[int], room: int) -> list[int]:
+  """The last ``room`` (>= 0) tokens: a dialogue history keeps its most recent turns."""
+  return list(tokens[max(len(tokens) - room, 0) :]) if room > 0 else []
+
+
 def _check_tokenizer(tokenizer, length_fields: Mapping[str, int], need_eos: bool, what: str) -> None:
   """Refuse a tokenizer without the special tokens the encoder uses, and non-positive lengths."""
   for role, needed in (("pad", True), ("eos", need_eos)):
@@ -56,7 +84,9 @@ def _check_tokenizer(tokenizer, length_fields: Mapping[str, int], need_eos: bool
 
 @dataclasses.dataclass(frozen=True)
 class CausalLMEncoder:
-  """Texts -> ``{"ids", "mask"}`` [N, seq_len] for a causal LM (see the module docstring).
+  """Texts, or (context, response) pairs, -> ``{"ids", "mask"(, "weights")}`` [N, seq_len] for a causal LM.
+
+  See the module docstring for the sequence layouts.
 
   Attributes:
     tokenizer: a transformers tokenizer with a pad token (and an eos token if ``add_eos``).
@@ -73,27 +103,34 @@ class CausalLMEncoder:
   def __post_init__(self):
     _check_tokenizer(self.tokenizer, {"seq_len": self.seq_len}, self.add_eos, "causal-LM")
 
-  def encode(self, examples: Sequence[str], where: str = "") -> Batch:
-    """Encode texts into int32 ``{"ids", "mask"}`` of shape [len(examples), seq_len].
-
-    Args:
-      examples: texts.
-      where: a prefix for error messages that says where the examples come from (e.g. "task 'x' support: ").
-
-    Returns:
-      ``ids`` (pad id after the end) and ``mask`` (1 on real tokens).
-
-    Raises:
-      TypeError: an example that is not a text.
-      ValueError: a sequence longer than ``seq_len`` (unless ``truncate``); the message names it and the fix.
-    """
-    for i, example in enumerate(examples):
-      if not isinstance(example, str):
-        raise TypeError(f"{where}example {i} is a {type(example).__name__}; causal-LM examples are texts (str).")
+  def _specials(self) -> tuple[list[int], list[int]]:
+    """The ids before (bos) and after (eos) every sequence."""
     tok = self.tokenizer
     # No bos is made up for a tokenizer that declares none: the model was trained without one.
     prefix = [] if tok.bos_token_id is None else [tok.bos_token_id]
-    suffix = [tok.eos_token_id] if self.add_eos else []
+    return prefix, [tok.eos_token_id] if self.add_eos else []
+
+  def encode(self, examples: Sequence[str] | Sequence[tuple[str, str]], where: str = "") -> Batch:
+    """Encode texts, or (context, response) pairs, into int32 arrays of shape [len(examples), seq_len].
+
+    Args:
+      examples: texts, or (context, response) pairs of texts (not both in one call).
+      where: a prefix for error messages that says where the examples come from (e.g. "task 'x' support: ").
+
+    Returns:
+      ``ids`` (pad id after the end) and ``mask`` (1 on real tokens); for pairs also ``weights`` (1 on the
+      response tokens and eos, the tokens the loss counts).
+
+    Raises:
+      TypeError: an example that is neither a text nor a pair of texts, or a batch mixing the two.
+      ValueError: a text, or a response with bos, separator and eos, longer than ``seq_len`` (unless
+        ``truncate``); the message names it and the fix. A long context is cut from the left, never an error.
+    """
+    if examples and _is_pair(examples[0]):
+      return self._encode_pairs(examples, where)
+    _check_one_kind(examples, False, where)
+    tok = self.tokenizer
+    prefix, suffix = self._specials()
     seqs = []
     for i, toks in enumerate(_token_ids(tok, examples)):
       seq = [*prefix, *toks, *suffix]
@@ -107,6 +144,73 @@ class CausalLMEncoder:
       seqs.append(seq)
     ids, mask = _pack(seqs, self.seq_len, tok.pad_token_id)
     return {"ids": ids, "mask": mask}
+
+  def _frame(self) -> tuple[list[int], list[int], list[int]]:
+    """bos, separator and eos ids of a dialogue sequence; refuses a ``seq_len`` with no room for a response."""
+    prefix, suffix = self._specials()
+    sep = _token_ids(self.tokenizer, [SEPARATOR])[0]
+    if self.seq_len <= len(prefix) + len(sep):
+      raise ValueError(f"config.data.seq_len={self.seq_len} leaves no room for a response after bos and separator.")
+    return prefix, sep, suffix
+
+  def _encode_pairs(self, examples: Sequence[tuple[str, str]], where: str) -> Batch:
+    """``encode`` of (context, response) pairs: the context cut from the left, weights on the response."""
+    _check_one_kind(examples, True, where)
+    prefix, sep, suffix = self._frame()
+    frame = len(prefix) + len(sep)
+    contexts = _token_ids(self.tokenizer, [c for c, _ in examples])
+    responses = _token_ids(self.tokenizer, [r for _, r in examples])
+    seqs, starts = [], []
+    for i, (context, response) in enumerate(zip(contexts, responses)):
+      target = [*response, *suffix]
+      if frame + len(target) > self.seq_len:
+        if not self.truncate:
+          raise ValueError(
+            f"{where}example {i}: its response has {len(target)} tokens (with eos), {frame + len(target)} with bos "
+            f"and separator > config.data.seq_len={self.seq_len}; raise config.data.seq_len or set "
+            "config.data.truncate=True (which cuts the response)."
+          )
+        target = response[: self.seq_len - frame]  # a cut response did not end here, so it keeps no eos
+      head = [*prefix, *_left_cut(context, self.seq_len - frame - len(target)), *sep]
+      seqs.append(head + target)
+      starts.append(len(head))
+    ids, mask = _pack(seqs, self.seq_len, self.tokenizer.pad_token_id)
+    weights = np.zeros_like(mask)  # [N, L]: 1 on the response's tokens (and eos), the targets the loss counts
+    for i, (start, seq) in enumerate(zip(starts, seqs)):
+      weights[i, start : len(seq)] = 1
+    return {"ids": ids, "mask": mask, "weights": weights}
+
+  def prompts(
+    self, examples: Sequence[Any], where: str = "", *, prompt_len: int | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded decoding prompts ``[bos] + context + separator``: what a model continues with a response.
+
+    Args:
+      examples: (context, response) pairs (the response is not used) or context texts.
+      where: a prefix for error messages.
+      prompt_len: P, the prompt length (default ``seq_len``); the context is cut from the left to fit. Leave room
+        for the generated tokens: P + max_new_tokens must fit the model's positions.
+
+    Returns:
+      ``ids`` [N, P] (pad id on the left) and ``mask`` [N, P] (0 on the padding), int32. Row i's real tokens are
+      exactly the tokens that precede the response in ``encode``'s row i when both keep the whole context.
+    """
+    length = self.seq_len if prompt_len is None else prompt_len
+    contexts = []
+    for i, example in enumerate(examples):
+      if not (isinstance(example, str) or _is_pair(example)):
+        raise TypeError(f"{where}example {i} is a {type(example).__name__}; prompts take (context, response) pairs.")
+      contexts.append(example if isinstance(example, str) else example[0])
+    prefix, sep, _ = self._frame()
+    if not isinstance(length, (int, np.integer)) or length <= len(prefix) + len(sep):
+      raise ValueError(f"prompt_len={length!r} must exceed the {len(prefix) + len(sep)} tokens of bos and separator.")
+    ids = np.full((len(contexts), length), self.tokenizer.pad_token_id, dtype=np.int32)  # [N, P]
+    mask = np.zeros((len(contexts), length), dtype=np.int32)  # [N, P]
+    for i, context in enumerate(_token_ids(self.tokenizer, contexts)):
+      seq = [*prefix, *_left_cut(context, length - len(prefix) - len(sep)), *sep]
+      ids[i, length - len(seq) :] = seq
+      mask[i, length - len(seq) :] = 1
+    return ids, mask
 
   @property
   def max_len(self) -> int:

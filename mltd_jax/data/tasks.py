@@ -3,6 +3,10 @@
 A task's support and query sets are *examples*, not arrays: a text (``str``) for causal language modeling, or a
 ``(source, target)`` pair of texts for sequence-to-sequence tasks. An encoder (`mltd_jax.data.encoders`) turns
 examples into fixed-shape arrays, so sources know nothing of tokenizers, special tokens or padding.
+
+A dialogue turn for a causal LM is a ``(context, response)`` pair too (`CausalLMEncoder` scores the response
+only). A task may carry ``candidates`` for its query examples (e.g. Persona-Chat's 20 responses per turn, for
+hits@1): one tuple per query example, **the gold response last** (``GOLD_INDEX``).
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol, Sequence
 
-Example = str | tuple[str, str]  # a text (causal LM) or a (source, target) pair (seq2seq)
+Example = str | tuple[str, str]  # a text (causal LM) or a (source, target) / (context, response) pair
+GOLD_INDEX = -1  # where a query example's gold response sits among its candidates: last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +25,8 @@ class Task:
   name: str
   support: tuple[Example, ...]
   query: tuple[Example, ...]
+  # Optional: for each query example its candidate responses, the gold one last (``GOLD_INDEX``); () = none.
+  candidates: tuple[tuple[str, ...], ...] = ()
 
   def __post_init__(self):
     for part in ("support", "query"):
@@ -27,6 +34,21 @@ class Task:
         raise ValueError(
           f"task {self.name!r} has an empty {part} set; every task needs at least one support and "
           "one query example (check the data file or lower the support/query sizes)."
+        )
+    if self.candidates:
+      self._check_candidates()
+
+  def _check_candidates(self) -> None:
+    if len(self.candidates) != len(self.query):
+      raise ValueError(
+        f"task {self.name!r} has {len(self.candidates)} candidate lists for {len(self.query)} query examples; "
+        "give one per query example, or none."
+      )
+    for i, (example, cands) in enumerate(zip(self.query, self.candidates)):
+      gold = example[1] if isinstance(example, tuple) else None
+      if not cands or (gold is not None and cands[GOLD_INDEX] != gold):
+        raise ValueError(
+          f"task {self.name!r}: the candidates of query example {i} must end with its gold response {gold!r:.80}."
         )
 
 
