@@ -255,7 +255,10 @@ def test_synthetic_personas_episodes_and_tokenizer():
   tok, src = data.build(cfg, seed=1)
   batch = data.CausalLMEncoder(tok, seq_len=32, add_eos=True).encode(src.train_task(0).support)
   assert tok.unk_token_id not in batch["ids"] and batch["weights"].sum(1).tolist() == [6] * 12  # 5 words + eos
-  assert episodes.meta_batch(data.CausalLMEncoder(tok, seq_len=32), src, 0, 2)["query"]["weights"].shape == (2, 6, 32)
+  query = episodes.meta_batch(data.CausalLMEncoder(tok, seq_len=32), src, 0, 2)["query"]  # [2, 6, 32]
+  assert query["weights"].shape == (2, 6, 32)
+  focus = data.CausalLMEncoder(tok, seq_len=32).focus(query, "is")["weights"]  # the response's value, not the context's
+  assert (focus.sum(-1) == 1).all() and {w[0] for w in tok.convert_ids_to_tokens(query["ids"][focus == 1])} == {"v"}
 
 
 def test_personachat_is_registered(corpus):

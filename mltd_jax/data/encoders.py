@@ -225,12 +225,13 @@ class CausalLMEncoder:
     """``batch`` with ``weights`` on the tokens that follow ``token`` (e.g. the fact objects after "is").
 
     Args:
-      batch: ``{"ids", "mask"}`` of shape [..., L] (e.g. [N, L] or [T, N, L]).
+      batch: ``{"ids", "mask"}`` of shape [..., L] (e.g. [N, L] or [T, N, L]), with optional ``weights`` (a
+        dialogue batch's response tokens), which the focus narrows.
       token: a token of the tokenizer's vocabulary.
 
     Returns:
-      ``{**batch, "weights": w}`` with ``w[..., j] = mask[..., j] * (ids[..., j - 1] == id(token))`` and
-      ``w[..., 0] = 0``, int32 like the mask.
+      ``{**batch, "weights": w}`` with ``w[..., j] = m[..., j] * (ids[..., j - 1] == id(token))`` and
+      ``w[..., 0] = 0``, int32 like the mask; ``m`` is the batch's ``weights`` if it has them, else its ``mask``.
 
     Raises:
       ValueError: ``token`` is not in the vocabulary.
@@ -238,7 +239,7 @@ class CausalLMEncoder:
     token_id = self.tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == self.tokenizer.unk_token_id:
       raise ValueError(f"config.eval.focus_token={token!r} is not a token of the tokenizer.")
-    ids, mask = np.asarray(batch["ids"]), np.asarray(batch["mask"])
+    ids, mask = np.asarray(batch["ids"]), np.asarray(batch.get("weights", batch["mask"]))
     weights = np.zeros_like(mask)  # [..., L]
     weights[..., 1:] = mask[..., 1:] * (ids[..., :-1] == token_id)
     return {**batch, "weights": weights}
