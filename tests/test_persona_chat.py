@@ -58,7 +58,8 @@ def corpus(tmp_path):
     ],
   )
   held = [(f"v{i} likes tea.",) for i in range(6)]
-  write_txt(tmp_path, "valid", [dialogue(held[i], 10 + 2 * i + j) for i in range(4) for j in range(2)])
+  valid = [dialogue(held[i], 10 + 2 * i + j, cands=i < 3) for i in range(4) for j in range(2)]  # v3: none
+  write_txt(tmp_path, "valid", valid)
   write_txt(tmp_path, "test", [dialogue(held[4 + i], 20 + 2 * i + j) for i in range(2) for j in range(2)])
   return tmp_path, held
 
@@ -89,6 +90,10 @@ def test_txt_groups_by_persona_set_and_keeps_candidates(corpus, caplog):
   val = src.pools["validation"][persona_name(held[0])][0]
   assert val.turns[1].candidates == ("x101", "y101", "d10r1")  # the gold moved last
   assert list(src.pools["test"]) == sorted(persona_name(h) for h in held[4:])
+  tasks = {t.name.split("#")[0]: t for t in src.eval_tasks("validation")}
+  assert tasks[persona_name(held[3])].candidates == () and len(tasks[persona_name(held[0])].candidates) == 2
+  with pytest.raises(ValueError, match=r"config.data.personachat.query_size=-1 must be an integer >= 0"):
+    source(root, query_size=-1)
 
 
 def test_episodes_never_share_a_dialogue_and_are_seeded(corpus):

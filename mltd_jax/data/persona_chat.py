@@ -21,7 +21,7 @@ Files (``path`` is a file or a directory holding them; ``format="auto"`` tells t
   [...], "candidates": [..., gold]}]}], "valid": [...]}``; the history's last item is the partner's utterance.
 
 Tasks: dialogues are grouped by their persona set (frozenset of persona lines); a task's name is ``persona-`` and a
-hash of the sorted lines (the same persona has the same name in both formats). An episode draws
+hash of the sorted lines (the same lines give the same name in both formats). An episode draws
 ``support_dialogues + query_dialogues`` distinct dialogues of one persona: support examples come from the first
 ones, query examples from the others, so support and query never share a dialogue. ``support_size`` /
 ``query_size`` turns are drawn from those dialogues (fixed shapes for batching; if the dialogues hold fewer turns,
@@ -217,7 +217,10 @@ def _json_dialogue(d: Any, where: str, reading: _Reading, counts: dict) -> Dialo
     at = f"{where}.utterances[{t}]"
     if not isinstance(u, dict) or "history" not in u or "candidates" not in u:
       raise ValueError(f'{at}: expected {{"history": [..., partner utterance], "candidates": [..., gold]}}.')
-    cands = _texts(u["candidates"], f"{at}.candidates", reading, counts)
+    cands = u["candidates"]
+    if isinstance(cands, list) and not reading.keep_candidates:
+      cands = cands[-1:]  # only the gold one is used: skip reading the others
+    cands = _texts(cands, f"{at}.candidates", reading, counts)
     history = _texts(u["history"], f"{at}.history", reading, counts)
     turns.append(Turn(history, cands[-1], cands if reading.keep_candidates else ()))
   return Dialogue(persona, tuple(turns), where)
@@ -332,7 +335,12 @@ class PersonaChatTasks:
     max_line_chars: int = 0,
     long_lines: str = "error",
   ):
-    self._check_options(format, encoding_errors, long_lines, support_dialogues, query_dialogues)
+    self._check_options(format, encoding_errors, long_lines)
+    counts = dict(support_dialogues=support_dialogues, query_dialogues=query_dialogues, eval_episodes=eval_episodes)
+    sizes = dict(support_size=support_size, query_size=query_size, max_history_turns=max_history_turns)
+    for name, value in {**counts, **sizes, "max_eval_personas": max_eval_personas}.items():
+      if not isinstance(value, int) or value < (1 if name in counts else 0):
+        raise ValueError(f"{FIELD}.{name}={value!r} must be an integer >= {1 if name in counts else 0}.")
     self.support_dialogues, self.query_dialogues = support_dialogues, query_dialogues
     self.support_size, self.query_size = support_size, query_size
     self.max_history_turns, self.include_persona = max_history_turns, include_persona
@@ -346,7 +354,7 @@ class PersonaChatTasks:
     self.pools = self._split(read, splits, max_eval_personas)
 
   @staticmethod
-  def _check_options(fmt: str, encoding_errors: str, long_lines: str, support: int, query: int) -> None:
+  def _check_options(fmt: str, encoding_errors: str, long_lines: str) -> None:
     for name, value, allowed in (
       ("format", fmt, ("auto", "txt", "json")),
       ("encoding_errors", encoding_errors, ("strict", "replace")),
@@ -354,8 +362,6 @@ class PersonaChatTasks:
     ):
       if value not in allowed:
         raise ValueError(f"{FIELD}.{name}={value!r} must be one of {allowed}.")
-    if support < 1 or query < 1:
-      raise ValueError(f"{FIELD}.support_dialogues and query_dialogues must be >= 1 (got {support}, {query}).")
 
   def _read(self, path: str, fmt: str, splits: dict, reading: dict) -> dict[str, tuple[str, list[Dialogue]]]:
     """Split name -> (where it was read, its dialogues), for the splits present; train and validation must be."""
