@@ -23,7 +23,7 @@ def dialogue(persona, d, turns=2, cands=True, partner=()):
   lines = [f"your persona: {p}" for p in persona] + [f"partner's persona: {p}" for p in partner]
   for t in range(turns):
     utt, resp = f"d{d}u{t}", f"d{d}r{t}"
-    lines.append(f"{utt}\t{resp}" + (f"\t\tx{d}{t}|{resp}|y{d}{t}" if cands else ""))
+    lines.append(f"{utt}\t{resp}" + (f"\t\tx{d}{t}|{resp} |y{d}{t}" if cands else ""))  # spaces are stripped
   return [f"{n} {text}" for n, text in enumerate(lines, 1)]
 
 
@@ -190,8 +190,8 @@ def test_non_utf8_and_long_lines(corpus, caplog):
   assert "replaced undecodable bytes in 1 lines" in caplog.text
   assert src.pools["train"][persona_name(A)][0].turns[1].history[-1] == "d0u\ufffd1"
   valid = root / "valid_self_original.txt"
-  valid.write_text(valid.read_text().replace("x100|", "x100" + "z" * 40 + "|"))  # line 2: 70 characters
-  with pytest.raises(ValueError, match=r"valid_self_original.txt:2: 70 characters > .*max_line_chars=40.*'truncate'"):
+  valid.write_text(valid.read_text().replace("x100|", "x100" + "z" * 40 + "|"))  # line 2: 71 characters
+  with pytest.raises(ValueError, match=r"valid_self_original.txt:2: 71 characters > .*max_line_chars=40.*'truncate'"):
     source(root, encoding_errors="replace", max_line_chars=40)
   cut = source(root, encoding_errors="replace", max_line_chars=40, long_lines="truncate")
   turn = cut.pools["validation"][persona_name(("v0 likes tea.",))][0].turns[0]

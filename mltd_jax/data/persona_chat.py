@@ -164,7 +164,8 @@ class _TxtDialogue:
     utterance, response = fields[0].strip(), fields[1].strip()
     if not utterance or not response:
       raise ValueError(f"{where}: an empty utterance or response; expected {_TXT_LINE}.")
-    cands = fields[3].split("|") if len(fields) == 4 and fields[3] and keep_candidates else []
+    cands = [c.strip() for c in fields[3].split("|")] if len(fields) == 4 and keep_candidates else []
+    cands = [c for c in cands if c]
     self.history.append(utterance)
     self.turns.append(Turn(tuple(self.history), response, _gold_last(cands, response) if cands else ()))
     self.history.append(response)
