@@ -19,6 +19,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # steps between Orbax checkpoints (and at each phase's end)
   c.keep_checkpoints = 2  # newest checkpoints kept per phase
 
+  c.mesh = ml_collections.ConfigDict()  # devices and hosts (mltd_jax/sharding.py)
+  c.mesh.tasks = -1  # devices on the tasks axis: a meta-batch's tasks are split over them (-1: all)
+  c.mesh.model = 1  # devices on the model axis: > 1 shards parameters and optimizer state (FSDP, by shape)
+  c.mesh.distributed = "auto"  # jax.distributed.initialize(): auto (TPU pod, SLURM, coordinator set) | on | off
+  c.mesh.coordinator_address = ""  # explicit multi-host launch: host:port of process 0
+  c.mesh.num_processes = 0  # explicit multi-host launch: number of processes (0: from the environment)
+  c.mesh.process_id = -1  # explicit multi-host launch: this process's id (-1: from the environment)
+
   c.model = ml_collections.ConfigDict()
   c.model.name_or_dir = "gpt2-medium"  # hub name or save_pretrained dir; "" = a fresh model of `family`, size `init`
   c.model.family = "gpt2"  # model family of a fresh model (a loaded one's comes from its config.json)
@@ -32,21 +40,64 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.init = ml_collections.ConfigDict(dict(n_layer=2, n_embd=64, n_head=4, n_inner=256, n_positions=64))
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "jsonl"  # facts | jsonl
+  c.data.source = "jsonl"  # facts | jsonl | adaptsum | tfds | personachat
   c.data.tokenizer = "gpt2-medium"  # facts | bytes | tokenizer.json path | dir | hub name
-  c.data.seq_len = 512  # tokens per sequence, with bos (and eos); longer texts are an error unless truncate
+  c.data.seq_len = 512  # causal LM: tokens per sequence, with bos (and eos); longer is an error unless truncate
   c.data.add_eos = True
   c.data.truncate = False
+  c.data.source_len = 512  # seq2seq: source tokens per example, eos included
+  c.data.target_len = 128  # seq2seq: target tokens per example, eos included
   c.data.jsonl = ml_collections.ConfigDict(
     dict(
       path="",
+      kind="text",  # text: {"task", "text"} lines (causal LM) | pair: {"task", "source", "target"} lines (seq2seq)
       task_key="task",
       text_key="text",
+      source_key="source",
+      target_key="target",
       support_size=4,
       query_size=4,
       validation_tasks=(),
       test_tasks=(),
       eval_episodes=4,
+    )
+  )
+  # AdaptSum in its published layout (https://github.com/TysonYu/AdaptSum): <root>/<domain>/{train,valid,test}.*
+  c.data.adaptsum = ml_collections.ConfigDict(
+    dict(
+      root="",
+      domains=("dialog", "email", "movie_review", "debate", "social_media", "science"),
+      test_domain="science",  # held out: adapted on its low-resource train split, scored on its test split
+      validation_domain="",  # "" = the test domain's low-resource valid split chooses the learning rate
+      low_resource_dir="AdaptSum300sample",
+      support_size=8,
+      query_size=8,
+      eval_episodes=4,
+      mode="pair",  # pair: (document, summary) for seq2seq | text: documents for language modelling
+      text_fields=("source",),  # mode text: which sides make the text
+      max_examples=0,  # lines read per file (0 = all)
+    )
+  )
+  # TensorFlow Datasets prepared as array_record (`tfds build NAME --file_format=array_record`); one dataset per
+  # domain, e.g. {"email": "aeslc", "dialog": "samsum"} with source_field {"email": "email_body", "dialog":
+  # "dialogue"} (fields and splits: one string for all domains, or a dict per domain; dicts go in a config file).
+  c.data.tfds = ml_collections.ConfigDict(
+    dict(
+      datasets={},
+      source_field="document",
+      target_field="summary",
+      text_field="text",
+      mode="pair",
+      data_dir="",
+      train_split="train",
+      validation_split="validation",
+      test_split="test",
+      test_domain="",
+      validation_domain="",
+      support_size=8,
+      query_size=8,
+      eval_episodes=4,
+      max_examples=0,
     )
   )
   c.data.facts = ml_collections.ConfigDict(
@@ -61,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       support_size=8,
       query_size=8,
       num_eval_tasks=20,
+      mode="text",  # text (causal LM) | summary ((source, target) pairs for seq2seq)
     )
   )
 
@@ -90,6 +142,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.meta.inner_lr = 5e-4  # inner learning rate
   c.meta.inner_optimizer = "adam"  # sgd (Algorithm 1) | adam (the paper's released setting)
   c.meta.outer_lr = 5e-5  # outer Adam learning rate (base model + difference init)
+  c.meta.outer_warmup_steps = 0  # linear warmup of the outer rate from 0
+  c.meta.outer_schedule = "constant"  # after warmup: constant | inverse_sqrt (rate * sqrt(warmup / step))
   c.meta.clip_grad_norm = 1.0  # outer gradient clipping
   c.meta.first_order = False  # True: FOMAML (no gradient through inner gradients)
   c.meta.remat = True  # jax.checkpoint the inner step: memory flat in T_in (on CPU also faster; README)
@@ -107,6 +161,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.focus_token = ""  # the token whose successors query_focus scores
   c.eval.support_chunks = 1  # split each adaptation step's support batch into chunks run in sequence (less memory)
   c.eval.select_by = ("query",)  # metrics whose validation loss chooses the learning rate per k (one table each)
+  # Decoding metrics (ROUGE, BLEU) of the test tasks' query outputs, before adaptation and after it at the (lr, k)
+  # of the lowest validation loss (of select_by[0]); metrics () = no decoding.
+  c.eval.decode = ml_collections.ConfigDict(
+    dict(metrics=(), num_beams=4, max_new_tokens=64, length_penalty=1.0, batch_size=0)  # batch_size 0: a task at once
+  )
 
   if arg == "tiny":
     tiny(c)

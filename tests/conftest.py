@@ -1,10 +1,21 @@
 """Shared fixtures: every test runs offline on files it makes itself (never ../shared, never the hub)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+# One persistent compilation cache for the session, shared with the subprocess runs of `mltd_jax.main`: the suite
+# compiles the same tiny steps many times (each end-to-end run, each resume), and XLA:CPU reads them back instead.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="mltd-jax-test-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 

@@ -320,6 +320,11 @@ class Seq2SeqEncoder:
     target_ids, target_mask = self._side([t for _, t in examples], self.target_len, "target", where)
     return {"source_ids": source_ids, "source_mask": source_mask, "target_ids": target_ids, "target_mask": target_mask}
 
+  def prompts(self, examples: Sequence[tuple[str, str]], where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The decoder's inputs for generating each example's target: source ids and mask [N, source_len]."""
+    batch = self.encode(examples, where)
+    return batch["source_ids"], batch["source_mask"]
+
 
 ENCODERS: dict[str, type] = {"causal_lm": CausalLMEncoder, "seq2seq": Seq2SeqEncoder}
 

@@ -1,0 +1,106 @@
+"""Summarization (issue: AdaptSum with T5): text metrics, decoding metrics after adaptation, configs/adaptsum.py."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from mltd_jax import decode_eval, text_metrics
+from mltd_jax.data.tasks import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def adaptsum_config(arg=None):
+  spec = importlib.util.spec_from_file_location("adaptsum", ROOT / "configs" / "adaptsum.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def direct_rouge(preds, refs):
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+  scores = [scorer.score(r, p) for p, r in zip(preds, refs)]
+  return {t: float(np.mean([s[t].fmeasure for s in scores])) for t in ("rouge1", "rouge2", "rougeL")}
+
+
+def test_rouge_and_bleu_of_identical_and_disjoint_texts():
+  same = ["the cats were sitting on the mat", "a summary of two sentences . the second one"]
+  assert text_metrics.score(["rouge", "bleu"], same, same) == pytest.approx(
+    {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "bleu": 100.0}
+  )
+  disjoint = text_metrics.score(["rouge", "bleu"], ["alpha beta gamma delta"], ["one two three four"])
+  assert disjoint == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "bleu": 0.0}
+  # Stemming, as the literature reports: "sitting" and "sits" share the stem "sit".
+  assert text_metrics.rouge(["cat sits"], ["cats sitting"])["rouge1"] == 1.0
+  with pytest.raises(ValueError, match="config.eval.decode.metrics"):
+    text_metrics.score(["meteor"], same, same)
+  with pytest.raises(ValueError, match="2 predictions for 1 references"):
+    text_metrics.rouge(same, same[:1])
+
+
+def test_summary_per_domain_equals_direct_library_calls():
+  tasks = [
+    Task("email#0", (("s", "t"),), (("d1", "the meeting is at noon"), ("d2", "send the report today"))),
+    Task("email#1", (("s", "t"),), (("d3", "budget approved for next year"),)),
+    Task("dialog#0", (("s", "t"),), (("d4", "they agree to meet on friday"),)),
+  ]
+  outputs = [["meeting at noon", "send report"], ["budget approved"], ["they meet friday evening"]]
+  out = decode_eval.summarize(["rouge", "bleu"], tasks, outputs)
+  email_preds, email_refs = outputs[0] + outputs[1], [e[1] for t in tasks[:2] for e in t.query]
+  expected_email = direct_rouge(email_preds, email_refs)
+  expected_email["bleu"] = sacrebleu.corpus_bleu(email_preds, [email_refs]).score
+  assert out["per_domain"]["email"] == pytest.approx(expected_email)
+  assert out["per_domain"]["dialog"]["rouge1"] == pytest.approx(
+    direct_rouge(outputs[2], ["they agree to meet on friday"])["rouge1"]
+  )
+  assert out["mean"]["rouge2"] == pytest.approx(np.mean([out["per_domain"][d]["rouge2"] for d in ("email", "dialog")]))
+  assert [t["name"] for t in out["tasks"]] == ["email#0", "email#1", "dialog#0"]
+
+
+def test_chosen_setting_takes_the_lowest_validation_loss_after_adaptation():
+  selection = {"lr": [0.1, 0.3, 1.0, 0.3], "validation_loss_mean": [0.5, 2.0, 1.0, 1.0]}
+  assert decode_eval.chosen_setting(selection) == (1.0, 2)  # k = 0 is no adaptation; ties go to fewer steps
+  selection["validation_loss_mean"] = [1.0, math.nan, math.nan, 3.0]
+  assert decode_eval.chosen_setting(selection) == (0.3, 3)
+
+
+def test_config_variants_and_the_default_fails_fast_naming_what_is_missing(tmp_path):
+  from mltd_jax import train
+
+  assert adaptsum_config("domain=email").data.adaptsum.test_domain == "email"
+  with pytest.raises(ValueError, match="not one of"):
+    adaptsum_config("domain=poetry")
+  config = adaptsum_config()
+  assert (config.tarp.rank, config.meta.inner_steps, config.eval.decode.num_beams) == (16, 20, 4)
+  with pytest.raises(OSError) as error:  # offline (conftest), no AdaptSum: both named, nothing computed
+    train.train_and_evaluate(config, tmp_path)
+  assert "config.data.adaptsum.root" in str(error.value) and "'t5-small'" in str(error.value)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_tiny_end_to_end_adaptation_raises_rouge(tmp_path):
+  """configs/adaptsum.py:tiny (shrunk): eval.json has ROUGE before and after adaptation, and adaptation raises it;
+  the table's numbers equal rouge-score on the written predictions."""
+  from mltd_jax import train
+
+  config = adaptsum_config("tiny")
+  config.data.facts.num_eval_tasks = 4
+  config.pretrain.steps, config.meta.steps, config.log_every = 150, 10, 10
+  result = train.train_and_evaluate(config, tmp_path)
+  decoded = json.loads((tmp_path / "eval.json").read_text())["decode"]
+  before, after = decoded["before"]["mean"], decoded["methods"]["tarp"]["mean"]
+  assert all(after[s] > before[s] for s in ("rouge1", "rouge2", "rougeL")), (before, after)
+  assert decoded["methods"]["tarp"]["adapt_seconds_mean"] > 0
+  records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+  for label, entry in [("before", decoded["before"]), *decoded["methods"].items()]:
+    rows = [r for r in records if r["method"] == label]
+    assert len(rows) == 4 * config.data.facts.query_size
+    direct = direct_rouge([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    assert entry["per_domain"]["facts-test"] == pytest.approx(direct)
+  assert result["decode"]["methods"]["tarp"]["steps"] >= 1
