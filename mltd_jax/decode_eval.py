@@ -56,7 +56,7 @@ def generate_texts(model, variables: dict, encoder, tokenizer, examples: Sequenc
   for start in range(0, n, size):
     part = list(examples[start : start + size])
     part += [part[-1]] * (size - len(part))
-    ids, mask = encoder.prompts(part)
+    ids, mask = encoder.prompts(part, max_new_tokens=cfg.max_new_tokens)
     out = decode.generate(
       model,
       variables,
@@ -77,19 +77,55 @@ def references(tasks: Sequence[Task]) -> list[list[str]]:
   return [[ex[1] for ex in t.query] for t in tasks]
 
 
-def summarize(metrics: Sequence[str], tasks: Sequence[Task], outputs: Sequence[Sequence[str]]) -> dict:
-  """Scores per task, per domain (one call on the domain's outputs) and their mean over domains."""
+def make_sequence_losses(loss_fn: meta.LossFn) -> Callable:
+  """Jitted ``(variables, batch [N, ...]) -> [N]``: each row's summed loss (a mean for losses without weights)."""
+
+  def one(variables, row):
+    out = loss_fn(variables, jax.tree.map(lambda x: x[None], row), jax.random.key(0))
+    return out[0] if isinstance(out, tuple) else out
+
+  return jax.jit(jax.vmap(one, in_axes=(None, 0)))
+
+
+def candidate_hits(sequence_losses: Callable, encoder, variables: dict, task: Task) -> list[bool]:
+  """Per query example: is its gold response (the last candidate) the likeliest of its candidates?
+
+  Every (context, candidate) pair is scored by its summed response loss (lower is likelier); ties count as misses
+  unless the gold is the first of the lowest. Empty when the task has no candidates.
+  """
+  if not task.candidates:
+    return []
+  pairs = [(ex[0], c) for ex, cands in zip(task.query, task.candidates) for c in cands]
+  losses = np.asarray(sequence_losses(variables, encoder.encode(pairs, where=f"task {task.name!r} candidates: ")))
+  hits, start = [], 0
+  for cands in task.candidates:
+    part = losses[start : start + len(cands)]
+    hits.append(bool(np.argmin(part) == len(cands) - 1))
+    start += len(cands)
+  return hits
+
+
+def summarize(
+  metrics: Sequence[str], tasks: Sequence[Task], outputs: Sequence[Sequence[str]], hits: Sequence[Sequence[bool]] = ()
+) -> dict:
+  """Scores per task, per domain (one call on the domain's outputs) and their mean over domains; with ``hits``
+  (per task, per query example) also ``hits@1``, the fraction of examples whose gold candidate ranks first."""
   refs = references(tasks)
-  by_domain: dict[str, tuple[list, list]] = collections.defaultdict(lambda: ([], []))
-  for task, out, ref in zip(tasks, outputs, refs):
-    by_domain[domain_of(task.name)][0].extend(out)
-    by_domain[domain_of(task.name)][1].extend(ref)
-  per_domain = {d: text_metrics.score(metrics, p, r) for d, (p, r) in sorted(by_domain.items())}
+  hits = list(hits) or [[] for _ in tasks]
+  by_domain: dict[str, tuple[list, list, list]] = collections.defaultdict(lambda: ([], [], []))
+  for task, out, ref, hit in zip(tasks, outputs, refs, hits):
+    for part, values in zip(by_domain[domain_of(task.name)], (out, ref, hit)):
+      part.extend(values)
+
+  def scores(preds, refs_, hit):
+    return {**text_metrics.score(metrics, preds, refs_), **({"hits@1": float(np.mean(hit))} if hit else {})}
+
+  per_domain = {d: scores(*parts) for d, parts in sorted(by_domain.items())}
   names = list(next(iter(per_domain.values())))
   return {
     "per_domain": per_domain,
-    "mean": {s: float(np.mean([v[s] for v in per_domain.values()])) for s in names},
-    "tasks": [{"name": t.name, **text_metrics.score(metrics, o, r)} for t, o, r in zip(tasks, outputs, refs)],
+    "mean": {s: float(np.mean([v[s] for v in per_domain.values() if s in v])) for s in names},
+    "tasks": [{"name": t.name, **scores(o, r, h)} for t, o, r, h in zip(tasks, outputs, refs, hits)],
   }
 
 
@@ -109,7 +145,7 @@ def decode_eval(
 
   Args:
     model: the linen model (a `mltd_jax.decode.Decoder`).
-    loss_fn: the family's loss, for adaptation.
+    loss_fn: the family's loss, for adaptation (and for ranking candidates, when tasks have them).
     encoder: the family's encoder (``encode`` for the support set, ``prompts`` for decoding).
     tokenizer: turns generated ids back into text.
     variables: the prepared (meta-trained) variables.
@@ -123,38 +159,45 @@ def decode_eval(
     (the ``decode`` entry of eval.json, prediction records ``{"method", "task", "prediction", "reference"}``).
   """
   metrics = list(cfg.metrics)
-  select_by = loss_result["select_by"][0]
   refs = references(tasks)
+  sequence_losses = make_sequence_losses(loss_fn)
   records: list[dict] = []
 
-  def run(label: str, outputs: list[list[str]]) -> dict:
-    for task, out, ref in zip(tasks, outputs, refs):
+  def score(label: str, per_task_variables) -> dict:
+    outputs, hits = [], []
+    for task, ref, v in zip(tasks, refs, per_task_variables):
+      out = generate_texts(model, v, encoder, tokenizer, task.query, cfg)
+      outputs.append(out)
+      hits.append(candidate_hits(sequence_losses, encoder, v, task))
       records.extend({"method": label, "task": task.name, "prediction": p, "reference": r} for p, r in zip(out, ref))
-    return summarize(metrics, tasks, outputs)
+    return summarize(metrics, tasks, outputs, hits)
 
-  before = [generate_texts(model, variables, encoder, tokenizer, t.query, cfg) for t in tasks]
+  select_by = loss_result["select_by"][0]
   result = {
     "metrics": metrics,
     "settings": {k: cfg[k] for k in ("num_beams", "max_new_tokens", "length_penalty")},
     "select_by": select_by,
-    "before": run("before", before),
+    "before": score("before", [variables] * len(tasks)),
     "methods": {},
   }
+  supports = [encoder.encode(t.support, where=f"task {t.name!r} support: ") for t in tasks]
+  keys = [jax.random.fold_in(rng, i) for i in range(len(tasks))]
   for method, inner in inners.items():
     lr, k = chosen_setting(loss_result["methods"][method]["selections"][select_by])
     adapter = make_adapter(loss_fn, dataclasses.replace(inner, steps=k))
-    supports = [encoder.encode(t.support, where=f"task {t.name!r} support: ") for t in tasks]
-    keys = [jax.random.fold_in(rng, i) for i in range(len(tasks))]
     t0 = time.perf_counter()
     jax.block_until_ready(adapter(variables, supports[0], keys[0], lr))  # compiles
     compile_s = time.perf_counter() - t0
-    outputs, seconds = [], []
-    for support, key, task in zip(supports, keys, tasks):
-      t0 = time.perf_counter()
-      adapted = jax.block_until_ready(adapter(variables, support, key, lr))
-      seconds.append(time.perf_counter() - t0)
-      outputs.append(generate_texts(model, adapted, encoder, tokenizer, task.query, cfg))
-    summary = run(method, outputs)
+    seconds = []
+
+    def adapted(seconds=seconds, adapter=adapter, lr=lr):
+      for support, key in zip(supports, keys):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(adapter(variables, support, key, lr))
+        seconds.append(time.perf_counter() - t0)
+        yield out
+
+    summary = score(method, adapted())
     for entry, s in zip(summary["tasks"], seconds):
       entry["adapt_seconds"] = s
     result["methods"][method] = {

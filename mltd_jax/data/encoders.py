@@ -181,21 +181,22 @@ class CausalLMEncoder:
     return {"ids": ids, "mask": mask, "weights": weights}
 
   def prompts(
-    self, examples: Sequence[Any], where: str = "", *, prompt_len: int | None = None
+    self, examples: Sequence[Any], where: str = "", *, prompt_len: int | None = None, max_new_tokens: int = 0
   ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded decoding prompts ``[bos] + context + separator``: what a model continues with a response.
 
     Args:
       examples: (context, response) pairs (the response is not used) or context texts.
       where: a prefix for error messages.
-      prompt_len: P, the prompt length (default ``seq_len``); the context is cut from the left to fit. Leave room
-        for the generated tokens: P + max_new_tokens must fit the model's positions.
+      prompt_len: P, the prompt length (default ``seq_len - max_new_tokens``); the context is cut from the left to
+        fit. Leave room for the generated tokens: P + max_new_tokens must fit the model's positions.
+      max_new_tokens: the tokens that will be generated after the prompt (sets the default P).
 
     Returns:
       ``ids`` [N, P] (pad id on the left) and ``mask`` [N, P] (0 on the padding), int32. Row i's real tokens are
       exactly the tokens that precede the response in ``encode``'s row i when both keep the whole context.
     """
-    length = self.seq_len if prompt_len is None else prompt_len
+    length = self.seq_len - max_new_tokens if prompt_len is None else prompt_len
     contexts = []
     for i, example in enumerate(examples):
       if not (isinstance(example, str) or _is_pair(example)):
@@ -320,8 +321,12 @@ class Seq2SeqEncoder:
     target_ids, target_mask = self._side([t for _, t in examples], self.target_len, "target", where)
     return {"source_ids": source_ids, "source_mask": source_mask, "target_ids": target_ids, "target_mask": target_mask}
 
-  def prompts(self, examples: Sequence[tuple[str, str]], where: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """The decoder's inputs for generating each example's target: source ids and mask [N, source_len]."""
+  def prompts(
+    self, examples: Sequence[tuple[str, str]], where: str = "", *, max_new_tokens: int = 0
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """The decoder's inputs for generating each example's target: source ids and mask [N, source_len]
+    (``max_new_tokens`` does not matter: the encoder reads the whole source, the decoder has its own positions)."""
+    del max_new_tokens
     batch = self.encode(examples, where)
     return batch["source_ids"], batch["source_mask"]
 

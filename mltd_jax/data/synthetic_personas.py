@@ -119,7 +119,7 @@ class SyntheticPersonas:
     support = [turn for d in self._dialogues(rng, facts, self.support_dialogues) for turn in d]
     query = [turn for d in self._dialogues(rng, facts, self.query_dialogues) for turn in d]
     return Task(
-      name=f"persona-{split}-{persona}",
+      name=f"persona-{split}-{persona}" if split == "train" else f"personas-{split}#{persona}",  # one domain
       support=tuple(e for e, _ in support),
       query=tuple(e for e, _ in query),
       candidates=tuple(c for _, c in query),

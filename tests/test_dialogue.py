@@ -1,0 +1,116 @@
+"""Dialogue personalization end to end (configs/personachat.py): hits@1, BLEU, the :tiny run, real-format files."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sacrebleu
+
+from mltd_jax import decode_eval
+from mltd_jax.data.tasks import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def personachat_config(arg=None):
+  spec = importlib.util.spec_from_file_location("personachat", ROOT / "configs" / "personachat.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def shrink(config, steps=2):
+  config.pretrain.steps, config.meta.steps, config.log_every = steps, 1, 1
+  config.eval.adapt_steps = 1
+  config.eval.methods = {"tarp": "^tarp/"}  # one method: half the compilations
+  config.eval.lr_grid = {"default": (0.3,)}
+  config.eval.decode.max_new_tokens = 4
+  config.eval.decode.num_beams = 2
+  return config
+
+
+def test_candidate_hits_rank_by_summed_response_loss():
+  task = Task("p#0", ("s",), (("c1", "gold1"), ("c2", "gold2")), candidates=(("a", "b", "gold1"), ("x", "gold2")))
+  losses = np.array([3.0, 2.0, 1.0, 0.5, 0.7])  # example 1: gold lowest (hit); example 2: a distractor (miss)
+
+  class Encoder:
+    def encode(self, pairs, where=""):
+      assert pairs == [("c1", "a"), ("c1", "b"), ("c1", "gold1"), ("c2", "x"), ("c2", "gold2")]
+      return {"ids": np.zeros((5, 1))}
+
+  assert decode_eval.candidate_hits(lambda v, b: losses, Encoder(), {}, task) == [True, False]
+  assert decode_eval.candidate_hits(lambda v, b: losses, Encoder(), {}, Task("q", ("s",), ("t",))) == []
+  golds = ["i like green tea very much", "my dog is called rex"]
+  task = Task("p#0", ("s",), (("c1", golds[0]), ("c2", golds[1])), candidates=((golds[0],), (golds[1],)))
+  summary = decode_eval.summarize(["bleu"], [task], [golds], [[True, False]])
+  assert summary["per_domain"]["p"] == pytest.approx({"bleu": 100.0, "hits@1": 0.5})
+
+
+def check_decoded(workdir, metrics=("bleu", "hits@1")):
+  """eval.json has perplexity, each metric before and after adaptation, and BLEU equals sacrebleu's on the outputs."""
+  result = json.loads((workdir / "eval.json").read_text())
+  assert result["methods"]["tarp"]["selections"]["query"]["query"]["ppl_mean"][0] > 1
+  decoded = result["decode"]
+  records = [json.loads(line) for line in (workdir / "predictions.jsonl").read_text().splitlines()]
+  for label, entry in [("before", decoded["before"]), *decoded["methods"].items()]:
+    assert set(entry["mean"]) == set(metrics)
+    rows = [r for r in records if r["method"] == label]
+    domains = {decode_eval.domain_of(r["task"]) for r in rows}
+    for domain in domains:
+      mine = [r for r in rows if decode_eval.domain_of(r["task"]) == domain]
+      bleu = sacrebleu.corpus_bleu([r["prediction"] for r in mine], [[r["reference"] for r in mine]]).score
+      assert entry["per_domain"][domain]["bleu"] == pytest.approx(bleu)
+  return decoded
+
+
+def test_tiny_end_to_end_writes_perplexity_bleu_and_hits(tmp_path):
+  from mltd_jax import train
+
+  config = shrink(personachat_config("tiny"), steps=20)
+  config.data.personas.num_eval_tasks = 2
+  train.train_and_evaluate(config, tmp_path)
+  decoded = check_decoded(tmp_path)
+  assert list(decoded["before"]["per_domain"]) == ["personas-test"]
+
+
+def convai2_dialogue(persona, d, words):
+  lines = [f"your persona: {p}" for p in persona]
+  for t in range(2):
+    gold = f"{words[(d + t) % len(words)]} {words[(d + 2 * t) % len(words)]}"
+    lines.append(f"hello {words[t]} ?\t{gold}\t\t{words[0]} {words[1]}|{words[2]}|{gold}")
+  return [f"{n} {text}" for n, text in enumerate(lines, 1)]
+
+
+def test_real_convai2_file_with_a_local_gpt2_and_a_tokenizer_file(tmp_path):
+  """The paper-scale command's path, on a ConvAI2-format file, a transformers save_pretrained GPT-2 and a bare
+  tokenizer.json."""
+  import transformers
+
+  from mltd_jax import train
+  from mltd_jax.data import word_level_tokenizer
+
+  words = [f"w{i}" for i in range(12)]
+  tokenizer = word_level_tokenizer([*words, "hello", "?", "i", "like", "tea", "am", "a", "cook", "."])
+  tokenizer.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+  personas = [("i like tea .",), ("i am a cook .",), ("i like w3 .",), ("i am w4 .",), ("i am w5 .",)]
+  for split, chosen in (("train", personas[:3]), ("valid", personas[3:4]), ("test", personas[4:])):
+    lines = [line for i, p in enumerate(chosen) for d in range(3) for line in convai2_dialogue(p, 3 * i + d, words)]
+    (tmp_path / f"{split}_self_original.txt").write_text("\n".join(lines) + "\n")
+  hf = transformers.GPT2Config(
+    vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2
+  )
+  transformers.GPT2LMHeadModel(hf).eval().save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+  config = shrink(personachat_config())
+  config.model.name_or_dir = str(tmp_path / "gpt2")
+  config.data.tokenizer = str(tmp_path / "tokenizer.json")
+  config.data.seq_len = 32
+  config.data.personachat.path = str(tmp_path)
+  config.data.personachat.update(support_dialogues=2, query_dialogues=1, support_size=4, query_size=2)
+  config.meta.tasks_per_step = 2
+  config.eval.tasks_per_batch = 1
+  config.eval.decode.batch_size = 2
+  train.train_and_evaluate(config, tmp_path / "run")
+  decoded = check_decoded(tmp_path / "run")
+  assert len(decoded["before"]["tasks"]) == 1 and decoded["before"]["tasks"][0]["name"].startswith("persona-")
