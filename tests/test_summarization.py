@@ -105,3 +105,42 @@ def test_tiny_end_to_end_adaptation_raises_rouge(tmp_path):
     direct = direct_rouge([r["prediction"] for r in rows], [r["reference"] for r in rows])
     assert entry["per_domain"]["facts-test"] == pytest.approx(direct)
   assert result["decode"]["methods"]["tarp"]["steps"] >= 1
+
+
+def test_jsonl_pairs_with_a_local_t5_and_a_tokenizer_file(tmp_path):
+  """The Done-when command's path: {"task", "source", "target"} lines, a transformers save_pretrained T5 and a bare
+  tokenizer.json, meta-training on some tasks and adapting to held-out ones."""
+  import transformers
+
+  from mltd_jax import train
+  from mltd_jax.data import word_level_tokenizer
+
+  words = [f"w{i}" for i in range(20)]
+  tokenizer = word_level_tokenizer(words)
+  tokenizer.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+  rng = np.random.default_rng(0)
+  with open(tmp_path / "pairs.jsonl", "w") as f:
+    for task in ("a", "b", "c", "d"):
+      for _ in range(6):
+        doc = " ".join(rng.choice(words, 8))
+        f.write(json.dumps({"task": task, "source": doc, "target": " ".join(doc.split()[:3])}) + "\n")
+  hf = transformers.T5Config(
+    vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0,
+    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0, relative_attention_num_buckets=8,
+  )  # fmt: skip
+  assert tokenizer.pad_token_id == 0
+  transformers.T5ForConditionalGeneration(hf).eval().save_pretrained(tmp_path / "t5", safe_serialization=True)
+  config = adaptsum_config()
+  config.data.source = "jsonl"
+  config.data.jsonl.update(path=str(tmp_path / "pairs.jsonl"), validation_tasks=("a",), test_tasks=("b",))
+  config.data.jsonl.update(support_size=2, query_size=2, eval_episodes=2)
+  config.model.name_or_dir = str(tmp_path / "t5")
+  config.data.tokenizer = str(tmp_path / "tokenizer.json")
+  config.data.update(source_len=12, target_len=6)
+  config.meta.update(steps=1, tasks_per_step=2, inner_steps=1, support_chunks=1)
+  config.eval.update(adapt_steps=1, support_chunks=1, methods={"tarp": "^tarp/"}, lr_grid={"default": (1e-3,)})
+  config.eval.decode.update(max_new_tokens=4, num_beams=2, batch_size=2)
+  result = train.train_and_evaluate(config, tmp_path / "run")
+  decoded = result["decode"]
+  assert list(decoded["before"]["per_domain"]) == ["b"] and len(decoded["methods"]["tarp"]["tasks"]) == 2
+  assert set(decoded["methods"]["tarp"]["mean"]) == {"rouge1", "rouge2", "rougeL"}
