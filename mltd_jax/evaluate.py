@@ -144,8 +144,19 @@ def _run(scorer: Callable, variables, arrays: dict, rng, lr: float, chunk: int) 
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def meta_test(loss_fn: meta.LossFn, encoder, variables: dict, source, cfg: Any, rng: jax.Array) -> dict:
-  """Adapt to held-out tasks and score them; ``cfg`` is ``config.eval``. Returns the eval.json dict."""
+def meta_test(
+  loss_fn: meta.LossFn,
+  encoder,
+  variables: dict,
+  source,
+  cfg: Any,
+  rng: jax.Array,
+  shard: Callable[[Callable], Callable] | None = None,
+) -> dict:
+  """Adapt to held-out tasks and score them; ``cfg`` is ``config.eval``. Returns the eval.json dict.
+
+  ``shard`` wraps each scorer to place its task chunks on a device mesh (`mltd_jax.sharding.scorer_on`).
+  """
   val_tasks, test_tasks = list(source.eval_tasks("validation")), list(source.eval_tasks("test"))
   val = encode_tasks(encoder, val_tasks, cfg)
   test = encode_tasks(encoder, test_tasks, cfg)
@@ -164,6 +175,7 @@ def meta_test(loss_fn: meta.LossFn, encoder, variables: dict, source, cfg: Any, 
   }
   for method, regex in cfg.methods.items():
     scorer = make_scorer(loss_fn, eval_inner(cfg, method, regex))
+    scorer = shard(scorer) if shard else scorer
     grid = lr_grid(cfg, method)
     run = lambda arrays, lr: _run(scorer, variables, arrays, rng, lr, cfg.tasks_per_batch)  # noqa: E731
     val_runs = [run(val, lr) for lr in grid]

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 import optax
 
-from mltd_jax import data, evaluate, meta, models, tarp
+from mltd_jax import data, evaluate, meta, models, sharding, tarp
 from mltd_jax.checkpoint import Checkpointer
 from mltd_jax.data import episodes
 from mltd_jax.metric_writer import MetricWriter
@@ -75,9 +75,17 @@ def meta_inner(cfg: Any) -> meta.InnerLoop:
   return inner
 
 
-def jit_step(step_fn: Callable) -> Callable:
-  """The edge where steps are compiled: the state (argument 0) is donated."""
-  return jax.jit(step_fn, donate_argnums=0)
+def jit_step(step_fn: Callable, shardings: sharding.PhaseShardings | None = None) -> Callable:
+  """The edge where steps are compiled: the state (argument 0) is donated.
+
+  With ``shardings`` (`sharding.phase_shardings`) the state and the batch come in sharded over the mesh (the
+  tasks of a meta-batch over its ``tasks`` axis: XLA partitions the vmapped tasks), the state goes out with the
+  same shardings, the key and the metrics are replicated.
+  """
+  if shardings is None:
+    return jax.jit(step_fn, donate_argnums=0)
+  state, batch, rep = shardings
+  return jax.jit(step_fn, in_shardings=(state, batch, rep), out_shardings=(state, rep), donate_argnums=0)
 
 
 def _prefetch(make: Callable[[int], Any], steps: range, depth: int = 2) -> Iterator[Any]:
@@ -115,14 +123,20 @@ def run_phase(
   writer: MetricWriter,
   config: Any,
   rng: jax.Array,
+  shardings: sharding.PhaseShardings | None = None,
 ) -> TrainState:
   """The Python loop of one phase: restore, step, log, checkpoint; stops with a clear error on a NaN loss.
 
   ``step_fn(state, batch, rng)`` is jitted here with the state donated; ``rng`` is the phase's stream key (the
-  step folds in its step number), so a resumed run draws the same randomness.
+  step folds in its step number), so a resumed run draws the same randomness. With ``shardings`` the state is
+  placed on the mesh before the restore (Orbax restores into those shardings, whatever device count saved it)
+  and each batch (this process's share) is assembled into a global array in the prefetch thread.
   """
-  step_fn = jit_step(step_fn)
+  step_fn = jit_step(step_fn, shardings)
   ckpt = Checkpointer(workdir / "checkpoints" / name, max_to_keep=config.keep_checkpoints)
+  if shardings is not None:
+    state = sharding.put_global(state, shardings.state)
+    make_batch = functools.partial(_put_batch, make_batch, shardings.batch)
   state = ckpt.restore_or(state)
   start = int(state.step)
   if start >= num_steps:
@@ -159,6 +173,10 @@ def run_phase(
   return state
 
 
+def _put_batch(make_batch: Callable[[int], Any], shardings: Any, step: int) -> Any:
+  return sharding.put_local(make_batch(step), shardings)
+
+
 def pretrain(run: Run, params: dict, config, writer) -> dict:
   """Phase 1, multitask training on the meta-training tasks' examples; returns ``{"params": ...}``."""
   cfg = config.pretrain
@@ -168,11 +186,17 @@ def pretrain(run: Run, params: dict, config, writer) -> dict:
   )
   state = TrainState.create({"params": params}, tx)
   loss_fn = run.family.make_loss(run.model, train=config.model.dropout > 0)
-  make = functools.partial(episodes.pretrain_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step)
-  tokens = run.encoder.positions(make(0))
+  part = sharding.process_part(cfg.tasks_per_step, "config.pretrain.tasks_per_step")  # this host's tasks
+  make = functools.partial(
+    episodes.pretrain_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step, part=part
+  )
+  first = make(0)
+  tokens = run.encoder.positions(first) * jax.process_count()
   step_fn = meta.make_train_step(loss_fn, tx)
+  field = "config.pretrain.tasks_per_step"
+  shardings = None if run.mesh is None else sharding.phase_shardings(run.mesh, state, first, "examples", field)
   state = run_phase(
-    "pretrain", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["pretrain"]
+    "pretrain", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["pretrain"], shardings
   )
   return state.variables
 
@@ -189,8 +213,9 @@ def _check_meta_origin(config, workdir: Path) -> None:
         f"config.pretrain.steps={config.pretrain.steps}: resuming would silently drop the new pretraining. Use a "
         f"new --workdir, set config.pretrain.steps={started_from}, or delete {workdir}/checkpoints/meta."
       )
-  origin.parent.mkdir(parents=True, exist_ok=True)
-  origin.write_text(json.dumps({"pretrain_steps": config.pretrain.steps}))
+  if sharding.is_main_process():
+    origin.parent.mkdir(parents=True, exist_ok=True)
+    origin.write_text(json.dumps({"pretrain_steps": config.pretrain.steps}))
 
 
 def meta_train(run: Run, variables: dict, inner: meta.InnerLoop, config, writer) -> dict:
@@ -200,10 +225,16 @@ def meta_train(run: Run, variables: dict, inner: meta.InnerLoop, config, writer)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.outer_lr))
   state = TrainState.create(variables, tx)
   step_fn = meta.make_meta_step(run.family.make_loss(run.model), tx, inner, task_chunk=cfg.task_chunk)
-  make = functools.partial(episodes.meta_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step)
+  part = sharding.process_part(cfg.tasks_per_step, "config.meta.tasks_per_step")  # this host's tasks
+  make = functools.partial(episodes.meta_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step, part=part)
   first = make(0)
   tokens = inner.steps * run.encoder.positions(first["support"]) + run.encoder.positions(first["query"])
-  state = run_phase("meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"])
+  tokens *= jax.process_count()
+  field = "config.meta.tasks_per_step"
+  shardings = None if run.mesh is None else sharding.phase_shardings(run.mesh, state, first, "tasks", field)
+  state = run_phase(
+    "meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"], shardings
+  )
   return state.variables
 
 
@@ -218,6 +249,7 @@ class Run:
   source: Any
   rngs: dict
   workdir: Path
+  mesh: Any = None  # the device mesh (sharding.make_mesh); None: no shardings, one device
 
 
 def init_tarp(run: Run, params: dict, cfg: Any) -> tuple[dict, tarp.TarpConfig]:
@@ -241,14 +273,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   """Run every phase of ``config`` in ``workdir`` (resuming what is there) and return the eval.json dict."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  if sharding.is_main_process():
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.get("mesh"))
+  log.info("mesh: %s", sharding.describe(mesh))
+  if config.meta.steps > 0:
+    sharding.check_divisible(config.meta.tasks_per_step, mesh, "config.meta.tasks_per_step")
   rngs = rng_streams(config.seed)
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
   tokenizer, source = data.build(config.data, seed=data_seed(rngs["data"]))
   family = models.family_for(config.model)
   encoder = data.build_encoder(family.encoder, tokenizer, config.data)
   model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
-  run = Run(model, family, tokenizer, encoder, source, rngs, workdir)
+  run = Run(model, family, tokenizer, encoder, source, rngs, workdir, mesh)
   log.info(
     "model: %s (%s), %.2fM parameters; tokenizer: %d tokens; data: %s",
     type(model).__name__,
@@ -257,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     len(tokenizer),
     config.data.source,
   )
-  writer = MetricWriter(workdir)
+  writer = sharding.main_process_writer(workdir)
   variables = {"params": params}
   if config.pretrain.steps > 0:
     variables = pretrain(run, params, config, writer)
@@ -265,9 +302,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   variables = {**variables, "tarp": difference}
   if inner is not None:
     variables = meta_train(run, variables, inner, config, writer)
-  result = evaluate.meta_test(family.make_loss(model), encoder, variables, source, config.eval, rngs["eval"])
+  variables = sharding.put_global(variables, sharding.state_shardings(mesh, variables))  # onto the mesh in any case
+  result = evaluate.meta_test(
+    family.make_loss(model), encoder, variables, source, config.eval, rngs["eval"], shard=sharding.scorer_on(mesh)
+  )
   result["workdir"] = str(workdir)
-  (workdir / "eval.json").write_text(json.dumps(result, indent=2))
+  if sharding.is_main_process():
+    (workdir / "eval.json").write_text(json.dumps(result, indent=2))
   sel, k = result["select_by"][0], config.eval.adapt_steps
   writer.write(
     config.meta.steps,

@@ -35,17 +35,23 @@ def stack(trees: Sequence[dict]) -> dict:
   return np.stack(trees)
 
 
-def _step_tasks(source: TaskSource, step: int, tasks_per_step: int) -> list[Task]:
-  """Tasks ``step * tasks_per_step + j`` of the stream: a pure function of ``step``, so resuming needs no state."""
-  return [source.train_task(step * tasks_per_step + j) for j in range(tasks_per_step)]
+def _step_tasks(source: TaskSource, step: int, tasks_per_step: int, part: slice = slice(None)) -> list[Task]:
+  """Tasks ``step * tasks_per_step + j`` of the stream: a pure function of ``step``, so resuming needs no state.
+  ``part`` selects some of the step's tasks by ``j`` (a host's share on a multi-host run)."""
+  return [source.train_task(step * tasks_per_step + j) for j in range(tasks_per_step)[part]]
 
 
-def meta_batch(encoder: Any, source: TaskSource, step: int, tasks_per_step: int) -> dict:
-  """Meta-training batch of ``step``: support leaves [tasks, S, ...], query leaves [tasks, Q, ...]."""
-  return stack([task_arrays(encoder, t) for t in _step_tasks(source, step, tasks_per_step)])
+def meta_batch(encoder: Any, source: TaskSource, step: int, tasks_per_step: int, part: slice = slice(None)) -> dict:
+  """Meta-training batch of ``step``: support leaves [tasks, S, ...], query leaves [tasks, Q, ...] (only the tasks
+  ``part`` of the step's ``tasks_per_step``, e.g. this host's share)."""
+  return stack([task_arrays(encoder, t) for t in _step_tasks(source, step, tasks_per_step, part)])
 
 
-def pretrain_batch(encoder: Any, source: TaskSource, step: int, tasks_per_step: int) -> Batch:
-  """Multitask-pretraining batch of ``step``: all support and query examples of its tasks, leaves [N, ...]."""
-  examples = [ex for task in _step_tasks(source, step, tasks_per_step) for ex in (*task.support, *task.query)]
+def pretrain_batch(
+  encoder: Any, source: TaskSource, step: int, tasks_per_step: int, part: slice = slice(None)
+) -> Batch:
+  """Multitask-pretraining batch of ``step``: all support and query examples of its tasks (of the tasks ``part``
+  of them, e.g. this host's share), leaves [N, ...]."""
+  tasks = _step_tasks(source, step, tasks_per_step, part)
+  examples = [ex for task in tasks for ex in (*task.support, *task.query)]
   return encoder.encode(examples, where="pretraining ")

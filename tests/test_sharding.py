@@ -1,0 +1,281 @@
+"""Task-parallel meta-training over a device mesh: 4 fake CPU devices against 1, FSDP, checkpoints across device
+counts, bfloat16 compute, and the mesh/config checks.
+
+The multi-device checks run in ONE subprocess (XLA_FLAGS must give 4 devices before jax is imported, and this
+pytest process has 1): it prints a JSON report that the tests below assert on. Multi-host runs cannot be tested
+here beyond one process with an explicit coordinator (`sharding.initialize_distributed` on localhost).
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mltd_jax import sharding
+
+ROOT = Path(__file__).resolve().parents[1]
+BF16_RTOL = 2e-2  # bfloat16 compute vs float32: relative error of the meta-loss on the tiny model
+
+SCRIPT = r'''
+import json, logging, socket, sys, time
+import jax, jax.numpy as jnp, numpy as np, optax
+from mltd_jax import checkpoint, meta, models, sharding, tarp, train
+from mltd_jax.models import gpt2
+from mltd_jax.state import TrainState
+from tests.helpers import lm_batch, tiny_gpt2
+
+tmp = sys.argv[1]
+out = {}
+T0 = time.time()
+def lap(what):
+  print(f"{what}: {time.time() - T0:.1f}s", file=sys.stderr, flush=True)
+with socket.socket() as s:  # a free port for a one-process jax.distributed "cluster"
+  s.bind(("localhost", 0))
+  port = s.getsockname()[1]
+explicit = dict(sharding.DEFAULT, coordinator_address=f"localhost:{port}", num_processes=1, process_id=0)
+out["distributed"] = sharding.initialize_distributed(explicit)
+out["process_count"], out["devices"] = jax.process_count(), len(jax.devices())
+
+INNER = meta.InnerLoop(steps=2, lr=0.5)
+TX = optax.sgd(1.0, momentum=0.9)  # after one step its trace is the meta-gradient; it has a param-shaped state
+BATCHES = [{"support": lm_batch(13, (4, 2, 8), 2 * i), "query": lm_batch(13, (4, 2, 8), 2 * i + 1)} for i in range(2)]
+RNG = jax.random.key(0)
+
+
+def setup(dtype=jnp.float32):
+  model, params = tiny_gpt2(layers=1, dtype=dtype)  # one block: every path, half the compile time
+  cfg = tarp.TarpConfig(kind="bilinear", rank=2, targets=gpt2.DEFAULT_TARGETS, init_scale=0.3)
+  diff = tarp.init(jax.random.key(1), params, cfg, models.dense_paths(model))
+  diff = jax.tree.map(lambda x: x + 0.1, diff)  # V != 0: every meta-gradient term is non-zero
+  return gpt2.make_loss(model), {"params": params, "tarp": diff}
+
+
+LOSS, VARIABLES = setup()
+STEP = meta.make_meta_step(LOSS, TX, INNER)
+
+
+def on(mesh_cfg):
+  """(mesh, shardings, the jitted step, the jitted per-task losses) for a config.mesh."""
+  mesh = sharding.make_mesh(dict(sharding.DEFAULT, **mesh_cfg))
+  state = TrainState.create(VARIABLES, TX)
+  sh = sharding.phase_shardings(mesh, state, BATCHES[0], "tasks", "config.meta.tasks_per_step")
+  shardings = (sh.state.variables, sh.batch, sh.replicated)
+  per_task = jax.jit(lambda v, b, r: meta.meta_loss(LOSS, v, b, INNER, r)[1], in_shardings=shardings)
+  return mesh, sh, train.jit_step(STEP, sh), per_task
+
+
+def fresh(sh):  # a copy: the step donates its state, and a 1-device put may alias VARIABLES' buffers
+  return sharding.put_global(jax.tree.map(jnp.copy, TrainState.create(VARIABLES, TX)), sh.state)
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in
+             zip(jax.tree.leaves(host(a)), jax.tree.leaves(host(b))))
+
+
+def specs(tree):
+  return sorted({str(x.sharding.spec) for x in jax.tree.leaves(tree)})
+
+
+runs = {}
+for name, mesh_cfg in {"one": dict(tasks=1), "four": {}, "fsdp": dict(tasks=2, model=2)}.items():
+  mesh, sh, step, per_task_fn = on(mesh_cfg)
+  batch = sharding.put_local(BATCHES[0], sh.batch)
+  state, metrics = step(fresh(sh), batch, RNG)
+  g = state.opt_state[0].trace  # the meta-gradient (momentum's trace after its first step)
+  runs[name] = dict(mesh=mesh, sh=sh, step=step, grad=g, state=state, loss=metrics["query_loss"])
+  out[name] = {"describe": sharding.describe(mesh)}
+  if name != "one":  # one more compile each: the per-task losses come out sharded over the tasks axis
+    per_task = per_task_fn(sharding.put_global(VARIABLES, sh.state.variables), batch, RNG)
+    out[name]["per_task_spec"] = str(per_task.sharding.spec)
+    out[name]["per_task_shard_shapes"] = sorted({s.data.shape for s in per_task.addressable_shards})
+  out[name] |= {
+    "batch_spec": specs(batch),
+    "batch_shard_shapes": sorted({s.data.shape for s in jax.tree.leaves(batch)[0].addressable_shards}),
+    "state_specs": specs(state),
+    "opt_specs": specs(state.opt_state),
+    "wte_spec": str(state.variables["params"]["transformer"]["wte"]["weight"].sharding.spec),
+    "metrics_spec": specs(metrics),
+    "grad_diff": max_diff(g, runs["one"]["grad"]),
+    "state_diff": max_diff(state, runs["one"]["state"]),
+    "grad_norm": float(metrics["grad_norm"]),
+  }
+
+lap("meshes")
+# Checkpoints across device counts: 4 devices -> 1, and 1 -> FSDP (2 x 2); each continues one step.
+def save(state, name):
+  ckpt = checkpoint.Checkpointer(f"{tmp}/{name}")
+  ckpt.save(1, state)
+  ckpt.close()
+
+
+def restore_and_continue(name, target):
+  r = runs[target]
+  ckpt = checkpoint.Checkpointer(f"{tmp}/{name}")
+  state = ckpt.restore_or(fresh(r["sh"]))
+  ckpt.close()
+  restored = {"step": int(state.step), "specs": specs(state.variables), "diff": max_diff(state, runs[name]["state"])}
+  state, _ = r["step"](state, sharding.put_local(BATCHES[1], r["sh"].batch), RNG)
+  return restored, state
+
+
+save(runs["four"]["state"], "four")
+save(runs["one"]["state"], "one")
+out["ckpt_4_to_1"], cont_1 = restore_and_continue("four", "one")
+out["ckpt_1_to_fsdp"], cont_fsdp = restore_and_continue("one", "fsdp")
+r4 = runs["four"]
+cont_4, _ = r4["step"](r4["state"], sharding.put_local(BATCHES[1], r4["sh"].batch), RNG)  # the 4-device run goes on
+out["continue_diff_1_vs_4"] = max_diff(cont_1, cont_4)
+out["continue_diff_fsdp_vs_4"] = max_diff(cont_fsdp, cont_4)
+out["continue_fsdp_specs"] = specs(cont_fsdp.variables)
+
+lap("checkpoints")
+# bfloat16 compute: parameters and the inner loop's updates stay float32.
+loss16, vars16 = setup(jnp.bfloat16)
+out["loss_f32"] = float(runs["one"]["loss"])
+out["loss_bf16"] = float(jax.jit(lambda v, b: meta.meta_loss(loss16, v, b, INNER, RNG)[0])(vars16, BATCHES[0]))
+task0 = jax.tree.map(lambda x: x[0], BATCHES[0])
+adapted, _ = jax.eval_shape(lambda v: meta.adapt(loss16, v, task0["support"], INNER, RNG), vars16)
+out["bf16_adapted_dtypes"] = sorted({str(x.dtype) for x in jax.tree.leaves(adapted)})
+
+lap("bf16")
+# The whole run on 4 devices, one step per phase, through train.train_and_evaluate; then tasks % devices != 0.
+from tests.test_main import tiny_config
+
+logs = []
+handler = logging.Handler()
+handler.emit = lambda record: logs.append(record.getMessage())
+logging.getLogger("mltd_jax").addHandler(handler)
+logging.getLogger("mltd_jax").setLevel(logging.INFO)
+cfg = tiny_config()
+cfg.pretrain.steps, cfg.meta.steps, cfg.meta.tasks_per_step, cfg.model.init.n_layer = 0, 1, 4, 1
+cfg.eval.adapt_steps, cfg.eval.methods, cfg.eval.select_by = 1, {"tarp": "^tarp/"}, ("query",)
+result = train.train_and_evaluate(cfg, f"{tmp}/run")
+out["run_logs"] = [line for line in logs if line.startswith("mesh:") or "does not divide" in line]
+out["run_ppl"] = result["methods"]["tarp"]["selections"]["query"]["query"]["ppl_mean"]
+cfg.meta.tasks_per_step = 6
+try:
+  train.train_and_evaluate(cfg, f"{tmp}/bad")
+except ValueError as e:
+  out["bad_tasks_error"] = str(e)
+lap("run")
+print("REPORT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("sharding")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT, str(tmp)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+  return json.loads(lines[-1].removeprefix("REPORT "))
+
+
+def test_four_devices_match_one_and_tasks_are_sharded(report):
+  assert report["process_count"] == 1 and report["devices"] == 4 and report["distributed"] is True
+  one, four = report["one"], report["four"]
+  assert one["describe"].startswith("1 devices, axes tasks=1") and four["describe"].startswith(
+    "4 devices, axes tasks=4"
+  )
+  assert four["grad_diff"] < 1e-5 and four["state_diff"] < 1e-5
+  assert four["grad_norm"] > 0.1  # a real gradient was compared
+  # The per-task losses come out split over the tasks axis (1 task per device), and so does the batch.
+  assert four["per_task_spec"] == "P('tasks',)" and four["per_task_shard_shapes"] == [[1]]
+  assert four["batch_spec"] == ["P('tasks',)"] and four["batch_shard_shapes"] == [[1, 2, 8]]
+  # Without the model axis the state is replicated; the metrics are replicated.
+  assert four["state_specs"] == ["P()"] and four["metrics_spec"] == ["P()"]
+
+
+def test_fsdp_shards_parameters_and_optimizer_state_and_matches(report):
+  fsdp = report["fsdp"]
+  assert fsdp["describe"].startswith("4 devices, axes tasks=2, model=2")
+  # wte [13, 8]: 13 is odd, so the embedding dimension is split; Adam's moments follow their parameters.
+  assert fsdp["wte_spec"] == "P(None, 'model')"
+  assert "P(None, 'model')" in fsdp["state_specs"] and "P('model',)" in fsdp["state_specs"]
+  assert "P(None, 'model')" in fsdp["opt_specs"]
+  assert fsdp["per_task_spec"] == "P('tasks',)" and fsdp["per_task_shard_shapes"] == [[2]]
+  assert fsdp["batch_spec"] == ["P('tasks', 'model')"] and fsdp["batch_shard_shapes"] == [[2, 1, 8]]
+  assert fsdp["grad_diff"] < 1e-5 and fsdp["state_diff"] < 1e-5
+
+
+def test_checkpoints_move_between_device_counts(report):
+  for key in ("ckpt_4_to_1", "ckpt_1_to_fsdp"):
+    assert report[key]["step"] == 1 and report[key]["diff"] == 0.0, report[key]
+  assert report["ckpt_4_to_1"]["specs"] == ["P()"]
+  assert "P(None, 'model')" in report["ckpt_1_to_fsdp"]["specs"]  # restored into the target shardings
+  assert report["continue_diff_1_vs_4"] < 1e-5 and report["continue_diff_fsdp_vs_4"] < 1e-5
+  assert "P(None, 'model')" in report["continue_fsdp_specs"]
+
+
+def test_bfloat16_meta_loss_is_close_and_updates_stay_float32(report):
+  f32, bf16 = report["loss_f32"], report["loss_bf16"]
+  assert f32 != bf16 and abs(bf16 - f32) < BF16_RTOL * abs(f32), (f32, bf16)
+  assert report["bf16_adapted_dtypes"] == ["float32"]  # the fast variables, updated by the inner loop
+
+
+def test_run_logs_its_mesh_and_rejects_indivisible_tasks(report):
+  assert report["run_logs"][0].startswith("mesh: 4 devices, axes tasks=4")
+  assert len(report["run_ppl"]) == 2 and all(np.isfinite(report["run_ppl"])) and report["run_ppl"][0] > 1
+  err = report["bad_tasks_error"]
+  assert "config.meta.tasks_per_step=6" in err and "4 devices" in err and "multiple of 4" in err
+
+
+# ---- one device, in this process --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "shape,size,spec",
+  [
+    ((768, 2304), 2, P(None, "model")),
+    ((50257, 768), 4, P(None, "model")),  # the largest dimension (50257) is odd: the next one
+    ((8, 8), 2, P("model")),  # ties: the first
+    ((3,), 2, P()),
+    ((), 2, P()),
+    ((768, 2304), 1, P()),
+  ],
+)
+def test_fsdp_rule(shape, size, spec):
+  assert sharding.fsdp_spec(shape, size) == spec
+
+
+def test_mesh_config_errors_name_the_field():
+  mesh_cfg = functools.partial(dict, sharding.DEFAULT)
+  assert sharding.mesh_shape(mesh_cfg(), 8) == (8, 1) and sharding.mesh_shape(mesh_cfg(model=2), 8) == (4, 2)
+  with pytest.raises(ValueError, match=r"config.mesh.model=3 must .* divides the 8 devices"):
+    sharding.mesh_shape(mesh_cfg(model=3), 8)
+  with pytest.raises(ValueError, match=r"config.mesh.tasks=16 .* needs more than the 8 devices"):
+    sharding.mesh_shape(mesh_cfg(tasks=16), 8)
+  mesh = sharding.make_mesh(None)
+  assert dict(mesh.shape) == {"tasks": len(jax.devices()), "model": 1}
+
+
+def test_cluster_detection_and_distributed_modes():
+  assert sharding.cluster_environment({}) is None
+  assert sharding.cluster_environment({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # one task: one host
+  assert sharding.cluster_environment({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == "slurm"
+  assert sharding.cluster_environment({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu-pod"
+  assert sharding.cluster_environment({"TPU_WORKER_HOSTNAMES": "a"}) is None
+  cfg = dict(sharding.DEFAULT)
+  assert sharding.initialize_distributed(cfg, environ={}) is False  # auto, nothing says multi-host
+  assert (
+    sharding.initialize_distributed(dict(cfg, distributed="off"), environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
+    is False
+  )
+  with pytest.raises(ValueError, match="config.mesh.distributed='maybe'"):
+    sharding.initialize_distributed(dict(cfg, distributed="maybe"))
+  assert sharding.is_main_process() and sharding.process_part(8, "config.meta.tasks_per_step") == slice(0, 8)
