@@ -132,7 +132,8 @@ def run_one(a: argparse.Namespace) -> dict:
 
   b = batch()
   shardings = sharding.phase_shardings(mesh, state, b, "tasks", "--tasks")  # tasks split over the devices
-  step = train.jit_step(meta.make_meta_step(gpt2.make_loss(model), tx, inner, task_chunk=a.task_chunk), shardings)
+  step_fn = meta.make_meta_step(gpt2.make_loss(model), tx, inner, task_chunk=a.task_chunk, task_groups=a.devices)
+  step = train.jit_step(step_fn, shardings)
   state = sharding.put_global(state, shardings.state)
   put = lambda b: sharding.put_local(b, shardings.batch)  # noqa: E731
   key = jax.random.key(0)

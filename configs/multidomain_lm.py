@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.name_or_dir = "gpt2-medium"  # hub name or save_pretrained dir; "" = a fresh model of `family`, size `init`
   c.model.family = "gpt2"  # model family of a fresh model (a loaded one's comes from its config.json)
   c.model.remat = False  # jax.checkpoint every transformer block (less memory, more compute)
+  c.model.remat_policy = ""  # with remat: "" recomputes blocks whole; a jax.checkpoint_policies name (dots_saveable)
   c.model.allow_pickle = False  # accept pytorch_model.bin (only for trusted files)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
   # Dropout of a fresh model (a loaded one keeps config.json's rates); used in pretraining when > 0. Adaptation

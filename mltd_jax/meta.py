@@ -232,17 +232,43 @@ def task_loss(loss_fn: LossFn, variables: Variables, task: dict, inner: InnerLoo
   return mean_loss(loss_fn(adapted, task["query"], k_query))
 
 
+def map_tasks(one: Callable, tasks: Any, task_chunk: int, task_groups: int = 1) -> jax.Array:
+  """``one`` over the leading (task) axis of ``tasks``: vmapped, or ``task_chunk`` at a time with `jax.lax.map`.
+
+  With ``task_groups`` > 1 the axis is split into that many contiguous groups first, vmapped over the groups and
+  mapped inside each: when the task axis is sharded over that many devices, each device maps over its own tasks
+  (a plain `lax.map` over a sharded axis would gather every task onto every device). Same result in any case.
+  """
+  if not task_chunk:
+    return jax.vmap(one)(tasks)
+  n = leading_dim(tasks)
+  if n % task_groups:
+    raise ValueError(f"{n} tasks cannot be split into {task_groups} equal groups (devices of the tasks axis).")
+  grouped = jax.tree.map(lambda x: x.reshape(task_groups, n // task_groups, *x.shape[1:]), tasks)
+  per_group = jax.vmap(lambda g: jax.lax.map(one, g, batch_size=task_chunk))(grouped)  # [groups, n / groups]
+  return per_group.reshape(n)
+
+
 def meta_loss(
-  loss_fn: LossFn, variables: Variables, batch: dict, inner: InnerLoop, rng: jax.Array, task_chunk: int = 0
+  loss_fn: LossFn,
+  variables: Variables,
+  batch: dict,
+  inner: InnerLoop,
+  rng: jax.Array,
+  task_chunk: int = 0,
+  *,
+  task_groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """Mean query loss over the tasks of a meta-batch (leading task axis), and the per-task losses.
 
   Each task gets its own key. Tasks are vmapped; with ``task_chunk`` > 0 only that many at a time (the chunks run
   one after another), which bounds memory at the cost of parallelism. The result is the same.
+  With ``task_chunk`` and ``task_groups`` > 1 (the devices of a sharded task axis), each group of tasks
+  (a device's share) is mapped over separately, so sharded tasks stay on their devices.
   """
   keys = jax.random.split(rng, leading_dim(batch))
   one = lambda args: task_loss(loss_fn, variables, args[0], inner, args[1])  # noqa: E731
-  per_task = jax.lax.map(one, (batch, keys), batch_size=task_chunk) if task_chunk else jax.vmap(one)((batch, keys))
+  per_task = map_tasks(one, (batch, keys), task_chunk, task_groups)
   return per_task.mean(), per_task
 
 
@@ -253,16 +279,24 @@ def _apply(state: "TrainState", tx: optax.GradientTransformation, grads) -> Trai
   )
 
 
-def make_meta_step(loss_fn: LossFn, tx: optax.GradientTransformation, inner: InnerLoop, task_chunk: int = 0):
+def make_meta_step(
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  inner: InnerLoop,
+  task_chunk: int = 0,
+  *,
+  task_groups: int = 1,
+):
   """The outer step ``(state, batch, rng) -> (state, metrics)`` (not jitted: jit it with ``donate_argnums=0``).
 
   ``rng`` is the phase's key; the step folds in ``state.step`` and gives every task its own key. The gradient
   reaches every variable: the base model and the fast variables' initialization.
+  ``task_groups``: see `meta_loss` (`train.meta_train` passes the size of the mesh's tasks axis).
   """
 
   def step(state: "TrainState", batch: dict, rng: jax.Array) -> tuple["TrainState", dict]:
     rng = jax.random.fold_in(rng, state.step)
-    objective = lambda v: meta_loss(loss_fn, v, batch, inner, rng, task_chunk)  # noqa: E731
+    objective = lambda v: meta_loss(loss_fn, v, batch, inner, rng, task_chunk, task_groups=task_groups)  # noqa: E731
     (loss, per_task), grads = jax.value_and_grad(objective, has_aux=True)(state.variables)
     metrics = {"query_loss": loss, "query_loss_max": per_task.max(), "grad_norm": optax.tree.norm(grads)}
     return _apply(state, tx, grads), metrics

@@ -224,7 +224,9 @@ def meta_train(run: Run, variables: dict, inner: meta.InnerLoop, config, writer)
   _check_meta_origin(config, run.workdir)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.outer_lr))
   state = TrainState.create(variables, tx)
-  step_fn = meta.make_meta_step(run.family.make_loss(run.model), tx, inner, task_chunk=cfg.task_chunk)
+  groups = 1 if run.mesh is None else run.mesh.shape["tasks"]  # task chunks are mapped on each device
+  loss_fn = run.family.make_loss(run.model)
+  step_fn = meta.make_meta_step(loss_fn, tx, inner, task_chunk=cfg.task_chunk, task_groups=groups)
   part = sharding.process_part(cfg.tasks_per_step, "config.meta.tasks_per_step")  # this host's tasks
   make = functools.partial(episodes.meta_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step, part=part)
   first = make(0)

@@ -139,7 +139,8 @@ class Blocks(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, kv: tuple | None = None, index=None):
-    block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block  # argnum 3: `deterministic`
+    policy = getattr(jax.checkpoint_policies, self.remat) if isinstance(self.remat, str) else None  # a policy name
+    block = nn.remat(Block, static_argnums=(3,), policy=policy) if self.remat else Block  # 3: `deterministic`
     if kv is None:
       for i in range(self.config.n_layer):
         x = block(self.config, self.dtype, name=str(i))(x, mask, deterministic)

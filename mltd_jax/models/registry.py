@@ -25,6 +25,16 @@ FAMILIES: dict[str, Family] = {
   t5.FAMILY.model_type: t5.FAMILY,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# config.model.remat_policy: "" (recompute each block whole) or a `jax.checkpoint_policies` name without arguments.
+REMAT_POLICIES = (
+  "",
+  "nothing_saveable",
+  "everything_saveable",
+  "dots_saveable",
+  "checkpoint_dots",
+  "dots_with_no_batch_dims_saveable",
+  "checkpoint_dots_with_no_batch_dims",
+)
 
 
 def family_named(model_type: str, where: str = "model_type") -> Family:
@@ -102,6 +112,15 @@ def family_for(cfg: Any) -> Family:
   return family_named(hub.read_config(directory).get("model_type"), f"{directory / hub.CONFIG_FILE}: model_type")
 
 
+def remat_setting(cfg: Any) -> bool | str:
+  """A model's ``remat`` from ``config.model``: False, True (each block recomputed whole in the backward pass) or
+  the `jax.checkpoint_policies` name of ``remat_policy`` (e.g. "dots_saveable": matmul outputs kept)."""
+  policy = cfg.get("remat_policy", "")
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat_policy={policy!r} is not one of {REMAT_POLICIES}.")
+  return (policy or True) if cfg.get("remat", False) else False
+
+
 def build(cfg: Any, tokenizer, max_len: int, rng: jax.Array) -> tuple[Any, dict, Family]:
   """``(model, params, family)`` of a ``config.model`` block.
 
@@ -111,7 +130,7 @@ def build(cfg: Any, tokenizer, max_len: int, rng: jax.Array) -> tuple[Any, dict,
   """
   if cfg.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}.")
-  dtype, remat = DTYPES[cfg.dtype], bool(cfg.get("remat", False))
+  dtype, remat = DTYPES[cfg.dtype], remat_setting(cfg)
   if cfg.name_or_dir:
     model, params = from_pretrained(cfg.name_or_dir, dtype=dtype, allow_pickle=cfg.allow_pickle, remat=remat)
     family = family_of(model)

@@ -325,7 +325,8 @@ class Blocks(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, encoded, encoder_mask, deterministic: bool, cache: tuple | None = None, index=None):
-    block = nn.remat(Block, static_argnums=(6,)) if self.remat else Block  # argnum 6: `deterministic`
+    policy = getattr(jax.checkpoint_policies, self.remat) if isinstance(self.remat, str) else None  # a policy name
+    block = nn.remat(Block, static_argnums=(6,), policy=policy) if self.remat else Block  # 6: `deterministic`
     cfg = self.config
     bias, new_cache = None, []
     for i in range(cfg.num_decoder_layers if self.decoder else cfg.num_layers):
