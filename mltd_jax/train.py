@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mltd_jax import data, evaluate, meta, models, sharding, tarp
+from mltd_jax import data, decode_eval, evaluate, meta, models, sharding, tarp
 from mltd_jax.checkpoint import Checkpointer
 from mltd_jax.data import episodes
 from mltd_jax.metric_writer import MetricWriter
@@ -218,11 +219,32 @@ def _check_meta_origin(config, workdir: Path) -> None:
     origin.write_text(json.dumps({"pretrain_steps": config.pretrain.steps}))
 
 
+def outer_schedule(cfg: Any) -> optax.Schedule:
+  """The outer learning rate of a ``config.meta`` block: linear warmup over ``outer_warmup_steps``, then constant
+  or inverse-square-root decay (``outer_lr * sqrt(warmup / step)``, the Transformer schedule the paper uses)."""
+  warmup = int(cfg.get("outer_warmup_steps", 0))
+  kind = cfg.get("outer_schedule", "constant")
+  if warmup < 0 or kind not in ("constant", "inverse_sqrt"):
+    raise ValueError(
+      f"config.meta.outer_warmup_steps={warmup} must be >= 0 and config.meta.outer_schedule={kind!r} one of "
+      "'constant', 'inverse_sqrt'."
+    )
+  lr = cfg.outer_lr
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32) + 1.0  # the rate of the (step + 1)-th update
+    rise = jnp.minimum(1.0, step / warmup) if warmup else 1.0
+    decay = jnp.sqrt(max(warmup, 1) / jnp.maximum(step, max(warmup, 1))) if kind == "inverse_sqrt" else 1.0
+    return lr * rise * decay
+
+  return schedule
+
+
 def meta_train(run: Run, variables: dict, inner: meta.InnerLoop, config, writer) -> dict:
   """Phase 2, MLtD meta-training of ``{"params", "tarp"}``; returns the meta-trained variables."""
   cfg = config.meta
   _check_meta_origin(config, run.workdir)
-  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.outer_lr))
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(outer_schedule(cfg)))
   state = TrainState.create(variables, tx)
   groups = 1 if run.mesh is None else run.mesh.shape["tasks"]  # task chunks are mapped on each device
   loss_fn = run.family.make_loss(run.model)
@@ -271,6 +293,52 @@ def init_tarp(run: Run, params: dict, cfg: Any) -> tuple[dict, tarp.TarpConfig]:
   return difference, tcfg
 
 
+def open_inputs(config, seed: int) -> tuple[tuple[Any, Any], models.Family]:
+  """``((tokenizer, task source), model family)``, before any compute; when several inputs are missing (e.g. the
+  hub model and the data directory on an offline machine) one error names them all."""
+  problems, out = [], []
+  for what, make in (
+    ("data", lambda: data.build(config.data, seed=seed)),
+    ("model", lambda: models.family_for(config.model)),
+  ):
+    try:
+      out.append(make())
+    except (OSError, ValueError) as e:
+      problems.append((what, e))
+  if len(problems) == 1:
+    raise problems[0][1]
+  if problems:
+    raise OSError("cannot start:\n" + "\n".join(f"  {what}: {e}" for what, e in problems))
+  return out[0], out[1]
+
+
+def meta_test(run: Run, variables: dict, config) -> tuple[dict, str]:
+  """Phase 3: the loss-based meta-test, then (with ``config.eval.decode.metrics``) decoding metrics at the chosen
+  setting, predictions written to ``predictions.jsonl``. Returns (the eval.json dict, the console report)."""
+  loss_fn = run.family.make_loss(run.model)
+  result = evaluate.meta_test(
+    loss_fn, run.encoder, variables, run.source, config.eval, run.rngs["eval"], shard=sharding.scorer_on(run.mesh)
+  )
+  result["workdir"] = str(run.workdir)
+  report = evaluate.report(result)
+  dcfg = config.eval.get("decode")
+  if dcfg is not None and dcfg.metrics:
+    inners = {m: evaluate.eval_inner(config.eval, m, regex) for m, regex in config.eval.methods.items()}
+    tasks = run.source.eval_tasks("test")
+    result["decode"], records = decode_eval.decode_eval(
+      run.model, loss_fn, run.encoder, run.tokenizer, variables, tasks, result, inners, dcfg, run.rngs["eval"]
+    )
+    if sharding.is_main_process():
+      with open(run.workdir / "predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    report += (
+      f"\nDecoded test outputs ({', '.join(dcfg.metrics)}; beam {dcfg.num_beams}) before and after adaptation at the "
+      f"validation-chosen (lr, k); outputs in {run.workdir / 'predictions.jsonl'}:\n"
+      + decode_eval.format_table(result["decode"])
+    )
+  return result, report
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Run every phase of ``config`` in ``workdir`` (resuming what is there) and return the eval.json dict."""
   workdir = Path(workdir)
@@ -283,8 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     sharding.check_divisible(config.meta.tasks_per_step, mesh, "config.meta.tasks_per_step")
   rngs = rng_streams(config.seed)
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
-  tokenizer, source = data.build(config.data, seed=data_seed(rngs["data"]))
-  family = models.family_for(config.model)
+  (tokenizer, source), family = open_inputs(config, data_seed(rngs["data"]))
   encoder = data.build_encoder(family.encoder, tokenizer, config.data)
   model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
   run = Run(model, family, tokenizer, encoder, source, rngs, workdir, mesh)
@@ -305,26 +372,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if inner is not None:
     variables = meta_train(run, variables, inner, config, writer)
   variables = sharding.put_global(variables, sharding.state_shardings(mesh, variables))  # onto the mesh in any case
-  result = evaluate.meta_test(
-    family.make_loss(model), encoder, variables, source, config.eval, rngs["eval"], shard=sharding.scorer_on(mesh)
-  )
-  result["workdir"] = str(workdir)
+  result, report = meta_test(run, variables, config)
   if sharding.is_main_process():
     (workdir / "eval.json").write_text(json.dumps(result, indent=2))
   sel, k = result["select_by"][0], config.eval.adapt_steps
-  writer.write(
-    config.meta.steps,
-    {
-      f"eval/{m}_{metric}_ppl_k{k}": r["selections"][sel][metric]["ppl_mean"][-1]
-      for m, r in result["methods"].items()
-      for metric in result["metrics"]
-    },
-  )
+  scalars = {
+    f"eval/{m}_{metric}_ppl_k{k}": r["selections"][sel][metric]["ppl_mean"][-1]
+    for m, r in result["methods"].items()
+    for metric in result["metrics"]
+  }
+  if "decode" in result:
+    for m, r in [("before", result["decode"]["before"]), *result["decode"]["methods"].items()]:
+      scalars.update({f"eval/{m}_{s.replace('@', '_at_')}": v for s, v in r["mean"].items()})
+  writer.write(config.meta.steps, scalars)
   writer.close()
   print(
     f"\nTrained in {workdir}: pretrain {config.pretrain.steps} steps, meta-train {config.meta.steps} steps "
     f"({'first' if config.meta.first_order else 'second'}-order, TARP {tcfg.kind} r={tcfg.rank}).\n"
-    f"Held-out test tasks: mean perplexity ± s.e. after k adaptation steps.\n{evaluate.report(result)}\n"
+    f"Held-out test tasks: mean perplexity ± s.e. after k adaptation steps.\n{report}\n"
     f"Wrote {workdir / 'eval.json'}, {workdir / 'metrics.jsonl'}, TensorBoard events in "
     f"{workdir / 'tensorboard'}, checkpoints in {workdir / 'checkpoints'}.",
     flush=True,
