@@ -9,8 +9,11 @@
   jits them (with donation and shardings).
 
 The model enters only through ``loss_fn(variables, batch, rng)``, which returns a scalar mean or a pair
-``(summed loss, weight)``; a pair makes chunked means exact. This module knows nothing of model families, batch
-keys, data or files: a task is ``{"support": batch, "query": batch}`` of whatever the loss takes.
+``(summed loss, weight)``; a pair makes chunked means exact. An optional ``prepare(variables, support, rng, step)
+-> variables`` runs once per task before the inner loop (TAMS puts the task's sampled architecture into the
+variables with it, `mltd_jax.tams.make_prepare`); the meta-gradient flows through it. This module knows nothing
+of model families, batch keys, data or files: a task is ``{"support": batch, "query": batch}`` of whatever the
+loss takes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ if TYPE_CHECKING:  # the steps only call .replace on it: any flax struct with st
 Variables = dict[str, Any]
 Flat = dict[str, jax.Array]
 LossFn = Callable[[Variables, Any, jax.Array], Any]
+# prepare(variables, support batch, rng, outer step or None) -> the variables the task adapts and is scored with.
+Prepare = Callable[[Variables, Any, jax.Array, Any], Variables]
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -225,9 +230,23 @@ def adapt(
   return merge(slow, adapted), observed
 
 
-def task_loss(loss_fn: LossFn, variables: Variables, task: dict, inner: InnerLoop, rng: jax.Array) -> jax.Array:
-  """Query loss of one task ``{"support": ..., "query": ...}`` after adapting on its support set."""
+def task_loss(
+  loss_fn: LossFn,
+  variables: Variables,
+  task: dict,
+  inner: InnerLoop,
+  rng: jax.Array,
+  prepare: Prepare | None = None,
+  step: Any = None,
+) -> jax.Array:
+  """Query loss of one task ``{"support": ..., "query": ...}`` after adapting on its support set.
+
+  With ``prepare``, the task adapts from ``prepare(variables, support, key, step)`` (its own key; ``step`` is the
+  outer step, or None); without it the result is exactly that of the plain task loss.
+  """
   k_adapt, k_query = jax.random.split(rng)
+  if prepare is not None:
+    variables = prepare(variables, task["support"], jax.random.fold_in(rng, 2), step)
   adapted, _ = adapt(loss_fn, variables, task["support"], inner, k_adapt)
   return mean_loss(loss_fn(adapted, task["query"], k_query))
 
@@ -256,18 +275,21 @@ def meta_loss(
   inner: InnerLoop,
   rng: jax.Array,
   task_chunk: int = 0,
+  prepare: Prepare | None = None,
+  step: Any = None,
   *,
   task_groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """Mean query loss over the tasks of a meta-batch (leading task axis), and the per-task losses.
 
   Each task gets its own key. Tasks are vmapped; with ``task_chunk`` > 0 only that many at a time (the chunks run
-  one after another), which bounds memory at the cost of parallelism. The result is the same.
+  one after another), which bounds memory at the cost of parallelism. The result is the same. ``prepare`` and
+  ``step`` go to `task_loss`.
   With ``task_chunk`` and ``task_groups`` > 1 (the devices of a sharded task axis), each group of tasks
   (a device's share) is mapped over separately, so sharded tasks stay on their devices.
   """
   keys = jax.random.split(rng, leading_dim(batch))
-  one = lambda args: task_loss(loss_fn, variables, args[0], inner, args[1])  # noqa: E731
+  one = lambda args: task_loss(loss_fn, variables, args[0], inner, args[1], prepare, step)  # noqa: E731
   per_task = map_tasks(one, (batch, keys), task_chunk, task_groups)
   return per_task.mean(), per_task
 
@@ -284,19 +306,24 @@ def make_meta_step(
   tx: optax.GradientTransformation,
   inner: InnerLoop,
   task_chunk: int = 0,
+  prepare: Prepare | None = None,
   *,
   task_groups: int = 1,
 ):
   """The outer step ``(state, batch, rng) -> (state, metrics)`` (not jitted: jit it with ``donate_argnums=0``).
 
   ``rng`` is the phase's key; the step folds in ``state.step`` and gives every task its own key. The gradient
-  reaches every variable: the base model and the fast variables' initialization.
+  reaches every variable: the base model and the fast variables' initialization (and, through ``prepare``, e.g.
+  TAMS' controller). ``prepare`` runs once per task before its inner loop and gets ``state.step`` (for schedules
+  such as TAMS' temperature).
   ``task_groups``: see `meta_loss` (`train.meta_train` passes the size of the mesh's tasks axis).
   """
 
   def step(state: "TrainState", batch: dict, rng: jax.Array) -> tuple["TrainState", dict]:
     rng = jax.random.fold_in(rng, state.step)
-    objective = lambda v: meta_loss(loss_fn, v, batch, inner, rng, task_chunk, task_groups=task_groups)  # noqa: E731
+    objective = lambda v: meta_loss(
+      loss_fn, v, batch, inner, rng, task_chunk, prepare, state.step, task_groups=task_groups
+    )  # noqa: E731
     (loss, per_task), grads = jax.value_and_grad(objective, has_aux=True)(state.variables)
     metrics = {"query_loss": loss, "query_loss_max": per_task.max(), "grad_norm": optax.tree.norm(grads)}
     return _apply(state, tx, grads), metrics

@@ -34,6 +34,9 @@ class Family:
     default_targets: regex over Dense module paths that TARP reparameterizes when config.tarp.targets is "".
     make_loss: ``(model, train) -> loss_fn(variables, batch, rng) -> (sum, weight)``; ``train`` turns dropout on.
     encoder: the name of the `mltd_jax.data.ENCODERS` entry that makes its batches ("causal_lm", "seq2seq").
+    task_tokens: ``batch -> (ids [..., L], mask [..., L])``, the input tokens whose mean embedding describes a task
+      (TAMS' task embedding, `mltd_jax.tams.task_embedding`); None: the family does not support TAMS.
+    embedding: ``params -> token embedding table [V, D]`` (the table ``task_tokens`` index); None as above.
   """
 
   model_type: str
@@ -47,3 +50,5 @@ class Family:
   default_targets: str
   make_loss: Callable[..., LossFn]
   encoder: str
+  task_tokens: Callable[[Any], tuple[Any, Any]] | None = None
+  embedding: Callable[[dict], Any] | None = None

@@ -4,7 +4,9 @@ Parameter names are transformers' (``transformer/h/0/attn/c_attn/weight`` ...), 
 Conv1D, so a state dict maps onto the param tree by its key names. Parameters are float32; activations are
 computed in ``dtype`` (bfloat16 on accelerators), while layer norms, attention softmax and logits stay in float32.
 Every attention and MLP projection is a `layers.Dense`, so the TARP difference (the ``'tarp'`` collection) reaches
-them without this file knowing about it.
+them without this file knowing about it. A model built with TAMS cells (``tams`` set by `mltd_jax.tams.attach`)
+expands every block's MLP sublayer with a cell that reads the same normalized input, ``x + mlp(h) + cell(h)`` with
+``h = ln_2(x)`` (`layers.ffn_cell`; causal convolutions); without a ``'tams'`` collection it is the plain model.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from mltd_jax import losses
 from mltd_jax.models.family import Family
-from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, fold_for_decoding, normal, wide
+from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, ffn_cell, fold_for_decoding, normal, wide
 
 # Every attention and MLP projection of every block (the paper's targets for GPT-2).
 DEFAULT_TARGETS = r"(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)$"
@@ -108,10 +110,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block."""
+  """Pre-LayerNorm transformer block; with TAMS cells (``tams``) the MLP sublayer also adds the block's cell.
+
+  While decoding, ``kv`` also carries the cell's history (``'tams'``, see `mltd_jax.tams.cell`).
+  """
 
   config: GPT2Config
   dtype: Any = jnp.float32
+  tams: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, kv: dict | None = None, index=None):
@@ -119,10 +125,14 @@ class Block(nn.Module):
     h = Attention(self.config, self.dtype, name="attn")(
       LayerNorm(eps, self.dtype, name="ln_1")(x), mask, deterministic, kv, index
     )
-    if kv is not None:  # decoding: the attention also returns its updated cache
-      h, kv = h
+    if kv is not None:  # decoding: the attention also returns its updated keys/values (other entries kept)
+      h, new_kv = h
+      kv = {**kv, **new_kv}
     x = x + h
-    x = x + MLP(self.config, self.dtype, name="mlp")(LayerNorm(eps, self.dtype, name="ln_2")(x), deterministic)
+    h = LayerNorm(eps, self.dtype, name="ln_2")(x)
+    out = MLP(self.config, self.dtype, name="mlp")(h, deterministic)
+    cell, kv = ffn_cell(self, h, mask, index, True, kv)
+    x = x + (out if cell is None else out + cell)
     return x if kv is None else (x, kv)
 
 
@@ -136,6 +146,7 @@ class Blocks(nn.Module):
   config: GPT2Config
   dtype: Any = jnp.float32
   remat: bool = False
+  tams: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, kv: tuple | None = None, index=None):
@@ -143,11 +154,11 @@ class Blocks(nn.Module):
     block = nn.remat(Block, static_argnums=(3,), policy=policy) if self.remat else Block  # 3: `deterministic`
     if kv is None:
       for i in range(self.config.n_layer):
-        x = block(self.config, self.dtype, name=str(i))(x, mask, deterministic)
+        x = block(self.config, self.dtype, self.tams, name=str(i))(x, mask, deterministic)
       return x
     new_kv = []  # decoding: kv is a tuple of per-layer caches
     for i in range(self.config.n_layer):
-      x, layer_kv = block(self.config, self.dtype, name=str(i))(x, mask, deterministic, kv[i], index)
+      x, layer_kv = block(self.config, self.dtype, self.tams, name=str(i))(x, mask, deterministic, kv[i], index)
       new_kv.append(layer_kv)
     return x, tuple(new_kv)
 
@@ -158,13 +169,14 @@ class GPT2Model(nn.Module):
   config: GPT2Config
   dtype: Any = jnp.float32
   remat: bool = False
+  tams: Any = None
 
   def setup(self):
     cfg = self.config
     self.wte = Embed(cfg.vocab_size, cfg.n_embd, self.dtype, cfg.initializer_range)
     self.wpe = Embed(cfg.n_positions, cfg.n_embd, self.dtype, 0.01)
     self.drop = nn.Dropout(cfg.embd_pdrop)
-    self.h = Blocks(cfg, self.dtype, self.remat)
+    self.h = Blocks(cfg, self.dtype, self.remat, self.tams)
     self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.dtype)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
@@ -197,14 +209,17 @@ class GPT2LMHeadModel(nn.Module):
   ``apply({'params': params}, input_ids, attention_mask=None)`` returns float32 logits [batch, length, vocab].
   Pass ``{'params': ..., 'tarp': ...}`` to run the TARP-reparameterized model; pass ``deterministic=False`` and
   a ``'dropout'`` rng to train with dropout. ``remat=True`` checkpoints every block (less memory, more compute).
+  ``tams`` (a `mltd_jax.tams.CellSpec`, set by `tams.attach`) adds TAMS cells, which read the ``'tams'`` and
+  ``'arch'`` collections.
   """
 
   config: GPT2Config
   dtype: Any = jnp.float32
   remat: bool = False
+  tams: Any = None
 
   def setup(self):
-    self.transformer = GPT2Model(self.config, self.dtype, self.remat)
+    self.transformer = GPT2Model(self.config, self.dtype, self.remat, self.tams)
 
   def __call__(
     self,
@@ -222,7 +237,8 @@ class GPT2LMHeadModel(nn.Module):
     return self.init(rng, ids)["params"]
 
   # ---- decoding (the `mltd_jax.decode.Decoder` protocol) -------------------------------------------------------
-  # The cache is {'mask': the prompt's attention mask [B, P] (bool), 'kv': per layer {'k', 'v'} [B, P + N, h, hd]}:
+  # The cache is {'mask': the prompt's attention mask [B, P] (bool), 'kv': per layer {'k', 'v'} [B, P + N, h, hd]
+  # (and, with TAMS cells, 'tams': the cell's history [B, sources, kernel - 1, width], added by the prompt's pass)}:
   # every leaf has the batch first, so beam search reorders it with one gather; the step index stays outside.
 
   def forward_cached(self, input_ids, position_ids, mask, kv, index):
@@ -370,4 +386,6 @@ FAMILY = Family(
   default_targets=DEFAULT_TARGETS,
   make_loss=make_loss,
   encoder="causal_lm",
+  task_tokens=lambda batch: (batch["ids"], batch["mask"]),
+  embedding=lambda params: params["transformer"]["wte"]["weight"],
 )

@@ -2,7 +2,8 @@
 
 `Dense` is the one place where the TARP difference enters a model: it reads its own entry of the ``'tarp'``
 variable collection (if the caller passed one) and lets `mltd_jax.tarp.dense` apply it. Model code is therefore
-the same for every TARP kind, and with no ``'tarp'`` collection it is the plain model.
+the same for every TARP kind, and with no ``'tarp'`` collection it is the plain model. `ffn_cell` is the same kind
+of hook for TAMS (`mltd_jax.tams`): the FFN sublayers call it, and without TAMS cells it adds nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mltd_jax import tarp
+from mltd_jax import tams, tarp
 
 Init = Callable[..., jax.Array]
 
@@ -136,6 +137,56 @@ def fold_for_decoding(variables: dict) -> dict:
   params, left = tarp.fold(variables["params"], variables["tarp"])
   rest = {k: v for k, v in variables.items() if k not in ("params", "tarp")}
   return {**rest, "params": params, **({"tarp": left} if left else {})}
+
+
+def token_mask(mask: jax.Array, length: int, offset: Any = 0) -> jax.Array:
+  """Which of ``length`` query positions are real tokens, bool [b or 1, length], read from an attention mask.
+
+  A token is real when the mask lets it attend to its own key slot; query i sits at slot ``offset + i`` (a cached
+  decoder's write index; 0 for a full sequence). ``mask`` is bool [b or 1, 1, length or 1, slots].
+  """
+  rows = jnp.broadcast_to(mask[:, 0], (mask.shape[0], length, mask.shape[-1]))  # [b, length, slots]
+  slots = jnp.broadcast_to((offset + jnp.arange(length))[None, :, None], (mask.shape[0], length, 1))
+  return jnp.take_along_axis(rows, slots, axis=-1)[..., 0]
+
+
+def ffn_cell(
+  module: nn.Module, h: jax.Array, mask: jax.Array, index: Any, causal: bool, cache: dict | None = None
+) -> tuple[jax.Array | None, dict | None]:
+  """The TAMS cell of ``module``'s FFN sublayer (a child named ``tams``; call it from ``module``'s compact method).
+
+  Args:
+    module: the calling module; its ``tams`` attribute is the model's `tams.CellSpec`, or None (no cells), and
+      its ``dtype`` the computation's.
+    h: the sublayer's input [b, t, D] (after its norm).
+    mask: the sublayer's self-attention mask [b or 1, 1, t or 1, slots] (padded tokens get zero cell nodes).
+    index: a cached decoder's write index (None: a full sequence).
+    causal: causal convolutions (decoders) or centered ones (an encoder).
+    cache: decoding: the layer's cache dict; its ``'tams'`` entry (absent before the first call) is the cell's
+      history, and the returned cache carries the updated one.
+
+  Returns:
+    (the cell's output [b, t, D] to add to the residual stream, or None when there is nothing to add; ``cache``
+    with the cell's history updated, or as it was).
+
+  Raises:
+    ValueError: the variables have TAMS weights for this sublayer but the model was built without cells.
+  """
+  spec = module.tams
+  if spec is None:
+    if "tams" in module.variables.get("tams", {}):
+      raise ValueError(
+        f"the variables have TAMS cells at {'/'.join(module.scope.path)} but the model has none: build it with "
+        "tams.attach(model, config.tams)."
+      )
+    return None, cache
+  decoding = cache is not None
+  history = cache.get("tams") if decoding else None
+  tm = token_mask(mask, h.shape[1], 0 if index is None else index)
+  out, history = tams.Cell(spec, causal, module.dtype, name="tams")(h, tm, history, decoding)
+  if out is None or not decoding or history is None:
+    return out, cache
+  return out, {**cache, "tams": history}
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

@@ -17,6 +17,11 @@ Parameters are float32; activations are computed in ``dtype``, while layer norms
 float32. Every projection (q, k, v, o, wi, wi_0, wi_1, wo, lm_head) is a `layers.Dense`, so the TARP difference
 (the ``'tarp'`` collection) reaches them without this file knowing about it.
 
+TAMS (`mltd_jax.tams`): a model built with cells (``tams`` set by `tams.attach`) expands the feed-forward sublayer
+of every encoder and decoder block with a cell reading the same normalized input, ``x + dropout(ff(h)) + cell(h)``
+(`layers.ffn_cell`); its convolutions are causal in the decoder and centered in the (bidirectional) encoder.
+Without a ``'tams'`` collection it is the plain model.
+
 Decoding (`mltd_jax.decode`): ``init_decode`` encodes the source once and projects it into each decoder block's
 cross-attention keys/values; ``decode_step`` feeds one target token, whose self-attention keys/values go into a
 fixed-size cache and whose position bias is the full sequence's row for its position.
@@ -36,7 +41,7 @@ import numpy as np
 
 from mltd_jax import losses
 from mltd_jax.models.family import Family
-from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, RMSNorm, fold_for_decoding, normal, wide
+from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, RMSNorm, ffn_cell, fold_for_decoding, normal, wide
 
 # Self-attention, cross-attention and feed-forward projections of every encoder and decoder block (not lm_head).
 DEFAULT_TARGETS = r"((SelfAttention|EncDecAttention)/(q|k|v|o)|DenseReluDense/(wi|wi_0|wi_1|wo))$"
@@ -257,17 +262,25 @@ class CrossAttentionLayer(nn.Module):
 
 
 class FeedForwardLayer(nn.Module):
-  """Pre-norm residual feed-forward."""
+  """Pre-norm residual feed-forward, plus the TAMS cell (``tams``; ``causal`` convolutions in the decoder).
+
+  ``__call__(x, deterministic, mask, index, cache) -> (x, cache)``: ``mask`` is the block's self-attention mask
+  (the cell zeroes padded tokens); while decoding, ``cache`` (the block's) carries the cell's history.
+  """
 
   config: T5Config
   dtype: Any = jnp.float32
+  tams: Any = None
+  causal: bool = False
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, mask=None, index=None, cache=None):
     cfg = self.config
     h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
     out = FeedForward(cfg, self.dtype, name="DenseReluDense")(h, deterministic)
-    return x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    x = x + nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    cell, cache = ffn_cell(self, h, mask, index, self.causal, cache)
+    return (x if cell is None else x + cell), cache
 
 
 class Sublayers(nn.Module):
@@ -281,6 +294,7 @@ class Sublayers(nn.Module):
   decoder: bool = False
   relative_bias: bool = False
   dtype: Any = jnp.float32
+  tams: Any = None
 
   @nn.compact
   def __call__(self, x, bias, mask, encoded, encoder_mask, deterministic: bool, cache=None, index=None):
@@ -291,10 +305,11 @@ class Sublayers(nn.Module):
     if self.decoder:
       cross = CrossAttentionLayer(cfg, dt, name="1")
       x, cross_kv = cross(x, encoded, encoder_mask, deterministic, None if cache is None else cache["cross"])
-    x = FeedForwardLayer(cfg, dt, name="2" if self.decoder else "1")(x, deterministic)
+    feed_forward = FeedForwardLayer(cfg, dt, self.tams, self.decoder, name="2" if self.decoder else "1")
+    x, cache = feed_forward(x, deterministic, mask, index, cache)  # cache: keeps the TAMS cell's history
     if cache is None:
       return x, bias
-    return x, bias, {"self": self_kv, "cross": cross_kv}
+    return x, bias, {**cache, "self": self_kv, "cross": cross_kv}
 
 
 class Block(nn.Module):
@@ -304,10 +319,11 @@ class Block(nn.Module):
   decoder: bool = False
   relative_bias: bool = False
   dtype: Any = jnp.float32
+  tams: Any = None
 
   @nn.compact
   def __call__(self, x, bias, mask, encoded, encoder_mask, deterministic: bool, cache=None, index=None):
-    layer = Sublayers(self.config, self.decoder, self.relative_bias, self.dtype, name="layer")
+    layer = Sublayers(self.config, self.decoder, self.relative_bias, self.dtype, self.tams, name="layer")
     return layer(x, bias, mask, encoded, encoder_mask, deterministic, cache, index)
 
 
@@ -322,6 +338,7 @@ class Blocks(nn.Module):
   decoder: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  tams: Any = None
 
   @nn.compact
   def __call__(self, x, mask, encoded, encoder_mask, deterministic: bool, cache: tuple | None = None, index=None):
@@ -330,7 +347,7 @@ class Blocks(nn.Module):
     cfg = self.config
     bias, new_cache = None, []
     for i in range(cfg.num_decoder_layers if self.decoder else cfg.num_layers):
-      layer = block(cfg, self.decoder, i == 0, self.dtype, name=str(i))
+      layer = block(cfg, self.decoder, i == 0, self.dtype, self.tams, name=str(i))
       if cache is None:
         x, bias = layer(x, bias, mask, encoded, encoder_mask, deterministic)
       else:
@@ -349,6 +366,7 @@ class T5Stack(nn.Module):
   decoder: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  tams: Any = None
 
   @nn.compact
   def __call__(
@@ -356,7 +374,7 @@ class T5Stack(nn.Module):
   ):
     drop = nn.Dropout(self.config.dropout_rate)
     x = drop(embedded, deterministic=deterministic)
-    x = Blocks(self.config, self.decoder, self.dtype, self.remat, name="block")(
+    x = Blocks(self.config, self.decoder, self.dtype, self.remat, self.tams, name="block")(
       x, mask, encoded, encoder_mask, deterministic, cache, index
     )
     if cache is not None:
@@ -379,19 +397,21 @@ class T5ForConditionalGeneration(nn.Module):
   ``apply({'params': params}, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None)``
   returns float32 logits [batch, target_len, vocab]; ``method=model.encode`` / ``method=model.decode`` run the
   halves. Pass ``{'params': ..., 'tarp': ...}`` for the TARP-reparameterized model, ``deterministic=False`` and a
-  ``'dropout'`` rng to train with dropout; ``remat=True`` checkpoints every block. ``init_decode`` and
-  ``decode_step`` implement `mltd_jax.decode.Decoder` (a source batch in, target tokens out).
+  ``'dropout'`` rng to train with dropout; ``remat=True`` checkpoints every block; ``tams`` (set by
+  `mltd_jax.tams.attach`) adds TAMS cells. ``init_decode`` and ``decode_step`` implement `mltd_jax.decode.Decoder`
+  (a source batch in, target tokens out).
   """
 
   config: T5Config
   dtype: Any = jnp.float32
   remat: bool = False
+  tams: Any = None
 
   def setup(self):
     cfg = self.config
     self.shared = Embed(cfg.vocab_size, cfg.d_model, self.dtype, cfg.initializer_factor)
-    self.encoder = T5Stack(cfg, False, self.dtype, self.remat)
-    self.decoder = T5Stack(cfg, True, self.dtype, self.remat)
+    self.encoder = T5Stack(cfg, False, self.dtype, self.remat, self.tams)
+    self.decoder = T5Stack(cfg, True, self.dtype, self.remat, self.tams)
     if not cfg.tie_word_embeddings:  # logits in float32 (or wider), like the tied `attend`
       self.lm_head = Dense(cfg.vocab_size, False, wide(self.dtype), normal(cfg.initializer_factor))
 
@@ -441,8 +461,9 @@ class T5ForConditionalGeneration(nn.Module):
   # ---- decoding (the `mltd_jax.decode.Decoder` protocol) -------------------------------------------------------
   # The cache is {'mask': the source mask [B, S] (bool), 'layers': per decoder block {'self': {'k', 'v'} [B, N, h,
   # dk], the target's keys/values, one slot per fed token, 'cross': {'k', 'v'} [B, S, h, dk], the encoder output
-  # projected once}}. Every leaf has the batch first, so beam search expands and reorders it like any other cache;
-  # the encoder output itself is not kept (only its projections are read after the first step).
+  # projected once, and with TAMS cells 'tams': the cell's history, added by the first step}}. Every leaf has the
+  # batch first, so beam search expands and reorders it like any other cache; the encoder output itself is not kept
+  # (only its projections are read after the first step).
 
   def decode_cached(self, tokens, encoded, encoder_mask, cache, index):
     """Feeds ``tokens`` [b] at target position ``index`` (cache slot ``index``); ``encoded`` [b, S, d] projects the
@@ -617,4 +638,6 @@ FAMILY = Family(
   default_targets=DEFAULT_TARGETS,
   make_loss=make_loss,
   encoder="seq2seq",
+  task_tokens=lambda batch: (batch["source_ids"], batch["source_mask"]),
+  embedding=lambda params: params["shared"]["weight"],
 )

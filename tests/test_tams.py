@@ -1,0 +1,262 @@
+"""TAMS (`mltd_jax.tams`): straight-through Gumbel-softmax, the cell in GPT-2 and T5 blocks, the controller's
+meta-gradient through `meta`'s prepare hook (finite differences in float64), and cached decoding with a fixed
+architecture. Compiles are shared through module fixtures (one forward per variable structure)."""
+
+import dataclasses
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mltd_jax import decode, meta, tams
+from mltd_jax.models import gpt2, t5
+from mltd_jax.state import TrainState
+from tests.helpers import cached_logits, lm_batch, perturbed_variables, tiny_gpt2
+
+CFG = tams.TamsConfig(width=4, hidden=8)
+OP = {name: i for i, name in enumerate(CFG.ops)}
+# A fixed architecture with every operation, convolutions feeding convolutions (the decoder's history compounds).
+MIXED = jnp.array([OP[o] for o in ("conv5", "conv3", "glu", "conv5", "linear", "conv3", "skip", "zero", "conv5")])
+ZERO = jnp.full((9,), OP["zero"])
+SMALL = tams.TamsConfig(width=4, hidden=8, nodes=2, ops=("linear", "conv3", "glu", "zero", "skip"))  # 5 edges
+P, N = 5, 6  # GPT-2 prompt length and new tokens
+
+
+def perturb(tree, scale, seed=7):
+  """Every leaf plus scale * N(0, 1) (numpy: no random-number program to compile per shape)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(x.dtype), tree)
+
+
+def with_cells(model, params, cfg=CFG, scale=0.0, seed=1):
+  """(the model with cells, {'params', 'tams'}); ``scale`` > 0 perturbs every TAMS weight (``out`` is no longer 0)."""
+  collection = tams.init(jax.random.key(seed), model, cfg)
+  return tams.attach(model, cfg), {"params": params, "tams": perturb(collection, scale) if scale else collection}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(model, variables, ids, mask):
+  """Logits [b, L, V] of left-padded sequences (positions count real tokens, as in decoding)."""
+  return model.apply(variables, ids, attention_mask=mask, position_ids=jnp.maximum(jnp.cumsum(mask, -1) - 1, 0))
+
+
+# ---- Gumbel-softmax -------------------------------------------------------------------------------------------
+
+
+def test_hard_gumbel_is_one_hot_with_the_soft_samples_gradient():
+  key, tau = jax.random.key(3), 0.5
+  logits = jax.random.normal(jax.random.key(0), (4, 6))
+  c = jax.random.normal(jax.random.key(1), (4, 6))
+  hard = np.asarray(tams.gumbel_softmax(key, logits, tau))
+  soft = np.asarray(tams.gumbel_softmax(key, logits, tau, hard=False))
+  assert set(np.unique(hard)) == {0.0, 1.0} and (hard.sum(-1) == 1).all()
+  np.testing.assert_array_equal(hard.argmax(-1), soft.argmax(-1))
+  g_hard = jax.grad(lambda x: jnp.sum(c * tams.gumbel_softmax(key, x, tau)))(logits)
+  g_soft = jax.grad(lambda x: jnp.sum(c * tams.gumbel_softmax(key, x, tau, hard=False)))(logits)
+  np.testing.assert_allclose(g_hard, g_soft, rtol=1e-6, atol=1e-7)
+  assert float(jnp.abs(g_hard).min()) > 0
+  # Noise off: the argmax of the logits, with the gradient of softmax(logits / tau).
+  off = tams.gumbel_softmax(key, logits, tau, noise=False)
+  np.testing.assert_array_equal(off, jax.nn.one_hot(jnp.argmax(logits, -1), 6))
+  g_off = jax.grad(lambda x: jnp.sum(c * tams.gumbel_softmax(key, x, tau, noise=False)))(logits)
+  np.testing.assert_allclose(g_off, jax.grad(lambda x: jnp.sum(c * jax.nn.softmax(x / tau)))(logits), rtol=1e-6)
+
+
+def test_gumbel_choices_at_tau_one_follow_softmax():
+  logits = jnp.array([1.0, 0.0, -1.0, 2.0, 0.5, -0.5])
+  n = 20_000
+  draws = jax.jit(jax.vmap(lambda k: tams.gumbel_softmax(k, logits, 1.0)))(jax.random.split(jax.random.key(0), n))
+  counts = np.asarray(draws).sum(0)
+  expected = n * np.asarray(jax.nn.softmax(logits))
+  chi2 = float(((counts - expected) ** 2 / expected).sum())
+  assert chi2 < 25.7, (chi2, counts, expected)  # 5 degrees of freedom: P(chi2 > 25.7) = 1e-4
+  uniform = np.full(6, n / 6)
+  assert float(((counts - uniform) ** 2 / uniform).sum()) > 1000  # the test can tell distributions apart
+
+
+def test_tau_schedules_config_checks_and_summary():
+  cfg = tams.TamsConfig(tau=(10.0, 0.1, "exponential"), anneal_steps=100)
+  np.testing.assert_allclose([float(tams.tau_at(cfg, s)) for s in (0, 50, 100, 500)], [10.0, 1.0, 0.1, 0.1], 1e-5)
+  lin = tams.TamsConfig(tau=[2.0, 1.0, "linear"], anneal_steps=10)
+  assert lin.tau == (2.0, 1.0, "linear") and float(tams.tau_at(lin, 5)) == 1.5
+  with pytest.raises(ValueError, match=r"config.tams.ops=\('conv7',\)"):
+    tams.TamsConfig(ops=("conv7",))
+  with pytest.raises(ValueError, match="config.tams.tau="):
+    tams.TamsConfig(tau=(1.0, 0.0, "linear"))
+  logits = np.zeros((9, 6))
+  logits[:, 3] = np.log(3.0)  # glu: probability 3/8 on every edge
+  summary = tams.arch_summary(logits, CFG.ops)
+  assert list(summary)[:3] == ["0->2", "1->2", "0->3"] and len(summary) == 9
+  op, p, h = summary["3->4"]
+  assert op == "glu" and p == pytest.approx(3 / 8)
+  assert h == pytest.approx(-(3 / 8) * np.log(3 / 8) - 5 * (1 / 8) * np.log(1 / 8))
+
+
+# ---- the cell in GPT-2 ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm():
+  """A tiny GPT-2, its TAMS version, fresh and trained (non-zero W_out) cells, and left-padded sequences [3, P + N]."""
+  model, params = tiny_gpt2()
+  m, fresh = with_cells(model, params)
+  _, trained = with_cells(model, params, scale=1.0)
+  ids = np.random.default_rng(0).integers(1, 13, (3, P + N)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, :2] = mask[2, :4] = 0  # left padding: the cells' nodes are zero there
+  plain = forward(model, {"params": params}, ids, mask)
+  return types.SimpleNamespace(**locals())
+
+
+def test_fresh_cells_and_all_zero_edges_leave_the_model_unchanged(lm):
+  sampled = tams.with_arch(lm.fresh, tams.gumbel_softmax(jax.random.key(0), jnp.zeros((9, 6)), 1.0))
+  np.testing.assert_array_equal(forward(lm.m, sampled, lm.ids, lm.mask), lm.plain)  # W_out = 0 at init
+  zero = tams.with_arch(lm.trained, jax.nn.one_hot(ZERO, 6))
+  np.testing.assert_array_equal(forward(lm.m, zero, lm.ids, lm.mask), lm.plain)  # zero edges: the plain block
+  mixed = forward(lm.m, tams.with_arch(lm.trained, jax.nn.one_hot(MIXED, 6)), lm.ids, lm.mask)
+  assert float(jnp.abs(mixed - lm.plain).max()) > 1e-2
+  np.testing.assert_array_equal(forward(lm.m, {"params": lm.params}, lm.ids, lm.mask), lm.plain)  # no 'tams'
+  with pytest.raises(ValueError, match=r"tams.attach"):
+    jax.eval_shape(lm.model.apply, zero, lm.ids)
+
+
+def test_fixed_architecture_equals_the_soft_path_with_one_hot_alpha(lm):
+  arch = tams.discretize(jax.random.normal(jax.random.key(2), (2, 9, 6)))  # per layer: [cells, edges, ops]
+  assert arch.shape == (2, 9) and arch.dtype == jnp.int32
+  fixed = forward(lm.m, tams.with_arch(lm.trained, arch, per_layer=True), lm.ids, lm.mask)
+  soft = forward(lm.m, tams.with_arch(lm.trained, jax.nn.one_hot(arch, 6), per_layer=True), lm.ids, lm.mask)
+  np.testing.assert_allclose(fixed, soft, rtol=1e-6, atol=1e-6)
+  assert float(jnp.abs(fixed - lm.plain).max()) > 1e-2
+  # The cells never read padded positions: other pad ids change no real token's logits.
+  other = np.where(lm.mask == 1, lm.ids, 5)
+  again = forward(lm.m, tams.with_arch(lm.trained, arch, per_layer=True), other, lm.mask)
+  np.testing.assert_allclose(np.where(lm.mask[..., None] == 1, again, 0), np.where(lm.mask[..., None] == 1, fixed, 0))
+
+
+def test_gpt2_cached_greedy_decoding_equals_uncached_argmax(lm):
+  def uncached(variables):  # the full forward over [prompt, generated, right padding], one token at a time
+    buf, buf_mask = lm.ids.copy(), lm.mask.copy()
+    buf_mask[:, P:] = 0
+    for i in range(N):
+      buf[:, P + i] = np.asarray(forward(lm.m, variables, buf, buf_mask))[:, P - 1 + i].argmax(-1)
+      buf_mask[:, P + i] = 1
+    return buf[:, P:]
+
+  fixed = tams.with_arch(lm.trained, MIXED)
+  got = np.asarray(decode.generate(lm.m, fixed, lm.ids[:, :P], lm.mask[:, :P], max_new_tokens=N))
+  want = uncached(fixed)
+  np.testing.assert_array_equal(got, want)
+  plain = uncached(tams.with_arch(lm.trained, ZERO))  # the same compiled forward, no cell
+  assert (plain != want).any(), "the cells do not change the greedy tokens: the test would not see a cache bug"
+
+
+# ---- meta-learning: the controller through the prepare hook ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def meta_case():
+  """One exact second-order meta-step (float64, SGD at rate 1 so the update is the gradient) with TAMS, noise off,
+  per-layer alpha, through `meta.make_meta_step`'s prepare; a probe added to alpha exposes the query loss's
+  gradient with respect to alpha. Also the forward meta-loss and one task adapted from its prepared variables."""
+  cfg = dataclasses.replace(SMALL, noise=False, tau=(0.7, 0.7, "constant"), per_layer=True)
+  inner = meta.InnerLoop(steps=2, lr=0.3, fast_regex="^tarp/|" + tams.FAST_REGEX)
+  with jax.enable_x64(True):
+    model, params = tiny_gpt2(layers=1)  # float32 init (its random programs are compiled already), then float64
+    model = model.clone(dtype=jnp.float64)
+    m, cells = with_cells(model, params, cfg, scale=0.3)
+    x0 = {
+      **perturbed_variables(model, params, "bilinear", scale=0.1),
+      "tams": cells["tams"],
+      "probe": jnp.zeros((5, 5)),
+    }
+    x0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), x0)
+    support, query = lm_batch(13, (2, 6), seed=5, pad_last=1), lm_batch(13, (2, 6), seed=14)
+    batch = {"support": jax.tree.map(lambda x: x[None], support), "query": jax.tree.map(lambda x: x[None], query)}
+    prepare = tams.make_prepare(cfg, gpt2.FAMILY.embedding, gpt2.FAMILY.task_tokens)
+
+    def probed(v, s, rng, step):  # TAMS' prepare, then the probe added to every cell's alpha
+      out = prepare({k: x for k, x in v.items() if k != "probe"}, s, rng, step)
+      return {**out, "arch": jax.tree.map(lambda a: a + v["probe"], out["arch"])}
+
+    loss_fn, key = gpt2.make_loss(m), jax.random.key(0)
+
+    @jax.jit
+    def run(x):  # the meta-loss, and the task adapted from its prepared variables
+      loss = meta.meta_loss(loss_fn, x, batch, inner, jax.random.fold_in(key, 0), prepare=probed, step=0)[0]
+      prepared = probed(x, support, key, 0)
+      return loss, prepared, meta.adapt(loss_fn, prepared, support, inner, key)[0]
+
+    tx = optax.sgd(1.0)
+    state, metrics = jax.jit(meta.make_meta_step(loss_fn, tx, inner, prepare=probed))(
+      TrainState.create(x0, tx), batch, key
+    )
+    grads = jax.tree.map(lambda a, b: a - b, x0, state.variables)
+    loss, prepared, adapted = run(x0)
+    z = tams.task_embedding(gpt2.FAMILY.embedding(x0["params"]), *gpt2.FAMILY.task_tokens(support))
+    soft = lambda c: jax.nn.softmax(tams.controller(c, z, cfg) / tams.tau_at(cfg, 0))  # noqa: E731
+    (pulled,) = jax.vjp(soft, x0["tams"]["controller"])[1](grads["probe"][None])  # straight-through: alpha's gradient
+  out = jax.tree.map(np.asarray, dict(x0=x0, grads=grads, loss=loss, prepared=prepared, adapted=adapted, pulled=pulled))
+  return types.SimpleNamespace(**out, query_loss=np.asarray(metrics["query_loss"]), run=run)
+
+
+def test_controller_gets_meta_gradients_and_is_not_adapted(meta_case):
+  c = meta_case
+  assert float(c.query_loss) == pytest.approx(float(c.loss), rel=1e-12)  # the step ran the same prepared tasks
+  controller = c.grads["tams"]["controller"]
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(c.grads))
+  assert np.abs(controller["w2"]).max() > 1e-6
+  for a, b in zip(jax.tree.leaves(controller), jax.tree.leaves(c.pulled)):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
+  assert c.prepared["arch"]["transformer"]["h"]["0"]["tams"]["alpha"].shape == (5, 5)
+  jax.tree.map(np.testing.assert_array_equal, c.adapted["tams"]["controller"], c.x0["tams"]["controller"])
+  jax.tree.map(np.testing.assert_array_equal, c.adapted["arch"], c.prepared["arch"])
+  cell = lambda v: v["tams"]["transformer"]["h"]["0"]["tams"]["out"]  # noqa: E731
+  assert np.abs(cell(c.adapted) - cell(c.x0)).max() > 0  # the cells' weights do adapt
+
+
+def test_second_order_meta_gradient_with_tams_matches_finite_differences(meta_case):
+  """Along directions that leave the controller alone (with noise off its argmax stays put, so the meta-loss is
+  smooth there), central differences with Richardson extrapolation match the meta-step's exact gradient of every
+  variable, the probe on alpha included."""
+  c = meta_case
+  with jax.enable_x64(True):
+    for seed in (0, 1):
+      leaves, tree = jax.tree.flatten(c.x0)
+      rng = np.random.default_rng(seed)
+      direction = tree.unflatten([rng.standard_normal(x.shape) for x in leaves])
+      direction["tams"]["controller"] = jax.tree.map(np.zeros_like, direction["tams"]["controller"])
+      shift = lambda s: jax.tree.map(lambda x, d: x + s * d, c.x0, direction)  # noqa: E731
+      central = lambda eps: (c.run(shift(eps))[0] - c.run(shift(-eps))[0]) / (2 * eps)  # noqa: E731
+      fd = (4 * central(5e-7) - central(1e-6)) / 3
+      analytic = sum(np.vdot(g, d) for g, d in zip(jax.tree.leaves(c.grads), jax.tree.leaves(direction)))
+      np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-6, atol=1e-9)
+
+
+# ---- T5 ---------------------------------------------------------------------------------------------------------
+
+
+def test_t5_cached_decoder_equals_the_full_forward_with_tams():
+  cfg = t5.T5Config(
+    vocab_size=20, d_model=8, d_kv=4, d_ff=8, num_heads=2, num_layers=1, num_decoder_layers=2, dropout_rate=0.0,
+    relative_attention_num_buckets=4, relative_attention_max_distance=8, eos_token_id=1,
+  )  # fmt: skip
+  model = t5.T5ForConditionalGeneration(cfg)
+  m, variables = with_cells(model, model.init_params(jax.random.key(0)), tams.TamsConfig(width=4, hidden=8), 1.0)
+  variables = tams.with_arch(variables, MIXED)
+  rng = np.random.default_rng(1)
+  src = rng.integers(2, 20, (2, 6)).astype(np.int32)
+  src_mask = np.ones_like(src)
+  src_mask[1, 4:] = 0  # right padding: the encoder's centered convolutions must not read it
+  new = rng.integers(2, 20, (2, 5)).astype(np.int32)
+  got = cached_logits(m, variables, src, src_mask, new, slots=new.shape[1] + 1)  # [b, 6, V]
+  dec = np.concatenate([np.zeros((2, 1), np.int32), new], 1)  # the start token (pad, 0), then the new tokens
+  full = jax.jit(lambda v, s: m.apply(v, s, dec, attention_mask=src_mask))
+  ref = full(variables, src)
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+  zero = tams.with_arch(variables, ZERO)  # the same compiled forward, no cell
+  assert float(jnp.abs(ref - full(zero, src)).max()) > 1e-2
+  np.testing.assert_allclose(full(variables, np.where(src_mask == 1, src, 7)), ref, atol=1e-6)  # padding unread
