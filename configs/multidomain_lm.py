@@ -77,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mode="pair",  # pair: (document, summary) for seq2seq | text: documents for language modelling
       text_fields=("source",),  # mode text: which sides make the text
       max_examples=0,  # lines read per file (0 = all)
+      eval_support_size=-1,  # held-out support examples: -1 = support_size, 0 = the whole low-resource train split
+      eval_query_size=-1,  # held-out query examples: -1 = query_size, 0 = the whole valid / test split
     )
   )
   # TensorFlow Datasets prepared as array_record (`tfds build NAME --file_format=array_record`); one dataset per
@@ -155,12 +157,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.adapt_steps = 5  # K: adaptation steps on each held-out task's support set
   c.eval.optimizer = "adam"  # adaptation optimizer at meta-test time (the inner loop's: sgd | adam)
+  c.eval.lr_schedule = "constant"  # constant | linear (decays to 0 over adapt_steps, the paper's fine-tuning)
   c.eval.methods = {"tarp": "^tarp/", "full": "^params/"}  # name -> variables adapted at meta-test time
   c.eval.lr_grid = {"default": (1e-4, 3e-4, 1e-3, 3e-3), "full": (1e-5, 3e-5, 1e-4, 3e-4)}  # per method
   c.eval.tasks_per_batch = 1  # held-out tasks adapted at once (vmapped); raise on small models
   c.eval.metrics = ("query",)  # query: query-set perplexity; query_focus: of the tokens after focus_token
   c.eval.focus_token = ""  # the token whose successors query_focus scores
   c.eval.support_chunks = 1  # split each adaptation step's support batch into chunks run in sequence (less memory)
+  c.eval.query_chunks = 1  # score each query batch in this many chunks (less memory; must divide the query size)
   c.eval.select_by = ("query",)  # metrics whose validation loss chooses the learning rate per k (one table each)
   # Decoding metrics (ROUGE, BLEU) of the test tasks' query outputs, before adaptation and after it at the (lr, k)
   # of the lowest validation loss (of select_by[0]); metrics () = no decoding.
@@ -170,8 +174,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "tiny":
     tiny(c)
+  elif arg == "adaptsum":
+    adaptsum(c)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of configs/multidomain_lm.py; use ':tiny' or nothing.")
+    raise ValueError(f"unknown variant {arg!r} of configs/multidomain_lm.py; use ':tiny', ':adaptsum' or nothing.")
   return c
 
 
@@ -204,3 +210,30 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.eval.metrics = ("query", "query_focus")
   c.eval.focus_token = "is"  # the objects of the facts: what only adaptation can know
   c.eval.select_by = ("query", "query_focus")
+
+
+def adaptsum(c: ml_collections.ConfigDict) -> None:
+  """The paper's multi-domain LM protocol (Table 3) on AdaptSum's six domains' documents.
+
+  GPT-2 is meta-trained on five domains' training documents (few-shot episodes, as above); the held-out domain
+  (config.data.adaptsum.test_domain) is then fine-tuned on its whole low-resource training split for
+  config.eval.adapt_steps full-batch Adam steps whose rate decays linearly (chunked to bound memory) and scored by
+  perplexity on its whole test split: k = 0 is zero-shot, "full" is plain fine-tuning of the same model, "tarp" is
+  MLtD's difference. The learning rate is chosen on the held-out domain's valid split. Command:
+    python -m mltd_jax.main --config=configs/multidomain_lm.py:adaptsum --workdir=runs/mdlm_adaptsum \
+        --config.data.adaptsum.root=AdaptSum/dataset --config.data.adaptsum.test_domain=debate
+  (The default, K steps on a few texts per episode, stays the few-shot variant.)
+  """
+  c.data.source = "adaptsum"
+  c.data.truncate = True  # documents longer than seq_len are cut
+  c.data.adaptsum.mode = "text"
+  c.data.adaptsum.text_fields = ("source",)
+  c.data.adaptsum.eval_episodes = 1
+  c.data.adaptsum.eval_support_size = 0  # the whole low-resource training split (AdaptSum300sample: 300 documents)
+  c.data.adaptsum.eval_query_size = 0  # the whole valid / test split
+  c.eval.lr_schedule = "linear"
+  c.eval.optimizer = "adam"
+  c.eval.adapt_steps = 10
+  c.eval.support_chunks = 30  # 300 documents in chunks of 10 (must divide the split's size)
+  c.eval.query_chunks = 1  # raise to a divisor of the test split's size when it does not fit memory
+  c.eval.tasks_per_batch = 1

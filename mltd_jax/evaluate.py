@@ -27,6 +27,7 @@ EVAL_FIELDS = (
   ("steps", "config.eval.adapt_steps"),
   ("optimizer", "config.eval.optimizer"),
   ("support_chunks", "config.eval.support_chunks"),
+  ("lr_schedule", "config.eval.lr_schedule"),
 )
 
 
@@ -53,6 +54,7 @@ def eval_inner(cfg: Any, method: str, regex: str) -> meta.InnerLoop:
     lr=0.0,
     optimizer=cfg.optimizer,
     support_chunks=cfg.support_chunks,
+    lr_schedule=cfg.get("lr_schedule", "constant"),
     fast_regex=regex,
     adam_eps_root=0.0,
     fields=fields,
@@ -69,22 +71,24 @@ def lr_grid(cfg: Any, method: str) -> list[float]:
 
 
 def adapt_and_score(
-  loss_fn: meta.LossFn, variables: dict, task: dict, inner: meta.InnerLoop, rng: jax.Array, lr
+  loss_fn: meta.LossFn, variables: dict, task: dict, inner: meta.InnerLoop, rng: jax.Array, lr, query_chunks: int = 1
 ) -> dict[str, jax.Array]:
-  """``{metric: [K + 1]}`` mean losses of ``task["eval"][metric]`` before (column 0) and after each of K steps."""
+  """``{metric: [K + 1]}`` mean losses of ``task["eval"][metric]`` before (column 0) and after each of K steps
+  (each evaluation batch scored in ``query_chunks`` slices: the same mean with the memory of one slice)."""
   k_adapt, k_score = jax.random.split(rng)
+  query_loss = meta.chunked_loss(loss_fn, query_chunks, "config.eval.query_chunks")
 
   def score(v):
-    return {name: meta.mean_loss(loss_fn(v, batch, k_score)) for name, batch in task["eval"].items()}
+    return {name: query_loss(v, batch, k_score) for name, batch in task["eval"].items()}
 
   _, after = meta.adapt(loss_fn, variables, task["support"], inner, k_adapt, observe=score, lr=lr)
   return jax.tree.map(lambda b, a: jnp.concatenate([b[None], a]), score(variables), after)
 
 
-def make_scorer(loss_fn: meta.LossFn, inner: meta.InnerLoop) -> Callable:
+def make_scorer(loss_fn: meta.LossFn, inner: meta.InnerLoop, query_chunks: int = 1) -> Callable:
   """Jitted ``(variables, tasks, keys, lr) -> {metric: [num_tasks, K + 1]}``, one key per task; ``lr`` is traced
   (a learning-rate search compiles once)."""
-  one = lambda v, task, rng, lr: adapt_and_score(loss_fn, v, task, inner, rng, lr)  # noqa: E731
+  one = lambda v, task, rng, lr: adapt_and_score(loss_fn, v, task, inner, rng, lr, query_chunks)  # noqa: E731
   return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None)))
 
 
@@ -174,7 +178,7 @@ def meta_test(
     "methods": {},
   }
   for method, regex in cfg.methods.items():
-    scorer = make_scorer(loss_fn, eval_inner(cfg, method, regex))
+    scorer = make_scorer(loss_fn, eval_inner(cfg, method, regex), cfg.get("query_chunks", 1))
     scorer = shard(scorer) if shard else scorer
     grid = lr_grid(cfg, method)
     run = lambda arrays, lr: _run(scorer, variables, arrays, rng, lr, cfg.tasks_per_batch)  # noqa: E731

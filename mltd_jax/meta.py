@@ -60,6 +60,8 @@ class InnerLoop:
       ``first_order`` nothing is differentiated through Adam either, and it is not applied.
     per_step_support: the support batch has a leading axis of ``steps`` (batch t at step t) instead of being
       reused at every step.
+    lr_schedule: "constant", or "linear": the rate decays linearly from ``lr`` to 0 over ``steps`` (the paper's
+      fine-tuning of a held-out domain).
     fields: (attribute, config field) pairs, only for error messages (not compared or hashed).
   """
 
@@ -72,6 +74,7 @@ class InnerLoop:
   fast_regex: str = "^tarp/"
   adam_eps_root: float = 0.0
   per_step_support: bool = False
+  lr_schedule: str = "constant"
   fields: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False, repr=False)
 
   def field(self, name: str) -> str:
@@ -88,6 +91,8 @@ class InnerLoop:
       bad("lr", "must be a finite number >= 0.")
     if self.optimizer not in OPTIMIZERS:
       bad("optimizer", f"is not one of {OPTIMIZERS}.")
+    if self.lr_schedule not in ("constant", "linear"):
+      bad("lr_schedule", "is not one of ('constant', 'linear').")
     if not isinstance(self.support_chunks, int) or self.support_chunks < 1:
       bad("support_chunks", "must be an integer >= 1.")
     if (
@@ -104,7 +109,9 @@ class InnerLoop:
       bad("fast_regex", f"is not a valid regex ({e}).")
 
   def transform(self, lr) -> optax.GradientTransformation:
-    """The optimizer at rate ``lr`` (a float or a traced scalar)."""
+    """The optimizer at rate ``lr`` (a float or a traced scalar), decayed by ``lr_schedule``."""
+    if self.lr_schedule == "linear":
+      lr = optax.linear_schedule(lr, 0.0, self.steps)
     if self.optimizer == "adam":
       return optax.adam(lr, eps_root=0.0 if self.first_order else self.adam_eps_root)
     return optax.sgd(lr)

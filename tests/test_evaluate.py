@@ -84,6 +84,8 @@ def test_adapt_and_score_columns():
   assert not np.allclose(result["query_focus"], result["query"])
   zero = jax.device_get(scorer(variables, arrays, keys, 0.0))["query"]
   np.testing.assert_allclose(zero, np.repeat(zero[:, :1], 5, axis=1), rtol=1e-6)
+  chunked = evaluate.make_scorer(loss_fn, inner, query_chunks=2)(variables, arrays, keys, 0.5)  # same means
+  np.testing.assert_allclose(jax.device_get(chunked)["query"], result["query"], rtol=1e-5)
 
 
 def eval_config(**kw):

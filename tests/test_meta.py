@@ -274,3 +274,15 @@ def test_a_second_family_meta_trains_without_changes_to_meta():
   same["query"]["noise"][:] = 1.0
   _, per_task = meta.meta_loss(mlp_loss, state.variables, same, cfg, jax.random.key(3))
   assert len(set(np.asarray(per_task).round(6).tolist())) == 4
+
+
+def test_linear_lr_schedule_decays_to_zero_over_the_steps():
+  inner = meta.InnerLoop(steps=4, lr=1.0, lr_schedule="linear")
+  tx = inner.transform(jnp.float32(2.0))  # a traced rate works too
+  state, updates = tx.init(jnp.zeros(())), []
+  for _ in range(4):
+    u, state = tx.update(jnp.ones(()), state)
+    updates.append(float(u))
+  assert updates == [-2.0, -1.5, -1.0, -0.5]
+  with pytest.raises(ValueError, match="lr_schedule"):
+    meta.InnerLoop(steps=1, lr=1.0, lr_schedule="cosine")

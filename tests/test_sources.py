@@ -1,6 +1,7 @@
 """AdaptSum, JSONL pairs and TFDS task sources on tiny files the tests write: task semantics and clear errors."""
 
 import json
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -238,3 +239,23 @@ def test_tfds_prepared_array_record_and_errors(tmp_path):
     mocked_tfds(datasets={"a": "samsum", "b": "samsum"}, data_dir=empty, source_field="dialogue")
   with pytest.raises(ValueError, match=r"datasets\['a'\]='no_such_set': Dataset no_such_set not found"):
     mocked_tfds(datasets={"a": "no_such_set", "b": "aeslc"}, data_dir=empty)
+
+
+def test_adaptsum_table3_protocol_uses_whole_held_out_splits(tmp_path):
+  """configs/multidomain_lm.py:adaptsum: one episode of the held-out domain with its whole low-resource training
+  split as support and its whole test split as query, in file order; texts for the causal LM."""
+  import importlib.util
+
+  root = adaptsum_tree(tmp_path)
+  spec = importlib.util.spec_from_file_location("mdlm", Path(__file__).parents[1] / "configs" / "multidomain_lm.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config("adaptsum")
+  assert (cfg.eval.lr_schedule, cfg.eval.optimizer, cfg.data.adaptsum.mode) == ("linear", "adam", "text")
+  cfg.data.adaptsum.update(root=str(root), domains=("dialog", "email", "science"), support_size=2, query_size=2)
+  cfg.data.tokenizer = "bytes"
+  (task,) = data.build(cfg.data, seed=0)[1].eval_tasks("test")
+  assert task.support == tuple(lines(root / "science" / LOW / "train.source"))
+  assert task.query == tuple(lines(root / "science" / "test.source"))
+  with pytest.raises(ValueError, match="eval_support_size"):
+    AdaptSumTasks(str(root), domains=("dialog", "email", "science"), eval_support_size=-2)

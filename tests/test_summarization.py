@@ -138,7 +138,9 @@ def test_jsonl_pairs_with_a_local_t5_and_a_tokenizer_file(tmp_path):
   config.data.tokenizer = str(tmp_path / "tokenizer.json")
   config.data.update(source_len=12, target_len=6)
   config.meta.update(steps=1, tasks_per_step=2, inner_steps=1, support_chunks=1)
-  config.eval.update(adapt_steps=1, support_chunks=1, methods={"tarp": "^tarp/"}, lr_grid={"default": (1e-3,)})
+  config.tarp.update(kind="bilinear", rank=4)
+  config.eval.update(adapt_steps=1, support_chunks=1)
+  config.eval.methods, config.eval.lr_grid = {"tarp": "^tarp/"}, {"default": (1e-3,)}  # replaced, not merged
   config.eval.decode.update(max_new_tokens=4, num_beams=2, batch_size=2)
   result = train.train_and_evaluate(config, tmp_path / "run")
   decoded = result["decode"]

@@ -113,15 +113,29 @@ class DomainEpisodes:
       )
     return pool
 
+  # Held-out episode sizes: -1 = support_size / query_size; 0 = the whole split (in file order), e.g. fine-tuning
+  # on a held-out domain's entire training split and scoring its entire test split (the paper's Table 3).
+  eval_support_size: int = -1
+  eval_query_size: int = -1
+
+  def _eval_size(self, role: str) -> tuple[str, ...]:
+    """The size field(s) of held-out ``role`` ("support" or "query"); () = the whole split."""
+    size = self.eval_support_size if role == "support" else self.eval_query_size
+    if size < -1 or not isinstance(size, (int, np.integer)):
+      raise ValueError(f"{self.field}.eval_{role}_size={size!r} must be -1 (as {role}_size), 0 (all) or > 0.")
+    return (f"eval_{role}_size",) if size > 0 else () if size == 0 else (f"{role}_size",)
+
   def _check_held_out(self) -> None:
     """Read the held-out pools now, so that a missing or small evaluation split fails before training."""
     for split, domain in self.held_out.items():
-      self._check_size(domain, "support", ("support_size",))
-      self._check_size(domain, split, ("query_size",))
+      self._check_size(domain, "support", self._eval_size("support"))
+      self._check_size(domain, split, self._eval_size("query"))
 
   def _draw(self, rng: np.random.Generator, domain: str, role: str, sizes: tuple[str, ...]) -> tuple[Example, ...]:
-    """Distinct examples of (domain, role), as many as the size fields ``sizes`` add up to."""
+    """Distinct examples of (domain, role), as many as the size fields ``sizes`` add up to (no fields: all)."""
     pool = self._check_size(domain, role, sizes)
+    if not sizes:
+      return tuple(pool)
     pick = rng.choice(len(pool), size=sum(getattr(self, s) for s in sizes), replace=False)
     return tuple(pool[int(i)] for i in pick)
 
@@ -153,8 +167,8 @@ class DomainEpisodes:
     domain, tasks = self.held_out[split], []
     for k in range(self.eval_episodes):
       rng = np.random.default_rng([self.seed, _SPLIT_IDS[split], 0, k])
-      support = self._draw(rng, domain, "support", ("support_size",))
-      tasks.append(Task(f"{domain}#{k}", support, self._draw(rng, domain, split, ("query_size",))))
+      support = self._draw(rng, domain, "support", self._eval_size("support"))
+      tasks.append(Task(f"{domain}#{k}", support, self._draw(rng, domain, split, self._eval_size("query"))))
     return tasks
 
 
@@ -177,8 +191,11 @@ class AdaptSumTasks(DomainEpisodes):
     mode: str = "pair",
     text_fields: Sequence[str] = ("source",),
     max_examples: int = 0,
+    eval_support_size: int = -1,
+    eval_query_size: int = -1,
     seed: int = 0,
   ):
+    self.eval_support_size, self.eval_query_size = eval_support_size, eval_query_size
     self.root = Path(root).expanduser() if root else None
     if self.root is None or not self.root.is_dir():
       raise FileNotFoundError(
