@@ -20,16 +20,15 @@ def test_meta_step_benchmark_prints_json_lines(tmp_path):
     assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_mb"] > 0 and r["xla_temp_mb"] is not None
 
 
-@pytest.mark.parametrize("family", ["gpt2", "t5"])
-def test_decode_benchmark_prints_json_lines(tmp_path, family):
+@pytest.mark.parametrize("family, beams", [("gpt2", ["1", "2"]), ("t5", ["2"])])  # T5: one setting (CI time)
+def test_decode_benchmark_prints_json_lines(tmp_path, family, beams):
   script = SCRIPT.parent / "decode.py"
   tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--batch=2", "--prompt=4", "--new=3", "--repeats=1"]
-  cmd = [sys.executable, str(script), f"--family={family}", *tiny, "--beams", "1", "2", "--tarp", "none", "dynamic"]
+  cmd = [sys.executable, str(script), f"--family={family}", *tiny, "--beams", *beams, "--tarp", "none", "dynamic"]
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
   rows = [json.loads(line) for line in out.stdout.splitlines()]
-  assert [(r["num_beams"], r["tarp"]) for r in rows] == [(1, "none"), (1, "dynamic"), (2, "none"), (2, "dynamic")], (
-    out.stderr
-  )
+  expected = [(int(b), t) for b in beams for t in ("none", "dynamic")]
+  assert [(r["num_beams"], r["tarp"]) for r in rows] == expected, out.stderr
   for r in rows:
     assert r["family"] == family
     assert r["tokens_per_s"] > 0 and r["first_call_s"] > 0 and r["cost_vs_none"] > 0
