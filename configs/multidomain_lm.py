@@ -130,6 +130,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tarp.dynamic_multiplicative = False  # dynamic + multiplicative: Phi1(x) = 1 + U1 Sigma1(x) V1^T (Eq. 3)
   c.tarp.init_scale = 0.02  # std of the Gaussian U (V starts at zero: no difference at init)
 
+  # TAMS (paper section 2.2, mltd_jax/tams.py): a Gumbel-softmax controller picks, per task, one operation for each
+  # edge of a DARTS-style cell added to every block's FFN sublayer. Its weights are the 'tams' collection.
+  c.tams = ml_collections.ConfigDict()
+  c.tams.enabled = False
+  c.tams.ops = ("linear", "conv3", "conv5", "glu", "zero", "skip")  # candidate operations of every edge
+  c.tams.width = 64  # the cell's width (d_model is projected down to it)
+  c.tams.nodes = 3  # intermediate nodes (3: 9 edges)
+  c.tams.hidden = 128  # the controller MLP's hidden units
+  c.tams.tau = (10.0, 0.1, "exponential")  # Gumbel-softmax temperature (start, end, constant|linear|exponential|cosine)
+  c.tams.anneal_steps = 2000  # outer steps over which tau goes from start to end (the meta-training length)
+  c.tams.per_layer = False  # one architecture per block instead of one shared by all blocks
+  c.tams.noise = True  # Gumbel noise in meta-training (False: straight-through hard argmax, the released code)
+  c.tams.init_scale = 0.02  # std of the controller's output layer (near-uniform choices at first)
+  # The inner loop and every meta-test method also adapt the cells' weights (the controller only in the outer
+  # loop): train.py adapts "(?:<config.meta.fast_params>)|" + tams.FAST_REGEX (and likewise each
+  # config.eval.methods regex); the config strings themselves are left as written.
+  c.tams.adapt_cells = True
+  c.tams.overhead_steps = 3  # meta-steps timed with and without TAMS before meta-training (0: no measurement)
+
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.steps = 0  # multitask LM steps on the meta-training tasks (0: start meta-training from the weights)
   c.pretrain.tasks_per_step = 8  # tasks per batch (all their support and query texts)
@@ -171,6 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.decode = ml_collections.ConfigDict(
     dict(metrics=(), num_beams=4, max_new_tokens=64, length_penalty=1.0, batch_size=0)  # batch_size 0: a task at once
   )
+  # Dialogue: a transformers NLI checkpoint (hub name or dir) for the C-score of responses against the persona
+  # (mltd_jax/consistency.py; needs torch); "" skips it with one log line.
+  c.eval.decode.nli_model = ""
 
   if arg == "tiny":
     tiny(c)
@@ -204,6 +226,9 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.meta.inner_optimizer = "sgd"
   c.meta.outer_lr = 1e-3
   c.meta.task_chunk = 0  # all 4 tasks vmapped
+  c.tams.width = 8  # d_model / 8, as the paper's 768 -> 64 (TAMS stays off unless config.tams.enabled=True)
+  c.tams.hidden = 32
+  c.tams.anneal_steps = 300  # = config.meta.steps
   c.eval.optimizer = "sgd"
   c.eval.lr_grid = {"default": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "full": (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3)}
   c.eval.tasks_per_batch = 20

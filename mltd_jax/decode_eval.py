@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from mltd_jax import decode, meta, text_metrics
+from mltd_jax import consistency, decode, meta, text_metrics
 from mltd_jax.data.tasks import Task
 
 
@@ -39,9 +39,16 @@ def domain_of(task_name: str) -> str:
   return task_name.split("#")[0]
 
 
-def make_adapter(loss_fn: meta.LossFn, inner: meta.InnerLoop) -> Callable:
-  """Jitted ``(variables, support, rng, lr) -> adapted variables`` (one task; ``lr`` traced)."""
-  return jax.jit(lambda v, support, rng, lr: meta.adapt(loss_fn, v, support, inner, rng, lr=lr)[0])
+def make_adapter(loss_fn: meta.LossFn, inner: meta.InnerLoop, prepare: meta.Prepare | None = None) -> Callable:
+  """Jitted ``(variables, support, rng, lr) -> adapted variables`` (one task; ``lr`` traced); with ``prepare`` the
+  task adapts from ``prepare(variables, support, key, None)`` (TAMS: its fixed architecture), as in meta-testing."""
+
+  def adapter(v, support, rng, lr):
+    if prepare is not None:
+      v = prepare(v, support, jax.random.fold_in(rng, 2), None)
+    return meta.adapt(loss_fn, v, support, inner, rng, lr=lr)[0]
+
+  return jax.jit(adapter)
 
 
 def generate_texts(model, variables: dict, encoder, tokenizer, examples: Sequence, cfg: Any) -> list[str]:
@@ -106,26 +113,42 @@ def candidate_hits(sequence_losses: Callable, encoder, variables: dict, task: Ta
 
 
 def summarize(
-  metrics: Sequence[str], tasks: Sequence[Task], outputs: Sequence[Sequence[str]], hits: Sequence[Sequence[bool]] = ()
+  metrics: Sequence[str],
+  tasks: Sequence[Task],
+  outputs: Sequence[Sequence[str]],
+  per_example: dict[str, Sequence[Sequence[float]]] | None = None,
 ) -> dict:
-  """Scores per task, per domain (one call on the domain's outputs) and their mean over domains; with ``hits``
-  (per task, per query example) also ``hits@1``, the fraction of examples whose gold candidate ranks first."""
+  """Scores per task, per domain (one call on the domain's outputs) and their mean over domains.
+
+  ``per_example`` maps a score name to per-task lists of per-example values (``hits@1``: 1.0 when the gold candidate
+  ranks first; ``c_score``: a response's consistency with the persona); their means join the text metrics wherever
+  a task has values.
+  """
   refs = references(tasks)
-  hits = list(hits) or [[] for _ in tasks]
-  by_domain: dict[str, tuple[list, list, list]] = collections.defaultdict(lambda: ([], [], []))
-  for task, out, ref, hit in zip(tasks, outputs, refs, hits):
-    for part, values in zip(by_domain[domain_of(task.name)], (out, ref, hit)):
-      part.extend(values)
+  extra = {name: list(values) for name, values in (per_example or {}).items()}
+  by_domain: dict[str, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
+  for i, (task, out, ref) in enumerate(zip(tasks, outputs, refs)):
+    parts = by_domain[domain_of(task.name)]
+    parts["preds"].extend(out)
+    parts["refs"].extend(ref)
+    for name, values in extra.items():
+      parts[name].extend(values[i])
 
-  def scores(preds, refs_, hit):
-    return {**text_metrics.score(metrics, preds, refs_), **({"hits@1": float(np.mean(hit))} if hit else {})}
+  def scores(preds, refs_, values: dict) -> dict[str, float]:
+    return {
+      **text_metrics.score(metrics, preds, refs_),
+      **{name: float(np.mean(v)) for name, v in values.items() if len(v)},
+    }
 
-  per_domain = {d: scores(*parts) for d, parts in sorted(by_domain.items())}
-  names = list(next(iter(per_domain.values())))
+  per_domain = {d: scores(p["preds"], p["refs"], {n: p[n] for n in extra}) for d, p in sorted(by_domain.items())}
+  names = list(dict.fromkeys(k for v in per_domain.values() for k in v))
   return {
     "per_domain": per_domain,
     "mean": {s: float(np.mean([v[s] for v in per_domain.values() if s in v])) for s in names},
-    "tasks": [{"name": t.name, **scores(o, r, h)} for t, o, r, h in zip(tasks, outputs, refs, hits)],
+    "tasks": [
+      {"name": t.name, **scores(o, r, {n: extra[n][i] for n in extra})}
+      for i, (t, o, r) in enumerate(zip(tasks, outputs, refs))
+    ],
   }
 
 
@@ -140,6 +163,7 @@ def decode_eval(
   inners: dict[str, meta.InnerLoop],
   cfg: Any,
   rng: jax.Array,
+  prepare: meta.Prepare | None = None,
 ) -> tuple[dict, list[dict]]:
   """Decode and score the test ``tasks`` before and after each method's adaptation.
 
@@ -154,6 +178,8 @@ def decode_eval(
     inners: method -> its adaptation (`mltd_jax.evaluate.eval_inner`); ``steps`` is replaced by the chosen k.
     cfg: ``config.eval.decode`` (metrics, num_beams, max_new_tokens, length_penalty, batch_size).
     rng: the meta-test key; task i adapts with ``fold_in(rng, i)`` like the loss-based meta-test.
+    prepare: run on each task's support set before decoding or adapting it (TAMS: its fixed argmax architecture,
+      ``tams.make_prepare(..., fixed=True)``; the decoder then computes only the chosen operations).
 
   Returns:
     (the ``decode`` entry of eval.json, prediction records ``{"method", "task", "prediction", "reference"}``).
@@ -163,28 +189,36 @@ def decode_eval(
   sequence_losses = make_sequence_losses(loss_fn)
   records: list[dict] = []
 
+  nli = consistency.load(cfg.get("nli_model", "")) if any(t.persona for t in tasks) else None
+
   def score(label: str, per_task_variables) -> dict:
-    outputs, hits = [], []
+    outputs, extra = [], {"hits@1": [], "c_score": []}
     for task, ref, v in zip(tasks, refs, per_task_variables):
       out = generate_texts(model, v, encoder, tokenizer, task.query, cfg)
       outputs.append(out)
-      hits.append(candidate_hits(sequence_losses, encoder, v, task))
+      extra["hits@1"].append([float(h) for h in candidate_hits(sequence_losses, encoder, v, task)])
+      extra["c_score"].append(nli(task.persona, out) if nli is not None and task.persona else [])
       records.extend({"method": label, "task": task.name, "prediction": p, "reference": r} for p, r in zip(out, ref))
-    return summarize(metrics, tasks, outputs, hits)
+    return summarize(metrics, tasks, outputs, extra)
 
   select_by = loss_result["select_by"][0]
   result = {
     "metrics": metrics,
     "settings": {k: cfg[k] for k in ("num_beams", "max_new_tokens", "length_penalty")},
     "select_by": select_by,
-    "before": score("before", [variables] * len(tasks)),
+    "before": None,
     "methods": {},
   }
   supports = [encoder.encode(t.support, where=f"task {t.name!r} support: ") for t in tasks]
   keys = [jax.random.fold_in(rng, i) for i in range(len(tasks))]
+  if prepare is None:
+    result["before"] = score("before", [variables] * len(tasks))
+  else:  # one task's prepared variables at a time (each holds its own copy of the parameters)
+    prep = jax.jit(lambda v, support, key: prepare(v, support, jax.random.fold_in(key, 2), None))
+    result["before"] = score("before", (prep(variables, s, key) for s, key in zip(supports, keys)))
   for method, inner in inners.items():
     lr, k = chosen_setting(loss_result["methods"][method]["selections"][select_by])
-    adapter = make_adapter(loss_fn, dataclasses.replace(inner, steps=k))
+    adapter = make_adapter(loss_fn, dataclasses.replace(inner, steps=k), prepare)
     t0 = time.perf_counter()
     jax.block_until_ready(adapter(variables, supports[0], keys[0], lr))  # compiles
     compile_s = time.perf_counter() - t0

@@ -44,7 +44,7 @@ def test_candidate_hits_rank_by_summed_response_loss():
   assert decode_eval.candidate_hits(lambda v, b: losses, Encoder(), {}, Task("q", ("s",), ("t",))) == []
   golds = ["i like green tea very much", "my dog is called rex"]
   task = Task("p#0", ("s",), (("c1", golds[0]), ("c2", golds[1])), candidates=((golds[0],), (golds[1],)))
-  summary = decode_eval.summarize(["bleu"], [task], [golds], [[True, False]])
+  summary = decode_eval.summarize(["bleu"], [task], [golds], {"hits@1": [[1.0, 0.0]]})
   assert summary["per_domain"]["p"] == pytest.approx({"bleu": 100.0, "hits@1": 0.5})
 
 
@@ -114,3 +114,44 @@ def test_real_convai2_file_with_a_local_gpt2_and_a_tokenizer_file(tmp_path):
   train.train_and_evaluate(config, tmp_path / "run")
   decoded = check_decoded(tmp_path / "run")
   assert len(decoded["before"]["tasks"]) == 1 and decoded["before"]["tasks"][0]["name"].startswith("persona-")
+
+
+def test_c_score_sums_nli_labels_over_the_persona(tmp_path, caplog):
+  """C(r) = sum over persona sentences of +1 entailment / -1 contradiction / 0 neutral, from a transformers NLI
+  checkpoint (here a tiny random one: the test checks the arithmetic against the model's own argmax)."""
+  import logging
+
+  import torch
+  import transformers
+
+  from mltd_jax import consistency
+  from mltd_jax.data import word_level_tokenizer
+
+  words = ["i", "like", "tea", "am", "a", "cook", "my", "dog", "is", "rex", "."]
+  tokenizer = word_level_tokenizer(words)
+  tokenizer.add_special_tokens({"cls_token": "<bos>", "sep_token": "<eos>"})
+  tokenizer.save_pretrained(tmp_path / "nli")
+  labels = {0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}
+  config = transformers.BertConfig(
+    vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+    id2label=labels, label2id={v: k for k, v in labels.items()},
+  )  # fmt: skip
+  torch.manual_seed(0)
+  transformers.BertForSequenceClassification(config).eval().save_pretrained(tmp_path / "nli")
+  scorer = consistency.load(str(tmp_path / "nli"), batch_size=3)
+  persona, responses = ["i like tea .", "i am a cook ."], ["my dog is rex .", "i like tea .", "a cook ."]
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "nli").eval()
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "nli")
+  value = {0: 1, 1: 0, 2: -1}
+  expected = []
+  for r in responses:
+    with torch.no_grad():
+      logits = model(**tok(persona, [r] * len(persona), padding=True, return_tensors="pt")).logits
+    expected.append(sum(value[int(i)] for i in logits.argmax(-1)))
+  assert scorer(persona, responses) == expected
+  with caplog.at_level(logging.INFO, logger="mltd_jax"):
+    assert consistency.load("") is None
+  assert "C-score skipped" in caplog.text
+  config.id2label = {0: "yes", 1: "no", 2: "maybe"}
+  with pytest.raises(ValueError, match="'entailment' and a 'contradiction'"):
+    consistency._label_values(config.id2label)

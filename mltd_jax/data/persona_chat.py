@@ -446,7 +446,10 @@ class PersonaChatTasks:
     query = [ex for i in pick[self.support_dialogues :] for ex in self.examples(dialogues[i])]
     support, query = _draw(support, self.support_size, rng), _draw(query, self.query_size, rng)
     candidates = tuple(c for _, c in query)
-    return Task(name, tuple(e for e, _ in support), tuple(e for e, _ in query), candidates if all(candidates) else ())
+    persona = tuple(dialogues[int(pick[0])].persona)
+    return Task(
+      name, tuple(e for e, _ in support), tuple(e for e, _ in query), candidates if all(candidates) else (), persona
+    )
 
   @property
   def train_names(self) -> list[str]:

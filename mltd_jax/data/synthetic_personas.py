@@ -123,6 +123,7 @@ class SyntheticPersonas:
       support=tuple(e for e, _ in support),
       query=tuple(e for e, _ in query),
       candidates=tuple(c for _, c in query),
+      persona=tuple(self.answer(slot, value) for slot, value in facts),
     )
 
   # TaskSource interface

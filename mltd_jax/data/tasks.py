@@ -27,6 +27,8 @@ class Task:
   query: tuple[Example, ...]
   # Optional: for each query example its candidate responses, the gold one last (``GOLD_INDEX``); () = none.
   candidates: tuple[tuple[str, ...], ...] = ()
+  # Optional: the persona's profile sentences (dialogue tasks), for the C-score of generated responses.
+  persona: tuple[str, ...] = ()
 
   def __post_init__(self):
     for part in ("support", "query"):
