@@ -71,11 +71,24 @@ def lr_grid(cfg: Any, method: str) -> list[float]:
 
 
 def adapt_and_score(
-  loss_fn: meta.LossFn, variables: dict, task: dict, inner: meta.InnerLoop, rng: jax.Array, lr, query_chunks: int = 1
+  loss_fn: meta.LossFn,
+  variables: dict,
+  task: dict,
+  inner: meta.InnerLoop,
+  rng: jax.Array,
+  lr,
+  query_chunks: int = 1,
+  prepare: meta.Prepare | None = None,
 ) -> dict[str, jax.Array]:
   """``{metric: [K + 1]}`` mean losses of ``task["eval"][metric]`` before (column 0) and after each of K steps
-  (each evaluation batch scored in ``query_chunks`` slices: the same mean with the memory of one slice)."""
+  (each evaluation batch scored in ``query_chunks`` slices: the same mean with the memory of one slice).
+
+  With ``prepare`` (e.g. TAMS' fixed argmax architecture, `mltd_jax.tams.make_prepare` with ``fixed=True``) the
+  task starts from ``prepare(variables, support, key, None)``, as in meta-training's `meta.task_loss`.
+  """
   k_adapt, k_score = jax.random.split(rng)
+  if prepare is not None:
+    variables = prepare(variables, task["support"], jax.random.fold_in(rng, 2), None)
   query_loss = meta.chunked_loss(loss_fn, query_chunks, "config.eval.query_chunks")
 
   def score(v):
@@ -85,10 +98,12 @@ def adapt_and_score(
   return jax.tree.map(lambda b, a: jnp.concatenate([b[None], a]), score(variables), after)
 
 
-def make_scorer(loss_fn: meta.LossFn, inner: meta.InnerLoop, query_chunks: int = 1) -> Callable:
+def make_scorer(
+  loss_fn: meta.LossFn, inner: meta.InnerLoop, query_chunks: int = 1, prepare: meta.Prepare | None = None
+) -> Callable:
   """Jitted ``(variables, tasks, keys, lr) -> {metric: [num_tasks, K + 1]}``, one key per task; ``lr`` is traced
-  (a learning-rate search compiles once)."""
-  one = lambda v, task, rng, lr: adapt_and_score(loss_fn, v, task, inner, rng, lr, query_chunks)  # noqa: E731
+  (a learning-rate search compiles once); ``prepare`` goes to `adapt_and_score`."""
+  one = lambda v, task, rng, lr: adapt_and_score(loss_fn, v, task, inner, rng, lr, query_chunks, prepare)  # noqa: E731
   return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None)))
 
 
@@ -156,10 +171,12 @@ def meta_test(
   cfg: Any,
   rng: jax.Array,
   shard: Callable[[Callable], Callable] | None = None,
+  prepare: meta.Prepare | None = None,
 ) -> dict:
   """Adapt to held-out tasks and score them; ``cfg`` is ``config.eval``. Returns the eval.json dict.
 
   ``shard`` wraps each scorer to place its task chunks on a device mesh (`mltd_jax.sharding.scorer_on`).
+  ``prepare`` runs once per task before its adaptation (TAMS: the task's fixed argmax architecture).
   """
   val_tasks, test_tasks = list(source.eval_tasks("validation")), list(source.eval_tasks("test"))
   val = encode_tasks(encoder, val_tasks, cfg)
@@ -178,7 +195,7 @@ def meta_test(
     "methods": {},
   }
   for method, regex in cfg.methods.items():
-    scorer = make_scorer(loss_fn, eval_inner(cfg, method, regex), cfg.get("query_chunks", 1))
+    scorer = make_scorer(loss_fn, eval_inner(cfg, method, regex), cfg.get("query_chunks", 1), prepare)
     scorer = shard(scorer) if shard else scorer
     grid = lr_grid(cfg, method)
     run = lambda arrays, lr: _run(scorer, variables, arrays, rng, lr, cfg.tasks_per_batch)  # noqa: E731

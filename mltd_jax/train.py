@@ -6,6 +6,11 @@ Phases (paper section 2 and Algorithm 1):
      query loss; Adam on the base model and the difference's initialization (`meta.make_meta_step`).
   3. meta-testing: K adaptation steps on each held-out task (`evaluate.meta_test`) -> ``eval.json``.
 
+With ``config.tams.enabled`` (paper section 2.2, `mltd_jax.tams`) the model gets TAMS cells and the variables a
+``'tams'`` collection: meta-training samples each task's architecture with the controller (the meta step's
+``prepare``) and logs, per edge, the operation the meta-batch's tasks pick and the entropy of its distribution
+(plotted to ``tams_ops.png``); meta-testing fixes each held-out task's argmax architecture (in ``eval.json``).
+
 Each phase checkpoints under ``WORKDIR/checkpoints/<phase>``; a rerun restores the latest checkpoint of each phase
 and continues from its step (a finished phase is only restored). Batches are pure functions of the step, so no
 iterator state needs saving.
@@ -13,6 +18,7 @@ iterator state needs saving.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -29,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mltd_jax import data, decode_eval, evaluate, meta, models, sharding, tarp
+from mltd_jax import data, decode_eval, evaluate, meta, models, sharding, tams, tarp
 from mltd_jax.checkpoint import Checkpointer
 from mltd_jax.data import episodes
 from mltd_jax.metric_writer import MetricWriter
@@ -125,15 +131,17 @@ def run_phase(
   config: Any,
   rng: jax.Array,
   shardings: sharding.PhaseShardings | None = None,
+  jitted: bool = False,
 ) -> TrainState:
   """The Python loop of one phase: restore, step, log, checkpoint; stops with a clear error on a NaN loss.
 
   ``step_fn(state, batch, rng)`` is jitted here with the state donated; ``rng`` is the phase's stream key (the
   step folds in its step number), so a resumed run draws the same randomness. With ``shardings`` the state is
   placed on the mesh before the restore (Orbax restores into those shardings, whatever device count saved it)
-  and each batch (this process's share) is assembled into a global array in the prefetch thread.
+  and each batch (this process's share) is assembled into a global array in the prefetch thread. ``jitted``:
+  ``step_fn`` is already ``jit_step(step_fn, shardings)`` (its compilation is reused).
   """
-  step_fn = jit_step(step_fn, shardings)
+  step_fn = step_fn if jitted else jit_step(step_fn, shardings)
   ckpt = Checkpointer(workdir / "checkpoints" / name, max_to_keep=config.keep_checkpoints)
   if shardings is not None:
     state = sharding.put_global(state, shardings.state)
@@ -164,7 +172,7 @@ def run_phase(
         tok_s = tokens_per_step * (done - s_last) / max(now - t_last, 1e-9)
         eta = (now - t_start) / (done - start) * (num_steps - done)
         writer.write(done, {**metrics, f"{name}/tokens_per_s": tok_s})
-        shown = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items())
+        shown = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items() if "/tams/" not in k)
         log.info("%s step %d/%d %s tokens/s=%.0f eta=%.0fs", name, done, num_steps, shown, tok_s, eta)
         t_last, s_last = now, done
       if save:
@@ -240,26 +248,66 @@ def outer_schedule(cfg: Any) -> optax.Schedule:
   return schedule
 
 
-def meta_train(run: Run, variables: dict, inner: meta.InnerLoop, config, writer) -> dict:
-  """Phase 2, MLtD meta-training of ``{"params", "tarp"}``; returns the meta-trained variables."""
+def meta_tx(cfg: Any) -> optax.GradientTransformation:
+  """The outer optimizer of a ``config.meta`` block: clipping, then Adam at `outer_schedule`."""
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(outer_schedule(cfg)))
+
+
+def meta_step_fn(run: Run, inner: meta.InnerLoop, config, tcfg: tams.TamsConfig | None = None) -> Callable:
+  """The (unjitted) meta step of ``config.meta``; with ``tcfg`` TAMS' prepare samples each task's architecture and
+  the metrics carry the controller's per-edge choices (`tams_metrics`)."""
   cfg = config.meta
-  _check_meta_origin(config, run.workdir)
-  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(outer_schedule(cfg)))
-  state = TrainState.create(variables, tx)
   groups = 1 if run.mesh is None else run.mesh.shape["tasks"]  # task chunks are mapped on each device
   loss_fn = run.family.make_loss(run.model)
-  step_fn = meta.make_meta_step(loss_fn, tx, inner, task_chunk=cfg.task_chunk, task_groups=groups)
-  part = sharding.process_part(cfg.tasks_per_step, "config.meta.tasks_per_step")  # this host's tasks
-  make = functools.partial(episodes.meta_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step, part=part)
+  prepare = None if tcfg is None else tams.make_prepare(tcfg, run.family.embedding, run.family.task_tokens)
+  step_fn = meta.make_meta_step(
+    loss_fn, meta_tx(cfg), inner, task_chunk=cfg.task_chunk, prepare=prepare, task_groups=groups
+  )
+  if tcfg is None:
+    return step_fn
+
+  def step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+    choices = tams_metrics(state.variables, batch["support"], tcfg, run.family)  # before this step's update
+    state, metrics = step_fn(state, batch, rng)
+    return state, {**metrics, **choices}
+
+  return step
+
+
+def meta_train(
+  run: Run, variables: dict, inner: meta.InnerLoop, config, writer, tcfg: tams.TamsConfig | None = None
+) -> dict:
+  """Phase 2, MLtD meta-training of ``{"params", "tarp"}`` (and ``"tams"`` with ``tcfg``); returns the
+  meta-trained variables. With TAMS, ``tams_ops.png`` (the controller's choices over the phase) is written at the
+  end."""
+  cfg = config.meta
+  _check_meta_origin(config, run.workdir)
+  tx = meta_tx(cfg)
+  state = TrainState.create(variables, tx)
+  step_fn = meta_step_fn(run, inner, config, tcfg)
+  make = meta_batches(run, cfg)
   first = make(0)
   tokens = inner.steps * run.encoder.positions(first["support"]) + run.encoder.positions(first["query"])
   tokens *= jax.process_count()
   field = "config.meta.tasks_per_step"
   shardings = None if run.mesh is None else sharding.phase_shardings(run.mesh, state, first, "tasks", field)
+  step_fn = jit_step(step_fn, shardings)  # compiled once: the overhead measurement and the phase share it
+  if tcfg is not None:
+    overhead = tams_overhead(run, state, step_fn, first, inner, config, tcfg, shardings)
+    writer.write(0, {f"meta/tams/{k}": v for k, v in overhead.items()})
   state = run_phase(
-    "meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"], shardings
+    "meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"], shardings, True
   )
+  if tcfg is not None and sharding.is_main_process():
+    png = plot_tams(run.workdir, tcfg)
+    log.info("TAMS: operation probabilities per edge over meta-training in %s", png)
   return state.variables
+
+
+def meta_batches(run: Run, cfg: Any) -> Callable[[int], dict]:
+  """``step -> meta-batch`` (this host's share of ``cfg.tasks_per_step`` tasks; ``cfg`` is ``config.meta``)."""
+  part = sharding.process_part(cfg.tasks_per_step, "config.meta.tasks_per_step")  # this host's tasks
+  return functools.partial(episodes.meta_batch, run.encoder, run.source, tasks_per_step=cfg.tasks_per_step, part=part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +341,193 @@ def init_tarp(run: Run, params: dict, cfg: Any) -> tuple[dict, tarp.TarpConfig]:
   return difference, tcfg
 
 
+# ---- TAMS: config, init, metrics, overhead, plot, chosen architectures ----------------------------------------------
+
+# config.tams fields that train.py reads itself; the others are `tams.TamsConfig`'s.
+TAMS_RUN_FIELDS = ("adapt_cells", "overhead_steps")
+TAMS_PNG = "tams_ops.png"
+TAMS_OVERHEAD = "tams_overhead.json"
+
+
+def tams_config(cfg: Any) -> tams.TamsConfig | None:
+  """``config.tams`` as a `tams.TamsConfig`, or None when it is off (or absent, in configs older than TAMS)."""
+  if cfg is None or not cfg.get("enabled", False):
+    return None
+  return tams.TamsConfig(**{k: v for k, v in dict(cfg).items() if k not in TAMS_RUN_FIELDS})
+
+
+def with_cells(regex: str, cfg: Any) -> str:
+  """A fast-variable regex that also adapts the TAMS cells' weights (never the controller) when
+  ``config.tams.adapt_cells``: ``"(?:regex)|" + tams.FAST_REGEX``; ``regex`` itself otherwise."""
+  return f"(?:{regex})|{tams.FAST_REGEX}" if cfg.get("adapt_cells", True) else regex
+
+
+def init_tams(run: Run, params: dict, tcfg: tams.TamsConfig) -> dict:
+  """The ``'tams'`` collection (cells and controller) for ``run.model`` (built with `tams.attach`); its key is
+  folded from the "tarp" stream, so the other streams (and the runs without TAMS) are unchanged."""
+  if run.family.embedding is None or run.family.task_tokens is None:
+    raise ValueError(
+      f"config.tams.enabled=True, but the {run.family.model_type!r} family has no task embedding for TAMS "
+      "(Family.embedding / task_tokens); set config.tams.enabled=False."
+    )
+  collection = tams.init(jax.random.fold_in(run.rngs["tarp"], 1), run.model, tcfg)
+  n, base = tams.num_params(collection), tams.num_params(params)
+  log.info(
+    "TAMS: %d cells of %d edges x %d ops (width %d): %d parameters (controller %d) = %.2f%% of the base model's %d",
+    len(tams.cell_paths(collection)),
+    tams.num_edges(tcfg.nodes),
+    len(tcfg.ops),
+    tcfg.width,
+    n,
+    tams.num_params(collection["controller"]),
+    100 * n / base,
+    base,
+  )
+  return collection
+
+
+def tams_metrics(variables: dict, supports: Any, tcfg: tams.TamsConfig, family: models.Family) -> dict:
+  """Per edge: the operation the meta-batch's tasks pick, the entropy of its distribution and each operation's
+  probability, from the controller's softmax(logits) averaged over the tasks (the distribution Gumbel-max sampling
+  draws from, at any temperature). Keys ``tams/edge{e}_op`` (index into ``config.tams.ops``), ``_entropy``
+  (nats), ``_p_{op}``; with ``per_layer`` prefixed ``cell{c}_``.
+
+  Args:
+    variables: the variables with ``'params'`` and ``'tams'``.
+    supports: the meta-batch's support batches (leading task axis).
+    tcfg: the TAMS configuration.
+    family: the model family (its embedding and task tokens).
+  """
+  logits = jax.vmap(lambda s: tams.task_logits(variables, s, tcfg, family.embedding, family.task_tokens))(supports)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), -1).mean(0)  # [(cells,) edges, ops]
+  probs = probs.reshape(-1, *probs.shape[-2:])  # [cells or 1, edges, ops]
+  entropy = -(probs * jnp.log(jnp.maximum(probs, 1e-30))).sum(-1)
+  out = {}
+  for c in range(probs.shape[0]):
+    prefix = f"tams/cell{c}_" if tcfg.per_layer else "tams/"
+    for e in range(probs.shape[1]):
+      out[f"{prefix}edge{e}_op"] = jnp.argmax(probs[c, e]).astype(jnp.float32)
+      out[f"{prefix}edge{e}_entropy"] = entropy[c, e]
+      out.update({f"{prefix}edge{e}_p_{op}": probs[c, e, o] for o, op in enumerate(tcfg.ops)})
+  return out
+
+
+def _time_step(fn: Callable, state: TrainState, batch: Any, rng: jax.Array, n: int, shardings=None) -> float:
+  """Seconds per call of ``fn`` (a `jit_step`: it donates the state) over ``n`` calls after a compiling one; each
+  call gets a fresh copy of ``state`` (placed with ``shardings``), which is left as it was."""
+
+  def fresh():
+    copy = jax.tree.map(jnp.copy, state)
+    return copy if shardings is None else sharding.put_global(copy, shardings.state)
+
+  if shardings is not None:
+    batch = sharding.put_local(batch, shardings.batch)
+  jax.block_until_ready(fn(fresh(), batch, rng))
+  seconds = 0.0
+  for _ in range(n):
+    copy = jax.block_until_ready(fresh())
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(copy, batch, rng))
+    seconds += time.perf_counter() - t0
+  return seconds / n
+
+
+def param_overhead(variables: dict) -> dict:
+  """TAMS' parameters (cells and controller) against the base model's."""
+  base, extra = tams.num_params(variables["params"]), tams.num_params(variables["tams"])
+  return {"tams_params": extra, "base_params": base, "param_overhead": extra / base}
+
+
+def tams_overhead(
+  run: Run,
+  state: TrainState,
+  step_fn: Callable,
+  batch: dict,
+  inner: meta.InnerLoop,
+  config,
+  tcfg: tams.TamsConfig,
+  shardings: sharding.PhaseShardings | None = None,
+) -> dict:
+  """TAMS' parameter overhead and its meta-step time overhead, logged before meta-training and kept in
+  ``tams_overhead.json`` (read back when the phase resumes).
+
+  The time is ``config.tams.overhead_steps`` steps on ``batch`` (the first meta-batch) of the phase's jitted
+  ``step_fn`` (its compilation is the phase's) against the step without TAMS (the same variables less ``'tams'``,
+  the inner loop's regex without the cells), each after a compiling call; 0 steps: not measured.
+  """
+  path, cfg = run.workdir / TAMS_OVERHEAD, config.meta
+  out = param_overhead(state.variables)
+  if path.exists() and Checkpointer(run.workdir / "checkpoints" / "meta").latest_step():
+    return {**json.loads(path.read_text()), **out}
+  n = int(config.tams.get("overhead_steps", 0))
+  if n > 0:
+    plain = TrainState.create({k: v for k, v in state.variables.items() if k != "tams"}, meta_tx(cfg))
+    field = "config.meta.tasks_per_step"
+    plain_sh = None if run.mesh is None else sharding.phase_shardings(run.mesh, plain, batch, "tasks", field)
+    plain_fn = jit_step(meta_step_fn(run, dataclasses.replace(inner, fast_regex=cfg.fast_params), config), plain_sh)
+    out["step_seconds_plain"] = _time_step(plain_fn, plain, batch, run.rngs["meta"], n, plain_sh)
+    out["step_seconds_tams"] = _time_step(step_fn, state, batch, run.rngs["meta"], n, shardings)
+    out["step_time_overhead"] = out["step_seconds_tams"] / out["step_seconds_plain"] - 1
+  timing = (
+    f"{out['step_seconds_tams']:.3f} s against {out['step_seconds_plain']:.3f} s without TAMS "
+    f"({100 * out['step_time_overhead']:+.1f}%, mean of {n} steps each)"
+    if n > 0
+    else "time not measured (config.tams.overhead_steps=0)"
+  )
+  log.info(
+    "TAMS overhead: %d parameters = %.2f%% of the base model's %d; meta-step %s",
+    out["tams_params"],
+    100 * out["param_overhead"],
+    out["base_params"],
+    timing,
+  )
+  if sharding.is_main_process():
+    path.write_text(json.dumps(out, indent=2))
+  return out
+
+
+def plot_tams(workdir: Path, tcfg: tams.TamsConfig) -> Path:
+  """``workdir/tams_ops.png``: each operation's probability per edge (one panel per edge, per cell with
+  ``per_layer``) over meta-training, from the ``meta/tams/...`` entries of ``metrics.jsonl``."""
+  from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  rows = [r for r in rows if any(k.startswith("meta/tams/") for k in r)]
+  cells = len({k.split("_")[0] for r in rows for k in r if k.startswith("meta/tams/cell")}) or 1
+  edges = tams.CellSpec(tcfg.ops, tcfg.nodes).edges
+  fig = Figure(figsize=(3.2 * len(edges), 2.6 * cells), layout="constrained")
+  axes = fig.subplots(cells, len(edges), squeeze=False, sharey=True)
+  steps = [r["step"] for r in rows]
+  for c in range(cells):
+    prefix = f"meta/tams/cell{c}_" if tcfg.per_layer else "meta/tams/"
+    for e, (i, j) in enumerate(edges):
+      ax = axes[c, e]
+      for op in tcfg.ops:
+        ax.plot(steps, [r.get(f"{prefix}edge{e}_p_{op}", float("nan")) for r in rows], marker=".", label=op)
+      ax.set_title(f"{'cell %d ' % c if tcfg.per_layer else ''}edge {i}->{j}", fontsize=9)
+      ax.set_ylim(0, 1)
+      ax.set_xlabel("meta-step")
+  axes[0, 0].set_ylabel("P(op), mean over tasks")
+  axes[0, -1].legend(fontsize=7, loc="upper right")
+  path = workdir / TAMS_PNG
+  fig.savefig(path, dpi=80)
+  return path
+
+
+def tams_architectures(run: Run, variables: dict, tcfg: tams.TamsConfig, tasks: list) -> list[dict]:
+  """The fixed (argmax) architecture of each held-out task: ``{"name", "arch": {"i->j": op}}`` (with
+  ``per_layer``, ``"arch"`` is a list of such dicts, one per cell in `tams.cell_paths` order)."""
+  arrays = episodes.stack([episodes.task_arrays(run.encoder, t) for t in tasks])
+  logits_of = lambda s: tams.task_logits(variables, s, tcfg, run.family.embedding, run.family.task_tokens)  # noqa: E731
+  arch = jax.device_get(jax.jit(jax.vmap(lambda s: tams.discretize(logits_of(s))))(arrays["support"]))
+  edges = [f"{i}->{j}" for i, j in tcfg.spec.edges]
+
+  def named(row) -> dict:
+    return {edge: tcfg.ops[int(o)] for edge, o in zip(edges, row)}
+
+  return [{"name": t.name, "arch": [named(r) for r in a] if tcfg.per_layer else named(a)} for t, a in zip(tasks, arch)]
+
+
 def open_inputs(config, seed: int) -> tuple[tuple[Any, Any], models.Family]:
   """``((tokenizer, task source), model family)``, before any compute; when several inputs are missing (e.g. the
   hub model and the data directory on an offline machine) one error names them all."""
@@ -312,21 +547,51 @@ def open_inputs(config, seed: int) -> tuple[tuple[Any, Any], models.Family]:
   return out[0], out[1]
 
 
-def meta_test(run: Run, variables: dict, config) -> tuple[dict, str]:
+def eval_config(config, tcfg: tams.TamsConfig | None) -> Any:
+  """``config.eval``, with TAMS (``tcfg``) a copy whose methods' regexes also adapt the cells (`with_cells`)."""
+  if tcfg is None:
+    return config.eval
+  ecfg = ml_collections.ConfigDict(config.eval.to_dict())
+  ecfg.methods = {m: with_cells(regex, config.tams) for m, regex in config.eval.methods.items()}
+  return ecfg
+
+
+def meta_test(run: Run, variables: dict, config, tcfg: tams.TamsConfig | None = None) -> tuple[dict, str]:
   """Phase 3: the loss-based meta-test, then (with ``config.eval.decode.metrics``) decoding metrics at the chosen
-  setting, predictions written to ``predictions.jsonl``. Returns (the eval.json dict, the console report)."""
+  setting, predictions written to ``predictions.jsonl``. Returns (the eval.json dict, the console report).
+
+  With TAMS (``tcfg``) each held-out task adapts and decodes with its fixed argmax architecture (noise off, only
+  the chosen operations computed); the architectures of the test tasks go into the result's ``"tams"`` entry."""
   loss_fn = run.family.make_loss(run.model)
+  ecfg = eval_config(config, tcfg)
+  prepare = None
+  if tcfg is not None:
+    prepare = tams.make_prepare(tcfg, run.family.embedding, run.family.task_tokens, fixed=True)
   result = evaluate.meta_test(
-    loss_fn, run.encoder, variables, run.source, config.eval, run.rngs["eval"], shard=sharding.scorer_on(run.mesh)
+    loss_fn, run.encoder, variables, run.source, ecfg, run.rngs["eval"], sharding.scorer_on(run.mesh), prepare
   )
   result["workdir"] = str(run.workdir)
   report = evaluate.report(result)
+  if tcfg is not None:
+    chosen = tams_architectures(run, variables, tcfg, list(run.source.eval_tasks("test")))
+    distinct = collections.Counter(json.dumps(t["arch"], sort_keys=True) for t in chosen)
+    result["tams"] = {
+      "ops": list(tcfg.ops),
+      "edges": [f"{i}->{j}" for i, j in tcfg.spec.edges],
+      "per_layer": tcfg.per_layer,
+      "distinct_architectures": len(distinct),
+      "tasks": chosen,
+    }
+    top, count = distinct.most_common(1)[0]
+    report += (
+      f"\nTAMS: {len(distinct)} distinct architectures over {len(chosen)} test tasks; most common ({count}): {top}"
+    )
   dcfg = config.eval.get("decode")
   if dcfg is not None and dcfg.metrics:
-    inners = {m: evaluate.eval_inner(config.eval, m, regex) for m, regex in config.eval.methods.items()}
+    inners = {m: evaluate.eval_inner(ecfg, m, regex) for m, regex in ecfg.methods.items()}
     tasks = run.source.eval_tasks("test")
     result["decode"], records = decode_eval.decode_eval(
-      run.model, loss_fn, run.encoder, run.tokenizer, variables, tasks, result, inners, dcfg, run.rngs["eval"]
+      run.model, loss_fn, run.encoder, run.tokenizer, variables, tasks, result, inners, dcfg, run.rngs["eval"], prepare
     )
     if sharding.is_main_process():
       with open(run.workdir / "predictions.jsonl", "w") as f:
@@ -351,9 +616,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     sharding.check_divisible(config.meta.tasks_per_step, mesh, "config.meta.tasks_per_step")
   rngs = rng_streams(config.seed)
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
+  tcfg = tams_config(config.get("tams"))
+  if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
+    inner = dataclasses.replace(inner, fast_regex=with_cells(inner.fast_regex, config.tams))
   (tokenizer, source), family = open_inputs(config, data_seed(rngs["data"]))
   encoder = data.build_encoder(family.encoder, tokenizer, config.data)
   model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
+  if tcfg is not None:  # cells in every FFN sublayer; without a 'tams' collection (pretraining) the plain model
+    model = tams.attach(model, tcfg)
   run = Run(model, family, tokenizer, encoder, source, rngs, workdir, mesh)
   log.info(
     "model: %s (%s), %.2fM parameters; tokenizer: %d tokens; data: %s",
@@ -367,12 +637,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   variables = {"params": params}
   if config.pretrain.steps > 0:
     variables = pretrain(run, params, config, writer)
-  difference, tcfg = init_tarp(run, variables["params"], config.tarp)
+  difference, tarp_cfg = init_tarp(run, variables["params"], config.tarp)
   variables = {**variables, "tarp": difference}
+  if tcfg is not None:
+    variables = {**variables, "tams": init_tams(run, variables["params"], tcfg)}
   if inner is not None:
-    variables = meta_train(run, variables, inner, config, writer)
+    variables = meta_train(run, variables, inner, config, writer, tcfg)
   variables = sharding.put_global(variables, sharding.state_shardings(mesh, variables))  # onto the mesh in any case
-  result, report = meta_test(run, variables, config)
+  result, report = meta_test(run, variables, config, tcfg)
+  if tcfg is not None:  # the step time measured before meta-training (none without it)
+    measured = run.workdir / TAMS_OVERHEAD
+    timing = json.loads(measured.read_text()) if inner is not None and measured.exists() else {}
+    result["tams"]["overhead"] = {**timing, **param_overhead(variables)}
   if sharding.is_main_process():
     (workdir / "eval.json").write_text(json.dumps(result, indent=2))
   sel, k = result["select_by"][0], config.eval.adapt_steps
@@ -388,7 +664,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   writer.close()
   print(
     f"\nTrained in {workdir}: pretrain {config.pretrain.steps} steps, meta-train {config.meta.steps} steps "
-    f"({'first' if config.meta.first_order else 'second'}-order, TARP {tcfg.kind} r={tcfg.rank}).\n"
+    f"({'first' if config.meta.first_order else 'second'}-order, TARP {tarp_cfg.kind} r={tarp_cfg.rank}"
+    f"{', TAMS' if tcfg else ''}).\n"
     f"Held-out test tasks: mean perplexity ± s.e. after k adaptation steps.\n{report}\n"
     f"Wrote {workdir / 'eval.json'}, {workdir / 'metrics.jsonl'}, TensorBoard events in "
     f"{workdir / 'tensorboard'}, checkpoints in {workdir / 'checkpoints'}.",

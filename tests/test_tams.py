@@ -275,3 +275,48 @@ def test_t5_cached_decoder_equals_the_full_forward_with_tams():
   zero = tams.with_arch(variables, jnp.full((5,), SMALL.ops.index("zero")))  # the same compiled forward, no cell
   assert float(jnp.abs(ref - full(zero, src)).max()) > 1e-2
   np.testing.assert_allclose(full(variables, np.where(src_mask == 1, src, 7)), ref, atol=1e-6)  # padding unread
+
+
+# ---- the training pipeline ----------------------------------------------------------------------------------------
+
+
+def test_train_and_evaluate_with_tams(tmp_path):
+  """configs/multidomain_lm.py:tiny shrunk (2 + 2 steps, first order, 2 eval tasks, one rate), TAMS on with a
+  5-edge cell of 4 operations: the step metrics carry each edge's choice, entropy and probabilities, the plot is
+  written, eval.json has every test task's fixed architecture and the parameter overhead."""
+  from mltd_jax import train
+  from tests.test_main import metrics, tiny_config
+
+  cfg = tiny_config()
+  cfg.pretrain.steps, cfg.meta.steps, cfg.log_every = 2, 2, 1
+  cfg.meta.first_order, cfg.meta.inner_steps = True, 1  # the cheapest meta step to compile
+  cfg.eval.adapt_steps, cfg.data.facts.num_eval_tasks = 1, 2
+  cfg.eval.methods, cfg.eval.lr_grid, cfg.eval.select_by = {"tarp": "^tarp/"}, {"default": (0.3,)}, ("query",)
+  cfg.tams.enabled, cfg.tams.overhead_steps, cfg.tams.nodes = True, 0, 2  # no timing: one compile fewer
+  cfg.tams.ops = ops = ("linear", "conv3", "zero", "skip")
+  result = train.train_and_evaluate(cfg, tmp_path)
+
+  assert result["methods"]["tarp"]["fast_params"] == "(?:^tarp/)|" + tams.FAST_REGEX  # the cells adapt too
+  t = result["tams"]
+  assert t["ops"] == list(ops) and t["edges"] == ["0->2", "1->2", "0->3", "1->3", "2->3"]
+  assert [x["name"] for x in t["tasks"]] == [
+    x["name"] for x in result["methods"]["tarp"]["selections"]["query"]["tasks"]
+  ]
+  assert all(list(x["arch"]) == t["edges"] and set(x["arch"].values()) <= set(ops) for x in t["tasks"])
+  over = t["overhead"]
+  d, w, h, edges = 64, 8, 32, 5  # :tiny's d_model, config.tams.width and hidden; 2 cells (blocks)
+  cell = 3 * d * w + edges * (w * w + w) + edges * (3 * w * w + w)  # in_a, in_b, out; linear; conv3
+  assert over["tams_params"] == 2 * cell + (d * h + h + h * edges * len(ops) + edges * len(ops))  # + controller
+  assert over["param_overhead"] == pytest.approx(over["tams_params"] / over["base_params"])
+  assert "step_seconds_tams" not in over  # config.tams.overhead_steps=0
+
+  rows = [r for r in metrics(tmp_path) if "meta/query_loss" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    for e in range(5):
+      p = np.array([r[f"meta/tams/edge{e}_p_{op}"] for op in ops])
+      assert p.sum() == pytest.approx(1.0, abs=1e-5)
+      assert r[f"meta/tams/edge{e}_op"] == int(p.argmax())
+      assert r[f"meta/tams/edge{e}_entropy"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-4)
+  png = (tmp_path / "tams_ops.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
