@@ -2,6 +2,10 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a killed run never leaves a
 half-written checkpoint: the next run resumes from the last complete one.
+
+Sharded states (`mltd_jax.sharding`): every process calls `save` and `restore_or` (Orbax requires it: each host
+writes the shards it holds, process 0 the metadata), and a state restores into the shardings of the template it
+is given, whatever mesh saved it (a 4-device checkpoint restores on 1 device and on an FSDP mesh, and back).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.StandardSave(state))
 
   def restore_or(self, state: Any) -> Any:
-    """The latest saved state (with ``state``'s structure, dtypes and shardings), or ``state`` if none."""
+    """The latest saved state (with ``state``'s structure, dtypes and shardings), or ``state`` if none.
+
+    Place ``state`` on its mesh first (`sharding.put_global`): its arrays' shardings are the restore targets.
+    """
     step = self.latest_step()
     if step is None:
       return state

@@ -315,3 +315,13 @@ def test_remat_policy_reaches_the_blocks_and_keeps_the_gradients():
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_memory_plan_meshes_split_the_devices():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "benchmarks" / "memory_plan.py")
+  plan = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plan)
+  assert plan.default_meshes(8) == ["8x1", "4x2", "2x4", "1x8"] and plan.default_meshes(6) == ["6x1", "3x2"]
+  assert set(plan.MODELS) >= {"gpt2-xl", "t5-large"} and plan.MODELS["gpt2-xl"][1]["n_layer"] == 48
