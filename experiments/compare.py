@@ -7,12 +7,20 @@ For each seed:
   3. ``mltd_1st``: the same with first-order meta-training (FOMAML), the same number of meta-steps.
 Every method's adaptation learning rate is chosen per k on validation tasks (`mltd_jax.evaluate`).
 
+With ``--tams`` (issue #9) it compares, per seed, MLtD second order without and with TAMS at the same budget
+(same pretrained checkpoint, same meta-steps, tasks and inner loop): ``mltd_2nd`` pretrains and meta-trains,
+``mltd_2nd_tams`` starts from its pretraining checkpoint with ``config.tams.enabled=True`` (its inner loop and
+meta-test adapt TARP and the cells' weights); the tables add TAMS' parameter and meta-step time overhead and the
+architectures chosen for the test tasks.
+
   python experiments/compare.py --seeds 0 1 --out runs/compare
+  python experiments/compare.py --tams --seeds 0 1 2 --out runs/compare_tams
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import json
 import logging
@@ -34,7 +42,9 @@ def get_config(variant: str = "tiny"):
   return mod.get_config(variant)
 
 
-def run(name: str, seed: int, out: Path, **overrides) -> tuple[dict, float]:
+def run(name: str, seed: int, out: Path, pretrained: str = "multitask", **overrides) -> tuple[dict, float]:
+  """Train and meta-test run ``name`` of ``seed`` in ``out/seed<seed>/<name>`` with ``overrides`` ({dotted config
+  field: value}); every run but ``pretrained`` starts from the pretraining checkpoint of run ``pretrained``."""
   from mltd_jax import train
 
   cfg = get_config()
@@ -46,8 +56,8 @@ def run(name: str, seed: int, out: Path, **overrides) -> tuple[dict, float]:
       node = node[p]
     node[leaf] = value
   workdir = out / f"seed{seed}" / name
-  if name != "multitask":  # start meta-training from the multitask run's pretrained checkpoint
-    src = out / f"seed{seed}" / "multitask" / "checkpoints" / "pretrain"
+  if name != pretrained:  # start meta-training from that run's pretrained checkpoint
+    src = out / f"seed{seed}" / pretrained / "checkpoints" / "pretrain"
     dst = workdir / "checkpoints" / "pretrain"
     if not dst.exists():
       shutil.copytree(src, dst)
@@ -80,25 +90,79 @@ def markdown(table: dict, k_max: int, title: str) -> list[str]:
   return lines + [""]
 
 
+def baselines(seeds: list[int], out: Path, methods: dict, seconds: dict) -> dict:
+  """The multitask baselines and MLtD first and second order, per seed (the default comparison); returns the last
+  meta-test result (for its settings)."""
+  for seed in seeds:
+    base, t = run("multitask", seed, out, **{"meta.steps": 0})
+    methods.setdefault("full fine-tuning (multitask)", []).append(base["methods"]["full"])
+    methods.setdefault("TARP, no meta-training (multitask)", []).append(base["methods"]["tarp"])
+    for name, first in (("mltd_2nd", False), ("mltd_1st", True)):
+      res, t = run(name, seed, out, **{"meta.first_order": first, "eval.methods": {"tarp": "^tarp/"}})
+      label = f"MLtD {'first' if first else 'second'}-order (TARP)"
+      methods.setdefault(label, []).append(res["methods"]["tarp"])
+      seconds.setdefault(label, []).append(t)
+  return base
+
+
+TAMS_LABEL = "MLtD second-order (TARP + TAMS)"
+
+
+def with_tams(seeds: list[int], out: Path, methods: dict, seconds: dict, extra: dict) -> dict:
+  """MLtD second order without and with TAMS, per seed, at the same budget; ``extra["tams"]`` gets each seed's
+  overhead and chosen architectures. Returns the last meta-test result."""
+  for seed in seeds:
+    for name, on in (("mltd_2nd", False), ("mltd_2nd_tams", True)):
+      res, t = run(name, seed, out, "mltd_2nd", **{"tams.enabled": on, "eval.methods": {"tarp": "^tarp/"}})
+      label = TAMS_LABEL if on else "MLtD second-order (TARP)"
+      methods.setdefault(label, []).append(res["methods"]["tarp"])
+      seconds.setdefault(label, []).append(t)
+      if on:
+        extra.setdefault("tams", []).append({"seed": seed, **res["tams"]})
+  return res
+
+
+def tams_lines(per_seed: list[dict]) -> list[str]:
+  """Markdown: TAMS' parameter and meta-step time overhead per seed, and the test tasks' architectures."""
+  head = ["seed", "TAMS params", "base params", "param overhead", "step s without", "step s with", "step-time overhead"]
+  lines = [
+    "",
+    "**TAMS overhead** (parameters: cells + controller against the base model; meta-step time measured on the first "
+    "meta-batch before meta-training, `config.tams.overhead_steps` steps each, on the shared 2-core CPU)",
+    "",
+    "| " + " | ".join(head + ["distinct test architectures"]) + " |",
+    "|---" * (len(head) + 1) + "|",
+  ]
+  for r in per_seed:
+    o = r["overhead"]
+    lines.append(
+      f"| {r['seed']} | {o['tams_params']:,} | {o['base_params']:,} | {100 * o['param_overhead']:.2f}% | "
+      f"{o.get('step_seconds_plain', float('nan')):.3f} | {o.get('step_seconds_tams', float('nan')):.3f} | "
+      f"{100 * o.get('step_time_overhead', float('nan')):+.1f}% | {r['distinct_architectures']} of {len(r['tasks'])} |"
+    )
+  for r in per_seed:
+    counts = collections.Counter(json.dumps(t["arch"]) for t in r["tasks"])
+    arch, n = counts.most_common(1)[0]
+    lines.append(f"\nSeed {r['seed']}: most common test-task architecture ({n} of {len(r['tasks'])} tasks): `{arch}`")
+  return lines
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   p.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+  p.add_argument("--tams", action="store_true", help="MLtD second order without and with TAMS (issue #9)")
   a = p.parse_args()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   methods: dict[str, list[dict]] = {}
   seconds: dict[str, list[float]] = {}
-  for seed in a.seeds:
-    base, t = run("multitask", seed, a.out, **{"meta.steps": 0})
-    methods.setdefault("full fine-tuning (multitask)", []).append(base["methods"]["full"])
-    methods.setdefault("TARP, no meta-training (multitask)", []).append(base["methods"]["tarp"])
-    for name, first in (("mltd_2nd", False), ("mltd_1st", True)):
-      res, t = run(name, seed, a.out, **{"meta.first_order": first, "eval.methods": {"tarp": "^tarp/"}})
-      label = f"MLtD {'first' if first else 'second'}-order (TARP)"
-      methods.setdefault(label, []).append(res["methods"]["tarp"])
-      seconds.setdefault(label, []).append(t)
+  extra: dict[str, list] = {}
+  if a.tams:
+    base = with_tams(a.seeds, a.out, methods, seconds, extra)
+  else:
+    base = baselines(a.seeds, a.out, methods, seconds)
   k_max = base["adapt_steps"]
   names = {
     "query": "Overall query perplexity",
@@ -127,10 +191,13 @@ def main() -> None:
       "Wall time per run (pretraining restored, meta-training + meta-testing): "
       + "; ".join(f"{m}: {np.mean(s):.0f} s" for m, s in seconds.items()),
     ]
+  if "tams" in extra:
+    lines += tams_lines(extra["tams"])
   text = "\n".join(lines)
   a.out.mkdir(parents=True, exist_ok=True)
   (a.out / "compare.md").write_text(text + "\n")
-  (a.out / "compare.json").write_text(json.dumps({"seeds": a.seeds, "tables": tables, "seconds": seconds}, indent=2))
+  summary = {"seeds": a.seeds, "tables": tables, "seconds": seconds, **extra}
+  (a.out / "compare.json").write_text(json.dumps(summary, indent=2))
   print(text)
 
 
