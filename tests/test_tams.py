@@ -294,6 +294,7 @@ def test_train_and_evaluate_with_tams(tmp_path):
   cfg.eval.methods, cfg.eval.lr_grid, cfg.eval.select_by = {"tarp": "^tarp/"}, {"default": (0.3,)}, ("query",)
   cfg.tams.enabled, cfg.tams.overhead_steps, cfg.tams.nodes = True, 0, 2  # no timing: one compile fewer
   cfg.tams.ops = ops = ("linear", "conv3", "zero", "skip")
+  cfg.model.init.n_layer = 1  # one block, one cell
   result = train.train_and_evaluate(cfg, tmp_path)
 
   assert result["methods"]["tarp"]["fast_params"] == "(?:^tarp/)|" + tams.FAST_REGEX  # the cells adapt too
@@ -304,9 +305,9 @@ def test_train_and_evaluate_with_tams(tmp_path):
   ]
   assert all(list(x["arch"]) == t["edges"] and set(x["arch"].values()) <= set(ops) for x in t["tasks"])
   over = t["overhead"]
-  d, w, h, edges = 64, 8, 32, 5  # :tiny's d_model, config.tams.width and hidden; 2 cells (blocks)
+  d, w, h, edges = 64, 8, 32, 5  # :tiny's d_model, config.tams.width and hidden; one cell
   cell = 3 * d * w + edges * (w * w + w) + edges * (3 * w * w + w)  # in_a, in_b, out; linear; conv3
-  assert over["tams_params"] == 2 * cell + (d * h + h + h * edges * len(ops) + edges * len(ops))  # + controller
+  assert over["tams_params"] == cell + (d * h + h + h * edges * len(ops) + edges * len(ops))  # + controller
   assert over["param_overhead"] == pytest.approx(over["tams_params"] / over["base_params"])
   assert "step_seconds_tams" not in over  # config.tams.overhead_steps=0
 
