@@ -82,11 +82,23 @@ def make_mesh(cfg: Any, devices: list | None = None) -> Mesh:
       f"all {len(devices)} devices (config.mesh.tasks=-1)."
     )
   devices = devices[: tasks * model]
-  try:  # topology-aware order on TPU and GPU; process-major in any case
-    grid = mesh_utils.create_device_mesh((tasks, model), devices)
+  return Mesh(_device_grid(tasks, model, devices), AXES)
+
+
+def _device_grid(tasks: int, model: int, devices: list) -> np.ndarray:
+  """[tasks, model] devices: topology-aware within a host; across hosts process-major along ``tasks`` (each host
+  holds a contiguous block of tasks, the rows it builds itself) and the ``model`` axis inside every host."""
+  hosts = jax.process_count()
+  if hosts > 1:
+    if tasks % hosts:
+      raise ValueError(
+        f"config.mesh.tasks={tasks} must be a multiple of the {hosts} hosts (the model axis stays inside a host)."
+      )
+    return mesh_utils.create_hybrid_device_mesh((tasks // hosts, model), (hosts, 1), devices, process_is_granule=True)
+  try:  # topology-aware order on TPU and GPU
+    return mesh_utils.create_device_mesh((tasks, model), devices)
   except (AssertionError, NotImplementedError, ValueError, AttributeError):
-    grid = np.asarray(devices).reshape(tasks, model)
-  return Mesh(grid, AXES)
+    return np.asarray(devices).reshape(tasks, model)
 
 
 def describe(mesh: Mesh) -> str:
@@ -185,7 +197,21 @@ def phase_shardings(mesh: Mesh, state: Any, batch: Any, kind: str, field: str) -
     check_divisible(n, mesh, field)
   else:
     check_divisible(n, mesh, field, AXES, what=f"a pretraining batch of {n} examples (tasks x examples; {field})")
+  rows = NamedSharding(mesh, P("tasks" if kind == "tasks" else AXES))
+  if process_rows(rows, n) != process_part(n, field):  # what put_local assumes of the mesh (`make_mesh`)
+    raise ValueError(f"process {jax.process_index()} does not hold one contiguous block of the {n} rows of {field}.")
   return PhaseShardings(state_shardings(mesh, state), batch_shardings(mesh, batch, kind), replicated(mesh))
+
+
+def process_rows(rows: NamedSharding, n: int) -> slice | None:
+  """The rows of a leading axis of ``n`` that this process's devices hold under ``rows``, if one block."""
+  spans = sorted({(i[0].start or 0, i[0].stop or n) for i in rows.addressable_devices_indices_map((n,)).values()})
+  merged = [list(spans[0])]
+  for start, stop in spans[1:]:
+    if start > merged[-1][1]:
+      merged.append([start, stop])
+    merged[-1][1] = max(merged[-1][1], stop)
+  return slice(*merged[0]) if len(merged) == 1 else None
 
 
 def leading_dim(tree: Any) -> int:
