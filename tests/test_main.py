@@ -111,14 +111,6 @@ def test_main_end_to_end_then_resume(tmp_path):
   assert "pretrain: resuming from step 20" in third.stderr + third.stdout  # the pretraining phase itself resumed
 
 
-def test_pretraining_resumes(tmp_path):
-  wd = tmp_path / "pre"
-  run_main(wd, "--config.pretrain.steps=10", "--config.meta.steps=0")
-  second = run_main(wd, "--config.pretrain.steps=20", "--config.meta.steps=0")
-  assert "pretrain: resuming from step 10" in second.stderr + second.stdout
-  assert [r["step"] for r in metrics(wd) if "pretrain/loss" in r] == [5, 10, 15, 20]
-
-
 def test_nan_loss_stops_with_a_message(tmp_path):
   proc = run_main(
     tmp_path / "nan",
@@ -146,10 +138,20 @@ def test_misspelt_config_field_is_named(tmp_path):
   ],
 )
 def test_bad_config_values_name_the_field(tmp_path, field, value, message):
-  proc = run_main(
-    tmp_path / "bad", f"--config.{field}={value}", "--config.pretrain.steps=0", "--config.meta.steps=0", check=False
-  )
-  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  """In process (CI time): the error train_and_evaluate raises names the field; main prints it (the misspelt-field
+  test above goes through main)."""
+  from mltd_jax import train
+
+  cfg = tiny_config()
+  cfg.pretrain.steps = cfg.meta.steps = 0
+  *parents, leaf = field.split(".")
+  node = cfg
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises((ValueError, OSError)) as error:
+    train.train_and_evaluate(cfg, tmp_path / "bad")
+  assert message in str(error.value)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
@@ -157,7 +159,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
   import time
 
   wd = tmp_path / "killed"
-  args = ["--config.pretrain.steps=400", "--config.meta.steps=0", "--config.checkpoint_every=10"]
+  args = ["--config.pretrain.steps=200", "--config.meta.steps=0", "--config.checkpoint_every=10"]
   cmd = [
     sys.executable,
     "-m",
@@ -175,11 +177,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
   proc.send_signal(signal.SIGKILL)  # no chance to clean up
   proc.wait()
   saved = sorted(int(p.name) for p in ckpts.glob("*") if p.name.isdigit())
-  assert saved and saved[-1] < 400, saved
+  assert saved and saved[-1] < 200, saved
   again = run_main(wd, *args)  # the same command again
   log = again.stderr + again.stdout
   assert f"pretrain: resuming from step {saved[-1]}" in log, log[-2000:]
-  assert int(checkpoint.load(ckpts)["step"]) == 400
+  assert int(checkpoint.load(ckpts)["step"]) == 200
 
 
 def test_restoring_a_state_of_another_structure_names_the_directory(tmp_path):
