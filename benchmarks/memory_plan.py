@@ -122,7 +122,8 @@ def abstract_step(a: argparse.Namespace, layers: int = 0):
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shs
   )
   inner = meta.InnerLoop(steps=a.inner, lr=5e-4, first_order=a.order == 1, remat=bool(a.inner_remat))
-  step = meta.make_meta_step(family.make_loss(model), tx, inner, task_chunk=a.task_chunk, task_groups=tasks)
+  groups = sharding.task_groups(mesh, a.tasks)
+  step = meta.make_meta_step(family.make_loss(model), tx, inner, task_chunk=a.task_chunk, task_groups=groups)
   sizes = [sum(x.size for x in jax.tree.leaves(t)) for t in (params, diff)]
   return place(state, sh.state), place(batch, sh.batch), train.jit_step(step, sh), sizes
 

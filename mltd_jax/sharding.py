@@ -6,8 +6,9 @@ current JAX: the steps are jitted with `NamedSharding` in/out shardings and XLA'
 vmapped tasks over the ``tasks`` axis (each device adapts its own tasks; the meta-gradient's mean over tasks is an
 all-reduce), so the result equals the single-device one up to float summation order.
 
-* Meta-batches (leaves [tasks, examples, ...]): the task axis on ``tasks``; the example axis on ``model`` when
-  that axis is > 1 and divides it (data parallel inside a task group, as FSDP does).
+* Meta-batches (leaves [tasks, examples, ...]): the task axis on ``tasks``. With a ``model`` axis (FSDP), every
+  device gets its own tasks when they divide over all devices (data parallel over both axes, as FSDP/ZeRO-3 is),
+  else the example axis goes on ``model`` when it divides (`task_spec`).
 * Pretraining batches (leaves [examples, ...]): the example axis on all devices (``tasks`` x ``model``).
 * Meta-test chunks (``config.eval.tasks_per_batch`` tasks): like meta-batches when the chunk divides over the
   ``tasks`` axis, else replicated (with a warning).
@@ -153,24 +154,45 @@ def state_shardings(mesh: Mesh, state: Any) -> Any:
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size)), state)
 
 
-def task_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-  """A leaf [tasks, examples, ...] of a meta-batch: tasks on ``tasks``, examples on ``model`` if it divides them."""
-  model = mesh.shape["model"]
-  if model > 1 and len(shape) > 1 and shape[1] % model == 0:
-    return NamedSharding(mesh, P("tasks", "model"))
-  return NamedSharding(mesh, P("tasks"))
+def task_spec(tasks_axis: int, model_axis: int, n_tasks: int, n_examples: int | None) -> P:
+  """Where a meta-batch leaf [n_tasks, n_examples, ...] goes on a (tasks_axis, model_axis) mesh.
+
+  Without a model axis: the tasks over ``tasks``. With one (FSDP): every device its own tasks when they divide over
+  all devices (data parallel over ``tasks`` x ``model``, the state sharded over ``model``: ZeRO-3); else the tasks
+  over ``tasks`` and the examples over ``model`` when it divides them; else the tasks over ``tasks`` only.
+  """
+  if model_axis > 1 and n_tasks % (tasks_axis * model_axis) == 0:
+    return P(AXES)
+  if model_axis > 1 and n_examples is not None and n_examples % model_axis == 0:
+    return P("tasks", "model")
+  return P("tasks")
 
 
-def example_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+def task_groups(mesh: Mesh, n_tasks: int) -> int:
+  """Into how many blocks `task_spec` splits ``n_tasks`` tasks: `meta.make_meta_step`'s ``task_groups``."""
+  return (
+    mesh.size if task_spec(mesh.shape["tasks"], mesh.shape["model"], n_tasks, None) == P(AXES) else mesh.shape["tasks"]
+  )
+
+
+def example_sharding(mesh: Mesh) -> NamedSharding:
   """A leaf [examples, ...] of a pretraining batch: examples over every device."""
-  del shape
   return NamedSharding(mesh, P(AXES))
 
 
-def batch_shardings(mesh: Mesh, batch: Any, kind: str) -> Any:
-  """Shardings for every leaf of ``batch``: ``kind`` "tasks" (meta-batches, task chunks) or "examples"."""
-  rule = {"tasks": task_sharding, "examples": example_sharding}[kind]
-  return jax.tree.map(lambda x: rule(mesh, np.shape(x)), batch)
+def batch_shardings(mesh: Mesh, batch: Any, kind: str, n: int | None = None) -> Any:
+  """Shardings for every leaf of ``batch``: ``kind`` "tasks" (meta-batches, task chunks: `task_spec`) or
+  "examples" (pretraining); ``n`` is the global size of the leading axis (default: this process's x processes)."""
+  if kind == "examples":
+    return jax.tree.map(lambda x: example_sharding(mesh), batch)
+  n = n or leading_dim(batch) * jax.process_count()
+  sizes = mesh.shape["tasks"], mesh.shape["model"]
+
+  def one(x):
+    shape = np.shape(x)
+    return NamedSharding(mesh, task_spec(*sizes, n, shape[1] if len(shape) > 1 else None))
+
+  return jax.tree.map(one, batch)
 
 
 class PhaseShardings(NamedTuple):
@@ -197,10 +219,11 @@ def phase_shardings(mesh: Mesh, state: Any, batch: Any, kind: str, field: str) -
     check_divisible(n, mesh, field)
   else:
     check_divisible(n, mesh, field, AXES, what=f"a pretraining batch of {n} examples (tasks x examples; {field})")
-  rows = NamedSharding(mesh, P("tasks" if kind == "tasks" else AXES))
+  shardings = batch_shardings(mesh, batch, kind, n)
+  rows = NamedSharding(mesh, P(jax.tree.leaves(shardings)[0].spec[0]))  # the leading axis
   if process_rows(rows, n) != process_part(n, field):  # what put_local assumes of the mesh (`make_mesh`)
     raise ValueError(f"process {jax.process_index()} does not hold one contiguous block of the {n} rows of {field}.")
-  return PhaseShardings(state_shardings(mesh, state), batch_shardings(mesh, batch, kind), replicated(mesh))
+  return PhaseShardings(state_shardings(mesh, state), shardings, replicated(mesh))
 
 
 def process_rows(rows: NamedSharding, n: int) -> slice | None:
@@ -280,7 +303,7 @@ def scorer_on(mesh: Mesh) -> Callable[[Callable], Callable]:
     def run(variables, tasks, keys, lr):
       n = keys.shape[0]
       if n % size == 0:
-        shard = lambda tree: batch_shardings(mesh, tree, "tasks")  # noqa: E731
+        shard = lambda tree: batch_shardings(mesh, tree, "tasks", n)  # noqa: E731
       else:
         if not warned:
           log.warning(

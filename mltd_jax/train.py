@@ -257,7 +257,7 @@ def meta_step_fn(run: Run, inner: meta.InnerLoop, config, tcfg: tams.TamsConfig 
   """The (unjitted) meta step of ``config.meta``; with ``tcfg`` TAMS' prepare samples each task's architecture and
   the metrics carry the controller's per-edge choices (`tams_metrics`)."""
   cfg = config.meta
-  groups = 1 if run.mesh is None else run.mesh.shape["tasks"]  # task chunks are mapped on each device
+  groups = 1 if run.mesh is None else sharding.task_groups(run.mesh, cfg.tasks_per_step)  # chunks map per device
   loss_fn = run.family.make_loss(run.model)
   prepare = None if tcfg is None else tams.make_prepare(tcfg, run.family.embedding, run.family.task_tokens)
   step_fn = meta.make_meta_step(

@@ -66,7 +66,7 @@ def on(mesh_cfg, chunk):
   state = TrainState.create(VARIABLES, TX)
   sh = sharding.phase_shardings(mesh, state, BATCHES[0], "tasks", "config.meta.tasks_per_step")
   shardings = (sh.state.variables, sh.batch, sh.replicated)
-  groups = mesh.shape["tasks"]  # as train.meta_train passes it
+  groups = sharding.task_groups(mesh, 4)  # as train.meta_train passes it
   step = meta.make_meta_step(LOSS, TX, INNER, task_chunk=chunk, task_groups=groups)
   per_task = lambda v, b, r: meta.meta_loss(LOSS, v, b, INNER, r, chunk, task_groups=groups)[1]
   return mesh, sh, train.jit_step(step, sh), jax.jit(per_task, in_shardings=shardings)
@@ -114,6 +114,15 @@ for name, mesh_cfg, chunk in [("one", dict(tasks=1), 0), ("four", {}, 0), ("fsdp
     "grad_norm": float(metrics["grad_norm"]),
   }
 
+# meta.map_tasks with task_chunk 1 over a task axis sharded on 2 devices: each maps over its own 4 tasks.
+two = sharding.make_mesh(dict(sharding.DEFAULT, tasks=2))
+x = jax.device_put(jnp.arange(32.0).reshape(8, 4), jax.sharding.NamedSharding(two, jax.sharding.PartitionSpec("tasks")))
+mapped = jax.jit(lambda x: meta.map_tasks(lambda t: jnp.sin(t).sum(), x, 1, task_groups=2))
+out["map_tasks"] = {
+  "spec": str(mapped(x).sharding.spec),
+  "gathers": "all-gather" in mapped.lower(x).compile().as_text(),
+  "diff": max_diff(mapped(x), jnp.sin(x).sum(1)),
+}
 lap("meshes")
 # Checkpoints across device counts: 4 devices -> 1, and 1 -> FSDP (2 x 2); each continues one step.
 def save(state, name):
@@ -213,16 +222,21 @@ def test_four_devices_match_one_and_tasks_are_sharded(report):
   assert four["state_specs"] == ["P()"] and four["metrics_spec"] == ["P()"]
 
 
+def test_task_chunks_are_mapped_on_their_own_devices(report):
+  assert report["map_tasks"] == {"spec": "P('tasks',)", "gathers": False, "diff": 0.0}
+
+
 def test_fsdp_shards_parameters_and_optimizer_state_and_matches(report):
-  """FSDP mesh (tasks=2 x model=2) with meta.task_chunk=1: the per-task losses stay sharded (2 tasks per group)."""
+  """FSDP mesh (tasks=2 x model=2) with meta.task_chunk=1."""
   fsdp = report["fsdp"]
   assert fsdp["describe"].startswith("4 devices, axes tasks=2, model=2")
   # wte [13, 8]: 13 is odd, so the embedding dimension is split; Adam's moments follow their parameters.
   assert fsdp["wte_spec"] == "P(None, 'model')"
   assert "P(None, 'model')" in fsdp["state_specs"] and "P('model',)" in fsdp["state_specs"]
   assert "P(None, 'model')" in fsdp["opt_specs"]
-  assert fsdp["per_task_spec"] == "P('tasks',)" and fsdp["per_task_shard_shapes"] == [[2]]
-  assert fsdp["batch_spec"] == ["P('tasks', 'model')"] and fsdp["batch_shard_shapes"] == [[2, 1, 8]]
+  # 4 tasks over 4 devices: each device its own task (data parallel over both axes), the state over "model".
+  assert fsdp["per_task_spec"] == "P(('tasks', 'model'),)" and fsdp["per_task_shard_shapes"] == [[1]]
+  assert fsdp["batch_spec"] == ["P(('tasks', 'model'),)"] and fsdp["batch_shard_shapes"] == [[1, 2, 8]]
   assert fsdp["grad_diff"] < 1e-5 and fsdp["state_diff"] < 1e-5
 
 
@@ -267,6 +281,13 @@ def test_run_logs_its_mesh_and_rejects_indivisible_tasks(report):
 )
 def test_fsdp_rule(shape, size, spec):
   assert sharding.fsdp_spec(shape, size) == spec
+
+
+def test_task_spec_rule():
+  assert sharding.task_spec(4, 1, 8, 2) == P("tasks")
+  assert sharding.task_spec(2, 2, 4, 2) == P(("tasks", "model"))  # every device its own task
+  assert sharding.task_spec(2, 2, 2, 4) == P("tasks", "model")  # 2 tasks on 4 devices: examples over model
+  assert sharding.task_spec(2, 2, 2, 3) == P("tasks")
 
 
 def test_mesh_config_errors_name_the_field():
