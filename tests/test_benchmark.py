@@ -12,10 +12,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_step.py"
 
 def test_meta_step_benchmark_prints_json_lines(tmp_path):
   tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--steps=1"]
-  cmd = [sys.executable, str(SCRIPT), *tiny, "--inner", "2", "--order", "2", "1", "--remat", "1"]
+  cmd = [sys.executable, str(SCRIPT), *tiny, "--inner", "2", "--order", "2", "--remat", "1"]  # one setting: CI time
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
   rows = [json.loads(line) for line in out.stdout.splitlines()]
-  assert [(r["order"], r["remat"], r["inner"]) for r in rows] == [(2, True, 2), (1, True, 2)], out.stderr
+  assert [(r["order"], r["remat"], r["inner"]) for r in rows] == [(2, True, 2)], out.stderr
   for r in rows:
     assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_mb"] > 0 and r["xla_temp_mb"] is not None
 
