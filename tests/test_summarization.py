@@ -91,7 +91,7 @@ def test_tiny_end_to_end_adaptation_raises_rouge(tmp_path):
 
   config = adaptsum_config("tiny")
   config.data.facts.num_eval_tasks = 4
-  config.pretrain.steps, config.meta.steps, config.log_every = 150, 10, 10
+  config.pretrain.steps, config.meta.steps, config.log_every = 100, 10, 10
   config.eval.methods = {"tarp": "^tarp/"}  # one method: half the compilations
   result = train.train_and_evaluate(config, tmp_path)
   decoded = json.loads((tmp_path / "eval.json").read_text())["decode"]
