@@ -5,6 +5,7 @@ Paper setup (needs the hub model `t5-small` or a local save_pretrained directory
   python -m mltd_jax.main --config=configs/adaptsum.py --workdir=runs/adaptsum \
       --config.data.adaptsum.root=/path/to/AdaptSum/data
   # hold out another domain:  --config=configs/adaptsum.py:domain=email   (or --config.data.adaptsum.test_domain)
+  # each domain in turn: one run per :domain=NAME (README has the loop); eval.json of each has its ROUGE
   # t5-base:                  --config.model.name_or_dir=t5-base --config.data.tokenizer=t5-base
 Meta-training draws tasks from the five other domains' training data; the held-out domain adapts on its
 low-resource split (AdaptSum300sample) and is scored on its test split: query loss, and ROUGE-1/2/L of beam-search
