@@ -63,3 +63,15 @@ def cached_logits(model, variables, ids, mask, new, slots):
 
   _, rest = jax.lax.scan(step, cache, (new.T, jnp.arange(new.shape[1])))  # rest [n, b, V]
   return jnp.concatenate([first[:, None], rest.transpose(1, 0, 2)], 1)
+
+
+def experiment_config(name: str, arg: str | None = None):
+  """``configs/<name>.py``'s ``get_config(arg)``, loaded by path as absl's config_flags does."""
+  import importlib.util
+  from pathlib import Path
+
+  path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -1,6 +1,5 @@
 """Dialogue personalization end to end (configs/personachat.py): hits@1, BLEU, the :tiny run, real-format files."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,15 +9,13 @@ import sacrebleu
 
 from mltd_jax import decode_eval
 from mltd_jax.data.tasks import Task
+from tests.helpers import experiment_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def personachat_config(arg=None):
-  spec = importlib.util.spec_from_file_location("personachat", ROOT / "configs" / "personachat.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return experiment_config("personachat", arg)
 
 
 def shrink(config, steps=2):

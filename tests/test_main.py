@@ -1,6 +1,5 @@
 """End-to-end runs of `python -m mltd_jax.main` on the :tiny config (shrunk), in subprocesses like a user."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mltd_jax import checkpoint
+from tests.helpers import experiment_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -23,10 +23,7 @@ SMALL = [
 
 def tiny_config():
   """configs/multidomain_lm.py:tiny as a ConfigDict, shrunk like SMALL (for in-process runs)."""
-  spec = importlib.util.spec_from_file_location("multidomain_lm", ROOT / "configs" / "multidomain_lm.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("tiny")
+  cfg = experiment_config("multidomain_lm", "tiny")
   for override in SMALL:
     dotted, value = override.removeprefix("--config.").split("=")
     *parents, leaf = dotted.split(".")

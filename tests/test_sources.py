@@ -1,7 +1,6 @@
 """AdaptSum, JSONL pairs and TFDS task sources on tiny files the tests write: task semantics and clear errors."""
 
 import json
-from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -244,13 +243,10 @@ def test_tfds_prepared_array_record_and_errors(tmp_path):
 def test_adaptsum_table3_protocol_uses_whole_held_out_splits(tmp_path):
   """configs/multidomain_lm.py:adaptsum: one episode of the held-out domain with its whole low-resource training
   split as support and its whole test split as query, in file order; texts for the causal LM."""
-  import importlib.util
+  from tests.helpers import experiment_config
 
   root = adaptsum_tree(tmp_path)
-  spec = importlib.util.spec_from_file_location("mdlm", Path(__file__).parents[1] / "configs" / "multidomain_lm.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("adaptsum")
+  cfg = experiment_config("multidomain_lm", "adaptsum")
   assert (cfg.eval.lr_schedule, cfg.eval.optimizer, cfg.data.adaptsum.mode) == ("linear", "adam", "text")
   cfg.data.adaptsum.update(root=str(root), domains=("dialog", "email", "science"), support_size=2, query_size=2)
   cfg.data.tokenizer = "bytes"

@@ -1,6 +1,5 @@
 """Summarization (issue: AdaptSum with T5): text metrics, decoding metrics after adaptation, configs/adaptsum.py."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,15 +11,13 @@ from rouge_score import rouge_scorer
 
 from mltd_jax import decode_eval, text_metrics
 from mltd_jax.data.tasks import Task
+from tests.helpers import experiment_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def adaptsum_config(arg=None):
-  spec = importlib.util.spec_from_file_location("adaptsum", ROOT / "configs" / "adaptsum.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return experiment_config("adaptsum", arg)
 
 
 def direct_rouge(preds, refs):
