@@ -132,3 +132,6 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.eval.decode.num_beams = 4
   c.eval.decode.max_new_tokens = 8
   c.eval.decode.batch_size = 0
+  c.tams.width = 8  # d_model / 8, as the paper's 768 -> 64 (TAMS stays off unless config.tams.enabled=True)
+  c.tams.hidden = 32
+  c.tams.anneal_steps = 150  # = config.meta.steps

@@ -13,8 +13,12 @@ With ``--tams`` (issue #9) it compares, per seed, MLtD second order without and 
 meta-test adapt TARP and the cells' weights); the tables add TAMS' parameter and meta-step time overhead and the
 architectures chosen for the test tasks.
 
+``--config FILE:VARIANT`` picks the setting (default ``multidomain_lm:tiny``; ``adaptsum:tiny`` is the summarization
+one, whose runs also decode: the tables then add ROUGE of the test summaries before and after adaptation).
+
   python experiments/compare.py --seeds 0 1 --out runs/compare
   python experiments/compare.py --tams --seeds 0 1 2 --out runs/compare_tams
+  python experiments/compare.py --tams --config adaptsum:tiny --seeds 0 1 2 --out runs/compare_tams_adaptsum
 """
 
 from __future__ import annotations
@@ -35,11 +39,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python experiments/compare.py`
 
 
-def get_config(variant: str = "tiny"):
-  spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / "multidomain_lm.py")
+CONFIG = "multidomain_lm:tiny"  # set by --config: configs/<file>.py and its variant
+
+
+def get_config(name: str | None = None):
+  """``configs/<file>.py``'s ``get_config(<variant>)`` for ``name`` = ``"<file>:<variant>"`` (default: `CONFIG`)."""
+  file, _, variant = (name or CONFIG).partition(":")
+  path = ROOT / "configs" / f"{file}.py"
+  if not path.exists():
+    raise FileNotFoundError(f"--config {name or CONFIG!r}: no {path}; use <file>:<variant> of a file in configs/.")
+  spec = importlib.util.spec_from_file_location("cfg", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  return mod.get_config(variant or None)
 
 
 def run(name: str, seed: int, out: Path, pretrained: str = "multitask", **overrides) -> tuple[dict, float]:
@@ -105,6 +117,7 @@ def baselines(seeds: list[int], out: Path, methods: dict, seconds: dict) -> dict
   return base
 
 
+SELECTION_NAMES = {"query": "overall query loss", "query_focus": "fact-object loss"}
 TAMS_LABEL = "MLtD second-order (TARP + TAMS)"
 
 
@@ -119,7 +132,37 @@ def with_tams(seeds: list[int], out: Path, methods: dict, seconds: dict, extra: 
       seconds.setdefault(label, []).append(t)
       if on:
         extra.setdefault("tams", []).append({"seed": seed, **res["tams"]})
+      if "decode" in res:
+        extra.setdefault("decode", {}).setdefault(label, []).append(decoded(res, "tarp"))
   return res
+
+
+def decoded(res: dict, method: str) -> dict:
+  """A run's decoding scores (mean over domains) before and after ``method``'s adaptation at its chosen setting."""
+  d = res["decode"]
+  m = d["methods"][method]
+  return {"before": d["before"]["mean"], "after": m["mean"], "lr": m["lr"], "steps": m["steps"]}
+
+
+def decode_lines(per_label: dict[str, list[dict]], seeds: list[int]) -> list[str]:
+  """Markdown: each decoding score before and after adaptation, mean over seeds, and per seed after adaptation."""
+  scores = list(next(iter(per_label.values()))[0]["after"])
+  lines = [
+    "",
+    "**Decoded test outputs** (beam search; mean over seeds of each seed's score, mean over domains; after: at the "
+    "(lr, k) of the lowest validation loss)",
+    "",
+    "| method | " + " | ".join(f"{s} before | {s} after" for s in scores) + " | per seed after (lr, k) |",
+    "|---" * (2 * len(scores) + 2) + "|",
+  ]
+  for label, rows in per_label.items():
+    cells = [f"{np.mean([r[w][s] for r in rows]):.4f}" for s in scores for w in ("before", "after")]
+    per_seed = "; ".join(
+      f"seed {seed}: " + "/".join(f"{r['after'][s]:.3f}" for s in scores) + f" (lr {r['lr']:g}, k {r['steps']})"
+      for seed, r in zip(seeds, rows)
+    )
+    lines.append(f"| {label} | " + " | ".join(cells) + f" | {per_seed} |")
+  return lines
 
 
 def meta_step_time(workdir: Path) -> float:
@@ -165,11 +208,15 @@ def tams_lines(per_seed: list[dict], out: Path) -> list[str]:
 
 
 def main() -> None:
+  global CONFIG
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   p.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
   p.add_argument("--tams", action="store_true", help="MLtD second order without and with TAMS (issue #9)")
+  p.add_argument("--config", default=CONFIG, help="<file in configs/>:<variant>, e.g. adaptsum:tiny")
   a = p.parse_args()
+  CONFIG = a.config
+  get_config()  # a wrong --config fails here, before any run
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -193,8 +240,10 @@ def main() -> None:
     for sel in base["select_by"]
   }
   intro = (
-    f"Seeds {a.seeds}; {base['num_test_tasks']} test tasks per seed. Each method's adaptation learning rate is "
-    "chosen per k on validation tasks, once by overall query loss and once by fact-object loss (a table each). "
+    f"`--config {a.config}`; seeds {a.seeds}; {base['num_test_tasks']} test tasks per seed. Each method's "
+    "adaptation learning rate is chosen per k on validation tasks, by "
+    + " and by ".join(SELECTION_NAMES.get(s, s) for s in base["select_by"])
+    + " (a table each). "
     "Cells: mean over seeds of the per-seed mean test perplexity after k steps; last column: per seed, mean ± "
     "standard error over test tasks, and the rate chosen for k = K."
   )
@@ -208,6 +257,8 @@ def main() -> None:
       "Wall time per run (pretraining restored, meta-training + meta-testing): "
       + "; ".join(f"{m}: {np.mean(s):.0f} s" for m, s in seconds.items()),
     ]
+  if "decode" in extra:
+    lines += decode_lines(extra["decode"], a.seeds)
   if "tams" in extra:
     lines += tams_lines(extra["tams"], a.out)
   text = "\n".join(lines)
