@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python benchmarks/meta_step.py`
@@ -48,7 +49,7 @@ FIELDS = dict(
   shots=4,
   rank=8,
   steps=5,
-  kind="bilinear",
+  tarp="bilinear",
   task_chunk=0,
   support_chunks=1,
   dtype="float32",
@@ -62,6 +63,7 @@ PEAK_TFLOPS = {
   "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
   "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
 }
+MODES = ("meta", "fwdbwd", "adapt")
 CPU_NOTE = (
   "fake CPU devices (--xla_force_host_platform_device_count) share the same cores: more devices show the "
   "partitioning overhead, not a speedup"
@@ -83,20 +85,14 @@ def _peak_mb(devices) -> tuple[str, float]:
   return "peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(a: argparse.Namespace) -> dict:
+def _model(a: argparse.Namespace):
+  """The benchmark's GPT-2 (the peer's: dropout off) and its parameters, TARP difference and TAMS cells."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  import optax
 
-  from mltd_jax import meta, models, sharding, tarp, train
+  from mltd_jax import models, tams, tarp
   from mltd_jax.models import gpt2
-  from mltd_jax.state import TrainState
 
-  available = jax.devices()
-  if a.devices > len(available):
-    raise SystemExit(f"--devices {a.devices}: only {len(available)} {available[0].platform} devices here.")
-  mesh = sharding.make_mesh(dict(sharding.DEFAULT, tasks=a.devices), available[: a.devices])
   cfg = gpt2.GPT2Config(
     vocab_size=a.vocab,
     n_positions=a.seq,
@@ -108,84 +104,128 @@ def run_one(a: argparse.Namespace) -> dict:
     attn_pdrop=0.0,
   )
   model = gpt2.GPT2LMHeadModel(cfg, dtype=jnp.dtype(a.dtype))
-  params = model.init_params(jax.random.key(0))
-  tcfg = tarp.TarpConfig(kind=a.kind, rank=a.rank, targets=gpt2.DEFAULT_TARGETS)
-  diff = tarp.init(jax.random.key(1), params, tcfg, models.dense_paths(model))
-  tx = optax.adam(1e-4)
-  state = TrainState.create({"params": params, "tarp": diff}, tx)
-  inner = meta.InnerLoop(
-    steps=a.inner,
-    lr=0.05,
-    first_order=a.order == 1,
-    remat=bool(a.remat),
-    support_chunks=a.support_chunks,
-    fast_regex="^tarp/",
-  )
-  rng = np.random.default_rng(0)
+  params = jax.jit(model.init_params)(jax.random.key(0))
+  tcfg = tarp.TarpConfig(kind=a.tarp, rank=a.rank, targets=gpt2.DEFAULT_TARGETS)
+  variables = {"params": params, "tarp": tarp.init(jax.random.key(1), params, tcfg, models.dense_paths(model))}
+  cells = None
+  if a.tams:  # the paper's cell (768 -> 64 is d / 12; at least 8 wide), one architecture shared by all blocks
+    cells = tams.TamsConfig(enabled=True, width=max(8, a.d // 12), anneal_steps=1000)
+    model = tams.attach(model, cells)
+    variables["tams"] = tams.init(jax.random.key(2), model, cells)
+  return model, variables, cells
 
-  def batch():
-    ids = lambda *s: rng.integers(0, a.vocab, s).astype(np.int32)  # noqa: E731
-    return {
-      "support": {"ids": ids(a.tasks, a.shots, a.seq), "mask": np.ones((a.tasks, a.shots, a.seq), np.int32)},
-      "query": {"ids": ids(a.tasks, a.shots, a.seq), "mask": np.ones((a.tasks, a.shots, a.seq), np.int32)},
-    }
 
-  b = batch()
-  shardings = sharding.phase_shardings(mesh, state, b, "tasks", "--tasks")  # tasks split over the devices
-  step_fn = meta.make_meta_step(gpt2.make_loss(model), tx, inner, task_chunk=a.task_chunk, task_groups=a.devices)
-  step = train.jit_step(step_fn, shardings)
-  state = sharding.put_global(state, shardings.state)
-  put = lambda b: sharding.put_local(b, shardings.batch)  # noqa: E731
-  key = jax.random.key(0)
+def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[float, float, Any, Any]:
+  """Compile ``step(state, batch, key) -> (state, metrics)``, warm it up, then time ``steps`` calls, threading the
+  state. Returns (median seconds per call, compile seconds, the compiled step, the last metrics)."""
+  import jax
+
   t0 = time.perf_counter()
-  compiled = step.lower(state, put(b), key).compile()
+  compiled = step.lower(state, batch_fn(), key).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  state, m = compiled(state, put(b), key)  # warm-up
+  state, m = compiled(state, batch_fn(), key)  # warm-up
   jax.block_until_ready(m)
   times = []
-  for _ in range(a.steps):
-    b = put(batch())
+  for _ in range(steps):
+    batch = batch_fn()
     t0 = time.perf_counter()
-    state, m = compiled(state, b, key)
+    state, m = compiled(state, batch, key)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
-  med = sorted(times)[len(times) // 2]
+  return sorted(times)[len(times) // 2], compile_s, compiled, m
+
+
+def _plain_step(loss_fn, regex: str, lr: float):
+  """One SGD step on the variables matching ``regex`` (the others fixed): a full fine-tuning (``^params/``) or a
+  TARP adaptation (``^tarp/``) step, as meta-testing takes them."""
+  import jax
+
+  from mltd_jax import meta
+
+  def step(variables, batch, key):
+    fast, slow = meta.split(variables, regex)
+    loss, g = jax.value_and_grad(lambda f: meta.mean_loss(loss_fn(meta.merge(slow, f), batch, key)))(fast)
+    return meta.merge(slow, jax.tree.map(lambda a, b: a - lr * b, fast, g)), {"loss": loss}
+
+  return step
+
+
+def run_one(a: argparse.Namespace) -> dict:
+  import jax
+  import numpy as np
+  import optax
+
+  from mltd_jax import meta, sharding, tams, train
+  from mltd_jax.models import gpt2
+  from mltd_jax.state import TrainState
+
+  available = jax.devices()
+  if a.devices > len(available):
+    raise SystemExit(f"--devices {a.devices}: only {len(available)} {available[0].platform} devices here.")
+  model, variables, cells = _model(a)
+  loss_fn = gpt2.make_loss(model)
+  rng = np.random.default_rng(0)
+  lm = lambda *s: {"ids": rng.integers(0, a.vocab, s).astype(np.int32), "mask": np.ones(s, np.int32)}  # noqa: E731
+  key = jax.random.key(0)
   tokens = a.tasks * (a.inner + 1) * a.shots * a.seq
+  row: dict[str, Any] = {"impl": "mltd_jax", "mode": a.mode}
+  if a.mode == "meta":
+    mesh = sharding.make_mesh(dict(sharding.DEFAULT, tasks=a.devices), available[: a.devices])
+    tx = optax.adam(1e-4)
+    state = TrainState.create(variables, tx)
+    inner = meta.InnerLoop(
+      steps=a.inner,
+      lr=0.05,
+      first_order=a.order == 1,
+      remat=bool(a.remat),
+      support_chunks=a.support_chunks,
+      fast_regex="^tarp/" + ("|" + tams.FAST_REGEX if cells else ""),
+      per_step_support=True,  # a fresh support batch at every inner step, as the peer
+      backward=a.backward,
+    )
+    prepare = tams.make_prepare(cells, gpt2.FAMILY.embedding, gpt2.FAMILY.task_tokens) if cells else None
+    batch = lambda: {"support": lm(a.tasks, a.inner, a.shots, a.seq), "query": lm(a.tasks, a.shots, a.seq)}  # noqa: E731
+    shardings = sharding.phase_shardings(mesh, state, batch(), "tasks", "--tasks")  # tasks split over the devices
+    step_fn = meta.make_meta_step(loss_fn, tx, inner, a.task_chunk, prepare, task_groups=a.devices)
+    step = train.jit_step(step_fn, shardings)
+    state = sharding.put_global(state, shardings.state)
+    med, compile_s, compiled, m = _run(step, state, lambda: sharding.put_local(batch(), shardings.batch), key, a.steps)
+    row.update(order=a.order, remat=bool(a.remat), backward=a.backward, inner=a.inner)
+    row["loss"] = round(float(m["query_loss"]), 4)
+  elif a.mode == "fwdbwd":  # a plain training step (Adam on every parameter) over the meta-step's tokens
+    tx = optax.adam(1e-4)
+    step = jax.jit(meta.make_train_step(loss_fn, tx), donate_argnums=0)
+    state = TrainState.create({"params": variables["params"]}, tx)
+    n = a.tasks * (a.inner + 1) * a.shots
+    med, compile_s, compiled, m = _run(step, state, lambda: lm(n, a.seq), key, a.steps)
+    row.update(inner=a.inner, loss=round(float(m["loss"]), 4))
+  else:  # adapt: one TARP adaptation step against one full fine-tuning step, same model and batch
+    tokens = a.tasks * a.shots * a.seq
+    batch = lambda: lm(a.tasks * a.shots, a.seq)  # noqa: E731
+    full_s, *_ = _run(jax.jit(_plain_step(loss_fn, "^params/", 1e-3)), variables, batch, key, a.steps)
+    med, compile_s, compiled, m = _run(jax.jit(_plain_step(loss_fn, "^tarp/", 1e-3)), variables, batch, key, a.steps)
+    row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
+    row["tarp_speedup"] = round(full_s / med, 3)
+  mem = compiled.memory_analysis()
   dev = available[0]
   peak_name, peak = _peak_mb(available[: a.devices])
   flops = _flops(compiled)
   flops = flops * a.devices if flops else None  # the per-device program, on every device
   peak_tflops = PEAK_TFLOPS.get(dev.device_kind, {}).get(a.dtype)
-  row = {
-    "impl": "mltd_jax",
-    "order": a.order,
-    "remat": bool(a.remat),
-    "inner": a.inner,
-    "kind": a.kind,
-    "task_chunk": a.task_chunk,
-    "support_chunks": a.support_chunks,
-    "layers": a.layers,
-    "d": a.d,
-    "seq": a.seq,
-    "tasks": a.tasks,
-    "shots": a.shots,
-    "rank": a.rank,
-    "dtype": a.dtype,
-    "devices": a.devices,
-    "median_step_s": round(med, 4),
-    "tokens_per_s": round(tokens / med, 1),
-    "tasks_per_s": round(a.tasks / med, 2),
-    "compile_s": round(compile_s, 2),
+  row.update({
+    "kind": a.tarp, "tams": bool(a.tams), "task_chunk": a.task_chunk, "support_chunks": a.support_chunks,
+    "layers": a.layers, "d": a.d, "heads": a.heads, "vocab": a.vocab, "seq": a.seq, "tasks": a.tasks,
+    "shots": a.shots, "rank": a.rank, "dtype": a.dtype, "devices": a.devices,
+    "median_step_s": round(med, 4), "tokens_per_s": round(tokens / med, 1), "compile_s": round(compile_s, 2),
     peak_name: round(peak, 1),
     "xla_temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
     "xla_args_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
-    "flops_per_step": flops,
-    "device": dev.device_kind,
-    "loss": round(float(m["query_loss"]), 4),
-  }
-  if dev.platform == "cpu":
-    row["note"] = CPU_NOTE
+    "flops_per_step": flops, "device": dev.device_kind,
+  })  # fmt: skip
+  if dev.platform == "cpu":  # XLA counts a scan body once: GFLOP/s is exact only without loops (T_in = 1)
+    row["gflops_per_s"] = round(flops / med / 1e9, 1) if flops else None
+    if a.devices > 1:
+      row["note"] = CPU_NOTE
   elif flops and peak_tflops:
     row["mfu"] = round(flops / med / (a.devices * peak_tflops * 1e12), 4)
   return row
@@ -196,32 +236,82 @@ def _device_counts(values: list[str]) -> list[int]:
   return [int(v) for value in values for v in value.split(",") if v]
 
 
+PEER_FLAGS = ("order", "layers", "d", "heads", "vocab", "seq", "tasks", "shots", "inner", "rank", "steps")
+
+
+def run_peer(a: argparse.Namespace, inner: int, order: int) -> dict:
+  """The PyTorch peer (``--peer_script``) with the same settings, in its own process: its JSON line."""
+  values = {**{k: getattr(a, k) for k in PEER_FLAGS}, "inner": inner, "order": order}
+  cmd = [sys.executable, str(a.peer_script), *[f"--{k}={v}" for k, v in values.items()], f"--threads={a.threads}"]
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode or not out.stdout.strip():
+    return {"error": out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"]}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child(a: argparse.Namespace, env: dict, mode: str, inner: int, order: int, remat: int, n: int, backward: str):
+  """One setting in a fresh process (its own peak memory): the JSON row, or one with the error."""
+  cmd = [sys.executable, __file__, "--child", *[f"--{k}={getattr(a, k)}" for k in FIELDS], *(["--tams"] * a.tams)]
+  cmd += ["--mode", mode, "--inner", str(inner), "--order", str(order), "--remat", str(remat), "--devices", str(n)]
+  cmd += ["--backward", backward]
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if out.returncode == 0 and out.stdout.strip():
+    return json.loads(out.stdout.strip().splitlines()[-1])
+  setting = {"mode": mode, "inner": inner, "order": order, "remat": bool(remat), "devices": n, "backward": backward}
+  return {**setting, "error": out.stderr.strip().splitlines()[-1:]}
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   for k, v in FIELDS.items():
     p.add_argument(f"--{k}", type=type(v), default=v)
-  p.add_argument("--inner", type=int, nargs="*", default=[1, 4, 16], help="T_in values")
+  p.add_argument("--mode", nargs="*", default=["meta"], choices=MODES, help="meta | fwdbwd | adapt (several: each)")
+  p.add_argument("--inner", type=int, nargs="*", default=[4], help="T_in values")
   p.add_argument("--order", type=int, nargs="*", default=[2, 1], help="2 = exact second order, 1 = first order")
-  p.add_argument("--remat", type=int, nargs="*", default=[1, 0], help="1 = jax.checkpoint the inner step")
+  p.add_argument("--remat", type=int, nargs="*", default=[1], help="1 = jax.checkpoint the inner step (autodiff)")
+  p.add_argument("--backward", nargs="*", default=["auto"], help="InnerLoop.backward: auto | hvp | autodiff")
   p.add_argument("--devices", nargs="*", default=["1"], help="device counts (1 2 4 or 1,2,4): the first N devices")
+  p.add_argument("--tams", action="store_true", help="GPT-2 with TAMS cells, the controller's prepare per task")
+  p.add_argument("--peer", action="store_true", help="also run the PyTorch peer with the same settings; add ratios")
+  p.add_argument("--peer_script", type=Path, default=ROOT.parent / "shared" / "bench" / "torch_meta_ref.py")
+  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="the peer's torch threads")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
   devices = _device_counts(a.devices)
   if a.child:
-    a.inner, a.order, a.remat, a.devices = a.inner[0], a.order[0], a.remat[0], devices[0]
+    a.mode, a.inner, a.order, a.remat, a.devices, a.backward = (
+      a.mode[0], a.inner[0], a.order[0], a.remat[0], devices[0], a.backward[0]
+    )  # fmt: skip
     print(json.dumps(run_one(a)), flush=True)
     return
+  if a.peer and not a.peer_script.exists():
+    raise SystemExit(f"--peer: no peer script at {a.peer_script}; pass --peer_script PATH (torch_meta_ref.py).")
   env = dict(os.environ)
   if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):  # CPU: fake devices (GPUs ignore it)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(devices)}".strip()
-  common = [f"--{k}={getattr(a, k)}" for k in FIELDS]
-  for inner, order, remat, n in itertools.product(a.inner, a.order, a.remat, devices):
-    cmd = [sys.executable, __file__, "--child", *common]
-    cmd += ["--inner", str(inner), "--order", str(order), "--remat", str(remat), "--devices", str(n)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else None
-    error = {"inner": inner, "order": order, "remat": bool(remat), "devices": n}
-    print(line or json.dumps({**error, "error": out.stderr.strip().splitlines()[-1:]}), flush=True)
+  for inner in a.inner:
+    fwdbwd = child(a, env, "fwdbwd", inner, 2, 0, 1, "auto") if "fwdbwd" in a.mode else None
+    if fwdbwd:
+      print(json.dumps(fwdbwd), flush=True)
+    if "adapt" in a.mode:
+      print(json.dumps(child(a, env, "adapt", inner, 2, 0, 1, "auto")), flush=True)
+    if "meta" not in a.mode:
+      continue
+    for order in a.order:
+      peer = run_peer(a, inner, order) if a.peer else None
+      for remat, n, backward in itertools.product(a.remat, devices, a.backward):
+        row = child(a, env, "meta", inner, order, remat, n, backward)
+        if fwdbwd and "tokens_per_s" in row and "tokens_per_s" in fwdbwd:
+          row["of_fwdbwd"] = round(row["tokens_per_s"] / fwdbwd["tokens_per_s"], 3)  # share of the plain step's rate
+        if peer is not None:
+          row["peer"] = peer
+          if "tokens_per_s" in row and "tokens_per_s" in peer:
+            mine = row.get("peak_rss_mb", row.get("peak_device_mb"))
+            row["vs_peer"] = {
+              "tokens_per_s": round(row["tokens_per_s"] / peer["tokens_per_s"], 3),
+              "peak_mb": round(mine / peer["peak_rss_mb"], 3) if mine and peer.get("peak_rss_mb") else None,
+            }
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.meta.outer_schedule = "constant"  # after warmup: constant | inverse_sqrt (rate * sqrt(warmup / step))
   c.meta.clip_grad_norm = 1.0  # outer gradient clipping
   c.meta.first_order = False  # True: FOMAML (no gradient through inner gradients)
-  c.meta.remat = True  # jax.checkpoint the inner step: memory flat in T_in (on CPU also faster; README)
+  c.meta.remat = True  # jax.checkpoint the inner step (backward "autodiff"): memory flat in T_in (README)
+  # how the inner loop is differentiated: auto (hvp for SGD) | hvp (hand-derived SGD backward, one Hessian-vector
+  # product per step, only the fast variables kept per step) | autodiff (jax.grad through the scan; Adam needs it)
+  c.meta.inner_backward = "auto"
   c.meta.support_chunks = 1  # split each inner step's support batch into chunks run in sequence (less memory)
   c.meta.inner_adam_eps_root = 1e-8  # Adam's eps_root in the differentiated inner loop (0 gives NaN; README)
   c.meta.fast_params = "^tarp/"  # regex of the variables the inner loop adapts ("^tarp/|ln_" adds layer norms)

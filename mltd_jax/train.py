@@ -55,6 +55,7 @@ META_FIELDS = {
   "support_chunks": "support_chunks",
   "fast_regex": "fast_params",
   "adam_eps_root": "inner_adam_eps_root",
+  "backward": "inner_backward",
 }
 
 
@@ -71,7 +72,7 @@ def data_seed(key: jax.Array) -> int:
 def meta_inner(cfg: Any) -> meta.InnerLoop:
   """The meta-training inner loop of a ``config.meta`` block (a bad value names its field)."""
   inner = meta.InnerLoop(
-    **{attr: cfg[name] for attr, name in META_FIELDS.items()},
+    **{attr: cfg[name] for attr, name in META_FIELDS.items() if name in cfg},  # older configs: the defaults
     fields=tuple((attr, f"config.meta.{name}") for attr, name in META_FIELDS.items()),
   )
   if inner.optimizer == "adam" and not inner.first_order and inner.adam_eps_root == 0:

@@ -10,14 +10,38 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_step.py"
 
 
-def test_meta_step_benchmark_prints_json_lines(tmp_path):
+PEER_STUB = """import json, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+print(json.dumps({"impl": "stub", "tokens_per_s": 100.0, "peak_rss_mb": 50, "args": args}))
+"""
+
+
+def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_path):
+  """Every mode in one call (CI time: one setting each); ``--peer`` runs the peer script with the same flags (a stub
+  here: the tests must not need ../shared) and puts its line and the ratios into the meta-step's line."""
+  stub = tmp_path / "peer.py"
+  stub.write_text(PEER_STUB)
   tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--steps=1"]
-  cmd = [sys.executable, str(SCRIPT), *tiny, "--inner", "2", "--order", "2", "--remat", "1"]  # one setting: CI time
+  cmd = [sys.executable, str(SCRIPT), *tiny, "--inner", "2", "--order", "2", "--mode", "fwdbwd", "adapt", "meta"]
+  cmd += ["--peer", "--peer_script", str(stub), "--threads", "3"]
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
   rows = [json.loads(line) for line in out.stdout.splitlines()]
-  assert [(r["order"], r["remat"], r["inner"]) for r in rows] == [(2, True, 2)], out.stderr
+  assert [r["mode"] for r in rows] == ["fwdbwd", "adapt", "meta"], out.stderr
+  fwdbwd, adapt, step = rows
   for r in rows:
     assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_mb"] > 0 and r["xla_temp_mb"] is not None
+  # tokens per step: tasks * (T_in + 1) * shots * seq (the adaptation step: one task batch); seconds are rounded
+  assert 2 * 3 * 2 * 8 / fwdbwd["tokens_per_s"] == pytest.approx(fwdbwd["median_step_s"], abs=6e-5)
+  assert 2 * 2 * 8 / adapt["tokens_per_s"] == pytest.approx(adapt["median_step_s"], abs=6e-5)
+  assert 2 * 2 * 8 / adapt["full_tokens_per_s"] == pytest.approx(adapt["full_step_s"], abs=6e-5)
+  assert adapt["tarp_speedup"] == pytest.approx(adapt["tokens_per_s"] / adapt["full_tokens_per_s"], rel=1e-2)
+  assert (step["order"], step["inner"], step["backward"]) == (2, 2, "auto")
+  assert step["of_fwdbwd"] == pytest.approx(step["tokens_per_s"] / fwdbwd["tokens_per_s"], rel=1e-2)
+  peer = step["peer"]["args"]
+  assert peer == {"order": "2", "layers": "1", "d": "16", "heads": "2", "vocab": "32", "seq": "8", "tasks": "2",
+                  "shots": "2", "inner": "2", "rank": "8", "steps": "1", "threads": "3"}  # fmt: skip
+  assert step["vs_peer"]["tokens_per_s"] == pytest.approx(step["tokens_per_s"] / 100.0, rel=1e-2)
+  assert step["vs_peer"]["peak_mb"] == pytest.approx(step["peak_rss_mb"] / 50, rel=1e-2)
 
 
 @pytest.mark.parametrize("family, beams", [("gpt2", ["1", "2"]), ("t5", ["2"])])  # T5: one setting (CI time)

@@ -95,6 +95,34 @@ def test_first_order_differs_and_remat_does_not():
     np.testing.assert_allclose(flat(remat), flat(exact), rtol=1e-10, atol=1e-13)
 
 
+def test_hvp_backward_equals_autodiff_through_the_scan():
+  """`meta.sgd_adapt`'s hand-derived backward (one forward-over-reverse Hessian-vector product per step) gives the
+  gradient of `jax.grad` through the scan, for every variable and for the learning rate, with the options the
+  SGD path handles itself: per-step support batches, support chunks, the dynamic kind, a linear rate schedule
+  (optax's schedule rounds the rates to float32, hence the tolerance; with a constant rate the SGD cases of
+  `test_meta_gradient_matches_loop_and_finite_differences` check the same backward against a loop to 1e-9)."""
+  with jax.enable_x64(True):
+    model, variables = setup64("dynamic")
+    t, loss_fn, key = task(seed=6, per_step=True), gpt2.make_loss(model), jax.random.key(0)
+
+    def grads(backward):
+      cfg = inner(backward=backward, per_step_support=True, support_chunks=2, lr_schedule="linear")
+
+      def loss(v, lr):
+        adapted, _ = meta.adapt(loss_fn, v, t["support"], cfg, key, lr=lr)
+        return meta.mean_loss(loss_fn(adapted, t["query"], key))
+
+      return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, jnp.float64(LR))
+
+    hvp, autodiff = grads("hvp"), grads("autodiff")
+  for a, b in zip(jax.tree.leaves(hvp), jax.tree.leaves(autodiff)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-11)
+  assert abs(float(hvp[1])) > 1e-6  # the rate's gradient is live
+  assert inner().uses_hvp and not inner(optimizer="adam").uses_hvp and not inner(backward="autodiff").uses_hvp
+  with pytest.raises(ValueError, match="needs the SGD inner optimizer"):
+    inner(optimizer="adam", backward="hvp")
+
+
 def test_first_order_is_fomaml():
   """With first_order the meta-gradient of the difference is the query gradient at the adapted point (FOMAML)."""
   with jax.enable_x64(True):
@@ -188,6 +216,7 @@ def test_support_chunks_give_the_same_meta_gradient_with_unequal_token_counts():
     ("lr", float("nan"), "config.meta.inner_lr=nan must be a finite number"),
     ("support_chunks", 0, "config.meta.support_chunks=0"),
     ("fast_regex", "(", "config.meta.fast_params='(' is not a valid regex"),
+    ("backward", "newton", "config.meta.inner_backward='newton' is not one of"),
   ],
 )
 def test_inner_loop_validates_and_names_the_config_field(field, value, message):
