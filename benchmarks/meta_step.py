@@ -50,7 +50,7 @@ FIELDS = dict(
   rank=8,
   steps=5,
   tarp="bilinear",
-  task_chunk=0,
+  task_chunk=1,  # tasks one after another (lax.map), as config.meta.task_chunk: peak memory at or under the peer
   support_chunks=1,
   dtype="float32",
 )
