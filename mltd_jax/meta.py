@@ -3,7 +3,8 @@
 * `InnerLoop`: the inner loop's settings, one frozen, validated dataclass (a static argument of the steps).
 * `adapt`: ``inner.steps`` optimizer steps on a task's support batch, adapting only the variables whose
   '/'-joined path matches ``inner.fast_regex``; a `jax.lax.scan`, so `jax.grad` of a loss of its output is the
-  exact second-order meta-gradient. Meta-training and meta-testing both adapt with it.
+  exact second-order meta-gradient. With SGD it runs `sgd_adapt`, whose backward is derived by hand (one
+  Hessian-vector product per step) instead. Meta-training and meta-testing both adapt with it.
 * `task_loss` / `meta_loss`: adapt on the support set, score the query set; tasks vmapped or chunked.
 * `make_meta_step` / `make_train_step`: plain ``(state, batch, rng) -> (state, metrics)`` functions; the caller
   jits them (with donation and shardings).

@@ -6,13 +6,13 @@ import json
 import math
 from pathlib import Path
 
-from tensorboardX import SummaryWriter
-
 
 class MetricWriter:
   """Appends ``{"step": s, name: value, ...}`` lines to ``workdir/metrics.jsonl`` and scalars to TensorBoard."""
 
   def __init__(self, workdir: str | Path):
+    from tensorboardX import SummaryWriter  # imported here: tensorboardX imports torch when it is installed (~250 MB)
+
     self.path = Path(workdir) / "metrics.jsonl"
     self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 

@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,10 @@ import optax
 from mltd_jax import data, decode_eval, evaluate, meta, models, sharding, tams, tarp
 from mltd_jax.checkpoint import Checkpointer
 from mltd_jax.data import episodes
-from mltd_jax.metric_writer import MetricWriter
 from mltd_jax.state import TrainState
+
+if TYPE_CHECKING:  # the writer comes from sharding.metric_writer; tensorboardX is imported only when one is made
+  from mltd_jax.metric_writer import MetricWriter
 
 log = logging.getLogger("mltd_jax")
 # Named random streams, all split from one root key (config.seed). The task sources are numpy streams keyed by
