@@ -11,11 +11,18 @@ Each part runs over the tasks vmapped (``--tasks_as vmap``) or one task after an
 
   python benchmarks/meta_parts.py
   python benchmarks/meta_parts.py --tasks_as map
+  python benchmarks/meta_parts.py --parts grad_fast hvp --profile /tmp/parts_trace   # + time by kind of XLA op
+
+``--profile DIR`` records a `jax.profiler` trace of each part's timed calls (``DIR/<part>``, Perfetto JSON next to
+the XSpace file) and adds ``profile_ms``: milliseconds per call by kind of XLA:CPU thunk (matmul fusions,
+transposing copy fusions, other fusions), summed over the threads of both cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
 import json
 import sys
 import time
@@ -25,6 +32,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def op_kinds(trace_dir: Path, calls: int) -> dict[str, float]:
+  """Milliseconds per call by kind of XLA:CPU thunk in the Perfetto trace under ``trace_dir`` (``calls`` calls)."""
+  (path,) = sorted(trace_dir.glob("**/perfetto_trace.json.gz"))[-1:]
+  events = json.load(gzip.open(path))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  kinds: collections.Counter = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "$", "SlinkyThreadPool", "Common", "PjitFunction")):
+      continue
+    if name.startswith(("ynn_fusion", "xnn_fusion", "dot")):
+      kinds["matmuls"] += e.get("dur", 0)
+    elif name.startswith("copy") or "transpose" in name:
+      kinds["transposing copies"] += e.get("dur", 0)
+    elif "fusion" in name or name.startswith("wrapped"):
+      kinds["other fusions"] += e.get("dur", 0)
+  return {k: round(v / 1000 / calls, 1) for k, v in kinds.most_common()}
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   for k, v in dict(layers=4, d=256, heads=4, vocab=4096, seq=128, tasks=4, shots=4, rank=8, steps=5).items():
@@ -32,6 +58,7 @@ def main() -> None:
   p.add_argument("--tarp", default="bilinear")
   p.add_argument("--tasks_as", default="vmap", choices=("vmap", "map"))
   p.add_argument("--parts", nargs="*", default=["forward", "grad_fast", "grad_full", "hvp", "hvp_rev", "fwdbwd"])
+  p.add_argument("--profile", type=Path, default=None, help="directory for jax.profiler traces (one per part)")
   a = p.parse_args()
 
   import jax
@@ -93,13 +120,19 @@ def main() -> None:
       jax.block_until_ready(compiled(slow, fast, batch))
       times.append(time.perf_counter() - t0)
     med = sorted(times)[len(times) // 2]
+    extra = {}
+    if a.profile:
+      with jax.profiler.trace(str(a.profile / name), create_perfetto_trace=True):
+        for _ in range(a.steps):
+          jax.block_until_ready(compiled(slow, fast, batch))
+      extra["profile_ms"] = op_kinds(a.profile / name, a.steps)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"])
     print(json.dumps({
       "part": name, "tasks_as": a.tasks_as if name != "fwdbwd" else "one batch", "seconds": round(med, 4),
       "gflop": round(flops / 1e9, 2), "gflop_per_s": round(flops / med / 1e9, 1), "compile_s": round(compile_s, 2),
-      "tokens": int(ids.size),
+      "tokens": int(ids.size), **extra,
     }), flush=True)  # fmt: skip
 
 
