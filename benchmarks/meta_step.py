@@ -1,26 +1,33 @@
-"""Benchmark of the MLtD meta-step: one JSON line per setting (tokens/s, tasks/s, compile seconds, peak memory).
+"""Benchmark of the MLtD meta-step against its practical limits and the PyTorch peer: one JSON line per setting.
 
-Settings: second vs first order, remat on/off, T_in in {1, 4, 16} (``--inner``), device count (``--devices``), on
-a GPT-2 whose size is given on the command line. Each setting runs in a fresh subprocess so that its peak memory
-is its own:
+Modes (``--mode``, several per call):
+  * ``meta``: the outer step (second or first order, ``--backward`` auto|hvp|autodiff, remat, ``--devices``), on the
+    peer's meta-batch: support [tasks, T_in, shots, seq] (a fresh batch per inner step) and query [tasks, shots, seq];
+  * ``fwdbwd``: a plain forward+backward+Adam step over the same tokens (the rate a meta-step is compared with: its
+    line's ``of_fwdbwd``, when both ran in the same call);
+  * ``adapt``: one TARP adaptation step against one full fine-tuning step (SGD) on one task batch (``tarp_speedup``).
+``--peer`` runs ../shared/bench/torch_meta_ref.py (``--peer_script``) with the same flags (order layers d heads
+vocab seq tasks shots inner rank steps, and ``--threads``) and adds its line (``peer``) and the ratios ours / peer
+(``vs_peer``: tokens/s and peak memory) to each meta line. ``--tarp dynamic`` and ``--tams`` measure those variants.
+
+Each setting runs in a fresh subprocess so that its peak memory is its own:
   * ``peak_rss_mb``: the process's peak resident memory (CPU), or ``peak_device_mb``: the largest peak bytes in
     use over the devices of the mesh (GPU/TPU);
   * ``xla_temp_mb``: XLA's own count of the step's temporary buffers per device (activations, residuals), the
     memory that second-order differentiation adds to, excluding parameters and optimizer state (``xla_args_mb``).
-tokens/s counts every support and query token of the meta-batch, like ../shared/bench/torch_meta_ref.py, whose
-defaults these mirror (layers 4, d 256, heads 4, vocab 4096, seq 128, 4 tasks x 4 shots, rank 8).
+tokens/s counts every support and query token of the meta-batch, like the peer, whose defaults these mirror
+(layers 4, d 256, heads 4, vocab 4096, seq 128, 4 tasks x 4 shots, rank 8, T_in 4). ``flops_per_step`` is XLA's
+cost analysis of the compiled step (a loop body, e.g. a scan or a ``task_chunk`` map, is counted once: compare at
+T_in = 1); on an accelerator ``mfu`` is model FLOPs utilization against the device's peak for ``--dtype``.
 
 ``--devices 1 2 4`` (or ``1,2,4``) runs the meta-batch's tasks sharded over the first N devices (a ``tasks`` mesh
 axis, `mltd_jax.sharding`, as training does). On CPU the devices are fake
 (``--xla_force_host_platform_device_count``, added for the child processes when missing) and share the same
-cores: the figures then show the partitioning overhead, not a speedup (the ``note`` field says so). On an
-accelerator each line also has ``flops_per_step`` (XLA's cost analysis of the compiled step, summed over the
-devices: the second-order pass's real FLOPs) and ``mfu``, model FLOPs utilization against the device's peak for
-``--dtype`` (`PEAK_TFLOPS`).
+cores: the figures then show the partitioning overhead, not a speedup (the ``note`` field says so).
 
-  python benchmarks/meta_step.py                          # the full grid
-  python benchmarks/meta_step.py --inner 16 --order 2 --remat 1   # one setting
-  python benchmarks/meta_step.py --inner 4 --order 2 --remat 1 --devices 1 2 4
+  python benchmarks/meta_step.py --mode fwdbwd adapt meta --inner 4 --order 2 1 --peer   # the issue #11 comparison
+  python benchmarks/meta_step.py --inner 1 4 16 --order 2 --remat 1 0 --backward autodiff
+  python benchmarks/meta_step.py --inner 4 --order 2 --devices 1 2 4
 """
 
 from __future__ import annotations
