@@ -64,20 +64,14 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from meta_step import _model  # benchmarks/meta_step.py (this script's directory): the same model
 
-  from mltd_jax import meta, models, tarp
+  from mltd_jax import meta
   from mltd_jax.models import gpt2
 
-  cfg = gpt2.GPT2Config(
-    vocab_size=a.vocab, n_positions=a.seq, n_embd=a.d, n_layer=a.layers, n_head=a.heads,
-    embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,
-  )  # fmt: skip
-  model = gpt2.GPT2LMHeadModel(cfg)
-  params = jax.jit(model.init_params)(jax.random.key(0))
-  tcfg = tarp.TarpConfig(kind=a.tarp, rank=a.rank, targets=gpt2.DEFAULT_TARGETS)
-  diff = tarp.init(jax.random.key(1), params, tcfg, models.dense_paths(model))
-  diff = jax.tree.map(lambda x: x + 0.01, diff)  # V != 0: every term of the products is live
-  fast, slow = meta.split({"params": params, "tarp": diff}, "^tarp/")
+  model, variables, _ = _model(argparse.Namespace(**vars(a), dtype="float32", tams=False))
+  variables["tarp"] = jax.tree.map(lambda x: x + 0.01, variables["tarp"])  # V != 0: every term of the products is live
+  fast, slow = meta.split(variables, "^tarp/")
   loss_fn = gpt2.make_loss(model)
   key = jax.random.key(0)
   rng = np.random.default_rng(0)

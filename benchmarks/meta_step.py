@@ -131,30 +131,24 @@ def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[flo
   compiled = step.lower(state, batch_fn(), key).compile()
   compile_s = time.perf_counter() - t0
   state, m = compiled(state, batch_fn(), key)  # warm-up
-  jax.block_until_ready(m)
+  jax.block_until_ready((state, m))
   times = []
   for _ in range(steps):
     batch = batch_fn()
     t0 = time.perf_counter()
     state, m = compiled(state, batch, key)
-    jax.block_until_ready(m)
+    jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
   return sorted(times)[len(times) // 2], compile_s, compiled, m
 
 
-def _plain_step(loss_fn, regex: str, lr: float):
-  """One SGD step on the variables matching ``regex`` (the others fixed): a full fine-tuning (``^params/``) or a
-  TARP adaptation (``^tarp/``) step, as meta-testing takes them."""
-  import jax
-
+def _adapt_step(loss_fn, regex: str, lr: float):
+  """One SGD adaptation step of `mltd_jax.meta.adapt` on the variables matching ``regex``: a full fine-tuning
+  (``^params/``) or a TARP adaptation (``^tarp/``) step, as meta-testing takes them."""
   from mltd_jax import meta
 
-  def step(variables, batch, key):
-    fast, slow = meta.split(variables, regex)
-    loss, g = jax.value_and_grad(lambda f: meta.mean_loss(loss_fn(meta.merge(slow, f), batch, key)))(fast)
-    return meta.merge(slow, jax.tree.map(lambda a, b: a - lr * b, fast, g)), {"loss": loss}
-
-  return step
+  inner = meta.InnerLoop(steps=1, lr=lr, fast_regex=regex)
+  return lambda variables, batch, key: (meta.adapt(loss_fn, variables, batch, inner, key)[0], {})
 
 
 def run_one(a: argparse.Namespace) -> dict:
@@ -198,7 +192,7 @@ def run_one(a: argparse.Namespace) -> dict:
     state = sharding.put_global(state, shardings.state)
     med, compile_s, compiled, m = _run(step, state, lambda: sharding.put_local(batch(), shardings.batch), key, a.steps)
     row.update(order=a.order, remat=bool(a.remat), backward=a.backward, inner=a.inner)
-    row["loss"] = round(float(m["query_loss"]), 4)
+    row.update(loss=round(float(m["query_loss"]), 4), tasks_per_s=round(a.tasks / med, 2))
   elif a.mode == "fwdbwd":  # a plain training step (Adam on every parameter) over the meta-step's tokens
     tx = optax.adam(1e-4)
     step = jax.jit(meta.make_train_step(loss_fn, tx), donate_argnums=0)
@@ -209,8 +203,8 @@ def run_one(a: argparse.Namespace) -> dict:
   else:  # adapt: one TARP adaptation step against one full fine-tuning step, same model and batch
     tokens = a.tasks * a.shots * a.seq
     batch = lambda: lm(a.tasks * a.shots, a.seq)  # noqa: E731
-    full_s, *_ = _run(jax.jit(_plain_step(loss_fn, "^params/", 1e-3)), variables, batch, key, a.steps)
-    med, compile_s, compiled, m = _run(jax.jit(_plain_step(loss_fn, "^tarp/", 1e-3)), variables, batch, key, a.steps)
+    full_s, *_ = _run(jax.jit(_adapt_step(loss_fn, "^params/", 1e-3)), variables, batch, key, a.steps)
+    med, compile_s, compiled, _ = _run(jax.jit(_adapt_step(loss_fn, "^tarp/", 1e-3)), variables, batch, key, a.steps)
     row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
     row["tarp_speedup"] = round(full_s / med, 3)
   mem = compiled.memory_analysis()

@@ -123,8 +123,11 @@ class InnerLoop:
 
   @property
   def uses_hvp(self) -> bool:
-    """Whether `adapt` differentiates through `sgd_adapt`'s Hessian-vector-product backward."""
-    return self.backward == "hvp" or (self.backward == "auto" and self.optimizer == "sgd")
+    """Whether `adapt` runs `sgd_adapt` (its Hessian-vector-product backward): SGD, second order, not "autodiff".
+
+    `adapt` also needs ``observe`` to be None for it (observations come from the scan)."""
+    sgd = self.backward == "hvp" or (self.backward == "auto" and self.optimizer == "sgd")
+    return sgd and not self.first_order
 
   def rates(self, lr) -> jax.Array:
     """The SGD rate of every step [steps] under ``lr_schedule`` (optax's ``linear_schedule(lr, 0, steps)``)."""
@@ -310,11 +313,12 @@ def adapt(
   """
   fast, slow = split(variables, inner.fast_regex, inner.field("fast_regex"))
   support_loss = chunked_loss(loss_fn, inner.support_chunks, inner.field("support_chunks"))
-  if observe is None and inner.uses_hvp and not inner.first_order:
-    rate = jnp.asarray(inner.lr if lr is None else lr, jnp.result_type(float))
+  lr = inner.lr if lr is None else lr
+  if observe is None and inner.uses_hvp:
+    rate = jnp.asarray(lr, jnp.result_type(float))
     support = jax.tree.map(jnp.asarray, support)  # numpy leaves are not valid custom_vjp arguments
     return merge(slow, sgd_adapt(support_loss, inner, slow, fast, support, rng, rate)), None
-  tx = inner.transform(inner.lr if lr is None else lr)
+  tx = inner.transform(lr)
 
   def step(carry, xs):
     f, opt_state = carry
