@@ -5,10 +5,14 @@ Modes (``--mode``, several per call):
     peer's meta-batch: support [tasks, T_in, shots, seq] (a fresh batch per inner step) and query [tasks, shots, seq];
   * ``fwdbwd``: a plain forward+backward+Adam step over the same tokens (the rate a meta-step is compared with: its
     line's ``of_fwdbwd``, when both ran in the same call);
-  * ``adapt``: one TARP adaptation step against one full fine-tuning step (SGD) on one task batch (``tarp_speedup``).
+  * ``adapt``: one TARP adaptation step against one full fine-tuning step (SGD) on one task batch, the two timed
+    in turn (``tarp_speedup``: the median over ``--steps`` rounds of full / TARP seconds, and its range).
 ``--peer`` runs ../shared/bench/torch_meta_ref.py (``--peer_script``) with the same flags (order layers d heads
 vocab seq tasks shots inner rank steps, and ``--threads``) and adds its line (``peer``) and the ratios ours / peer
 (``vs_peer``: tokens/s and peak memory) to each meta line. ``--tarp dynamic`` and ``--tams`` measure those variants.
+``--rounds R`` repeats all of it R times in turn (ours, the peer, ours, ...) and ends with one ``summary_of_rounds``
+line per setting (median, min, max of each figure and ratio): on a shared machine the speed drifts by 15% or more
+between minutes, so a ratio from one round can mislead.
 
 Each setting runs in a fresh subprocess so that its peak memory is its own:
   * ``peak_rss_mb``: the process's peak resident memory (CPU), or ``peak_device_mb``: the largest peak bytes in
@@ -25,7 +29,7 @@ axis, `mltd_jax.sharding`, as training does). On CPU the devices are fake
 (``--xla_force_host_platform_device_count``, added for the child processes when missing) and share the same
 cores: the figures then show the partitioning overhead, not a speedup (the ``note`` field says so).
 
-  python benchmarks/meta_step.py --mode fwdbwd adapt meta --inner 4 --order 2 1 --peer   # the issue #11 comparison
+  python benchmarks/meta_step.py --mode fwdbwd adapt meta --inner 4 --order 2 1 --peer --rounds 3   # issue #11
   python benchmarks/meta_step.py --inner 1 4 16 --order 2 --remat 1 0 --backward autodiff
   python benchmarks/meta_step.py --inner 4 --order 2 --devices 1 2 4
 """
@@ -139,7 +143,32 @@ def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[flo
     state, m = compiled(state, batch, key)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
-  return sorted(times)[len(times) // 2], compile_s, compiled, m
+  return _median(times), compile_s, compiled, m
+
+
+def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], key, rounds: int) -> dict[str, tuple]:
+  """Compile and warm up each of ``steps`` (name -> jitted ``fn(variables, batch, key)``), then time them in turn
+  (A B A B ...) for ``rounds`` rounds on the same batches, so that the machine's drifts in speed (large on a shared
+  2-core VM) reach every step alike. Returns name -> (per-round seconds, compile seconds, the compiled step)."""
+  import jax
+
+  compiled, compile_s, times = {}, {}, {name: [] for name in steps}
+  for name, step in steps.items():
+    t0 = time.perf_counter()
+    compiled[name] = step.lower(variables, batch_fn(), key).compile()
+    compile_s[name] = time.perf_counter() - t0
+    jax.block_until_ready(compiled[name](variables, batch_fn(), key))  # warm-up
+  for _ in range(rounds):
+    batch = batch_fn()
+    for name, c in compiled.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(c(variables, batch, key))
+      times[name].append(time.perf_counter() - t0)
+  return {name: (times[name], compile_s[name], compiled[name]) for name in steps}
+
+
+def _median(values):
+  return sorted(values)[len(values) // 2]
 
 
 def _adapt_step(loss_fn, regex: str, lr: float):
@@ -203,10 +232,14 @@ def run_one(a: argparse.Namespace) -> dict:
   else:  # adapt: one TARP adaptation step against one full fine-tuning step, same model and batch
     tokens = a.tasks * a.shots * a.seq
     batch = lambda: lm(a.tasks * a.shots, a.seq)  # noqa: E731
-    full_s, *_ = _run(jax.jit(_adapt_step(loss_fn, "^params/", 1e-3)), variables, batch, key, a.steps)
-    med, compile_s, compiled, _ = _run(jax.jit(_adapt_step(loss_fn, "^tarp/", 1e-3)), variables, batch, key, a.steps)
+    regexes = {"full": "^params/", "tarp": "^tarp/"}
+    steps = {name: jax.jit(_adapt_step(loss_fn, regex, 1e-3)) for name, regex in regexes.items()}
+    timed = _alternate(steps, variables, batch, key, a.steps)
+    (full, _, _), (ours, compile_s, compiled) = timed["full"], timed["tarp"]
+    med, full_s = _median(ours), _median(full)
+    ratios = sorted(f / t for f, t in zip(full, ours))  # per round: drifts cancel within a pair
     row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
-    row["tarp_speedup"] = round(full_s / med, 3)
+    row.update(tarp_speedup=round(_median(ratios), 3), tarp_speedup_range=[round(ratios[0], 3), round(ratios[-1], 3)])
   mem = compiled.memory_analysis()
   dev = available[0]
   peak_name, peak = _peak_mb(available[: a.devices])
@@ -275,6 +308,8 @@ def main() -> None:
   p.add_argument("--tams", action="store_true", help="GPT-2 with TAMS cells, the controller's prepare per task")
   p.add_argument("--peer", action="store_true", help="also run the PyTorch peer with the same settings; add ratios")
   p.add_argument("--peer_script", type=Path, default=ROOT.parent / "shared" / "bench" / "torch_meta_ref.py")
+  rounds_help = "repeat every setting (and the peer) R times in turn; end with its median and range per setting"
+  p.add_argument("--rounds", type=int, default=1, help=rounds_help)
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="the peer's torch threads")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
@@ -291,28 +326,59 @@ def main() -> None:
   if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):  # CPU: fake devices (GPUs ignore it)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(devices)}".strip()
   for inner in a.inner:
-    fwdbwd = child(a, env, "fwdbwd", inner, 2, 0, 1, "auto") if "fwdbwd" in a.mode else None
-    if fwdbwd:
-      print(json.dumps(fwdbwd), flush=True)
-    if "adapt" in a.mode:
-      print(json.dumps(child(a, env, "adapt", inner, 2, 0, 1, "auto")), flush=True)
-    if "meta" not in a.mode:
-      continue
-    for order in a.order:
-      peer = run_peer(a, inner, order) if a.peer else None
-      for remat, n, backward in itertools.product(a.remat, devices, a.backward):
-        row = child(a, env, "meta", inner, order, remat, n, backward)
-        if fwdbwd and "tokens_per_s" in row and "tokens_per_s" in fwdbwd:
-          row["of_fwdbwd"] = round(row["tokens_per_s"] / fwdbwd["tokens_per_s"], 3)  # share of the plain step's rate
-        if peer is not None:
-          row["peer"] = peer
-          if "tokens_per_s" in row and "tokens_per_s" in peer:
-            mine = row.get("peak_rss_mb", row.get("peak_device_mb"))
-            row["vs_peer"] = {
-              "tokens_per_s": round(row["tokens_per_s"] / peer["tokens_per_s"], 3),
-              "peak_mb": round(mine / peer["peak_rss_mb"], 3) if mine and peer.get("peak_rss_mb") else None,
-            }
-        print(json.dumps(row), flush=True)
+    rounds: dict[tuple, list[dict]] = {}
+    for r in range(a.rounds):
+      tag = {"round": r} if a.rounds > 1 else {}
+      fwdbwd = child(a, env, "fwdbwd", inner, 2, 0, 1, "auto") if "fwdbwd" in a.mode else None
+      if fwdbwd:
+        print(json.dumps({**fwdbwd, **tag}), flush=True)
+      if "adapt" in a.mode:
+        adapt = child(a, env, "adapt", inner, 2, 0, 1, "auto")
+        rounds.setdefault(("adapt",), []).append(adapt)
+        print(json.dumps({**adapt, **tag}), flush=True)
+      if "meta" not in a.mode:
+        continue
+      for order in a.order:
+        peer = run_peer(a, inner, order) if a.peer else None
+        for remat, n, backward in itertools.product(a.remat, devices, a.backward):
+          row = child(a, env, "meta", inner, order, remat, n, backward)
+          if fwdbwd and "tokens_per_s" in row and "tokens_per_s" in fwdbwd:
+            row["of_fwdbwd"] = round(row["tokens_per_s"] / fwdbwd["tokens_per_s"], 3)  # share of the plain rate
+          if peer is not None:
+            row["peer"] = peer
+            if "tokens_per_s" in row and "tokens_per_s" in peer:
+              mine = row.get("peak_rss_mb", row.get("peak_device_mb"))
+              row["vs_peer"] = {
+                "tokens_per_s": round(row["tokens_per_s"] / peer["tokens_per_s"], 3),
+                "peak_mb": round(mine / peer["peak_rss_mb"], 3) if mine and peer.get("peak_rss_mb") else None,
+              }
+          rounds.setdefault(("meta", order, remat, n, backward), []).append(row)
+          print(json.dumps({**row, **tag}), flush=True)
+    if a.rounds > 1:
+      for setting, rows in rounds.items():
+        print(json.dumps(summarize(setting, inner, rows)), flush=True)
+
+
+def summarize(setting: tuple, inner: int, rows: list[dict]) -> dict:
+  """One line for a setting measured over several ``--rounds``: the median and range of each ratio, round by round
+  (ours and the peer, or the two adaptation steps, ran minutes apart at most)."""
+
+  def stat(get) -> dict | None:
+    values = sorted(v for v in map(get, rows) if v is not None)
+    return {"median": _median(values), "min": values[0], "max": values[-1]} if values else None
+
+  out: dict[str, Any] = {"summary_of_rounds": len(rows), "mode": setting[0], "inner": inner}
+  if setting[0] == "adapt":
+    out["tarp_speedup"] = stat(lambda r: r.get("tarp_speedup"))
+  else:
+    out.update(zip(("order", "remat", "devices", "backward"), setting[1:]))
+    out["of_fwdbwd"] = stat(lambda r: r.get("of_fwdbwd"))
+    out["vs_peer_tokens_per_s"] = stat(lambda r: r.get("vs_peer", {}).get("tokens_per_s"))
+    out["vs_peer_peak_mb"] = stat(lambda r: r.get("vs_peer", {}).get("peak_mb"))
+    out["peer_tokens_per_s"] = stat(lambda r: r.get("peer", {}).get("tokens_per_s"))
+  out["tokens_per_s"] = stat(lambda r: r.get("tokens_per_s"))
+  out["peak_rss_mb"] = stat(lambda r: r.get("peak_rss_mb", r.get("peak_device_mb")))
+  return out
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from jax.custom_derivatives import SymbolicZero
 
 KINDS = ("bilinear", "kronecker", "dynamic")
 Params = Mapping[str, Any]
@@ -240,16 +241,55 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
   return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
+@jax.custom_jvp
+def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
+  """x [N, C_in] @ (w + u v^T): a bilinear difference's layer, one fused matmul, derivatives kept low rank.
+
+  The value is the plain ``x @ (w + u @ v.T)`` (w [C_in, C_out], u [C_in, r], v [C_out, r]). Autodiff of that
+  expression would reach u and v through the dense dW = x^T dY [C_in, C_out] (dU = dW v): a matmul the size of the
+  layer's forward. The JVP rule below keeps every low-rank term factored instead, (x du) v^T + (x u) dv^T, and the
+  input's term as dx w + (dx u) v^T, so that the transposed (reverse-mode) terms are the thin x^T (dY v) and
+  dY^T (x u), and a second derivative (the meta-step's Hessian-vector products) stays thin in the same way; w's
+  own term x dw transposes to the dense dW = x^T dY only where w is differentiated (the outer gradient). The
+  primal output is itself a `lowrank_matmul`, so every order of differentiation uses this rule.
+  """
+  return x @ (w + u @ v.T)
+
+
+def _lowrank_matmul_jvp(primals, tangents):
+  x, w, u, v = primals
+  dx, dw, du, dv = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+  y = lowrank_matmul(x, w, u, v)
+  terms = []
+  if dx is not None:
+    terms.append(dx @ w + (dx @ u) @ v.T)
+  if dw is not None:
+    terms.append(x @ dw)
+  if du is not None:
+    terms.append((x @ du) @ v.T)
+  if dv is not None:
+    terms.append((x @ u) @ dv.T)
+  return y, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y))
+
+
+lowrank_matmul.defjvp(_lowrank_matmul_jvp, symbolic_zeros=True)
+
+
 def dense(x: jax.Array, weight: jax.Array, d: Mapping[str, jax.Array] | None, dtype: Any) -> jax.Array:
   """x W(x) for one dense layer without its bias: x [..., C_in], weight [C_in, C_out] -> [..., C_out].
 
-  With ``d`` None (no difference) this is exactly ``x @ weight``. The dynamic terms are never computed as a
+  With ``d`` None (no difference) this is exactly ``x @ weight``; an additive bilinear difference (U, V only) goes
+  through `lowrank_matmul`, whose derivatives stay low rank. The dynamic terms are never computed as a
   per-token [C_in, C_out] matrix: the additive one as ((x U) Sigma(x)) V^T, the multiplicative one as
   sum_r ((x ⊙ U1[:, r]) W0) ⊙ (Sigma1(x) V1^T)[r].
   """
   x = x.astype(dtype)
   if d is None:
     return _mm(x, weight.astype(dtype))
+  if set(d) == {"U", "V"}:  # bilinear, additive only: derivatives kept low rank
+    cast = [a.astype(dtype) for a in (weight, d["U"], d["V"])]
+    y = lowrank_matmul(x.reshape(-1, x.shape[-1]), *cast)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
   w = weight
   dynamic_phi1 = _has_sigma(d, "sigma1")
   if "U1" in d and not dynamic_phi1:
