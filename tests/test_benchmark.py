@@ -45,6 +45,17 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   assert step["vs_peer"]["peak_mb"] == pytest.approx(step["peak_rss_mb"] / 50, rel=1e-2)
 
 
+def test_profile_meta_step_prints_time_by_kind_of_op(tmp_path):
+  """`benchmarks/profile_meta_step.py`: one JSON line with the step's seconds, FLOPs and thunk time by kind."""
+  script = SCRIPT.parent / "profile_meta_step.py"
+  tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--inner=1"]
+  cmd = [sys.executable, str(script), *tiny, "--order=1", "--steps=1", "--top=3", "--trace", str(tmp_path / "t")]
+  out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  (row,) = [json.loads(line) for line in out.stdout.splitlines()] or [out.stderr]
+  assert row["seconds"] > 0 and row["flops_loops_once"] > 0 and row["thunk_ms"] > 0
+  assert row["ms_by_kind"]["matmuls"] > 0 and len(row["top"]) == 3
+
+
 def test_rounds_summary_gives_the_median_and_range_of_each_ratio():
   """``--rounds R``: one line per setting with the median, min and max over the rounds (no subprocess here)."""
   sys.path.insert(0, str(SCRIPT.parent))
