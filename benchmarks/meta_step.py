@@ -41,6 +41,7 @@ import itertools
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -148,8 +149,9 @@ def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[flo
 
 def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], key, rounds: int) -> dict[str, tuple]:
   """Compile and warm up each of ``steps`` (name -> jitted ``fn(variables, batch, key)``), then time them in turn
-  (A B A B ...) for ``rounds`` rounds on the same batches, so that the machine's drifts in speed (large on a shared
-  2-core VM) reach every step alike. Returns name -> (per-round seconds, compile seconds, the compiled step)."""
+  (A B, then B A, ...) for ``rounds`` rounds, one fresh batch per round, so that the machine's drifts in speed
+  (large on a shared 2-core VM) reach every step alike. Returns name -> (per-round seconds, compile seconds, the
+  compiled step)."""
   import jax
 
   compiled, compile_s, times = {}, {}, {name: [] for name in steps}
@@ -158,9 +160,9 @@ def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], ke
     compiled[name] = step.lower(variables, batch_fn(), key).compile()
     compile_s[name] = time.perf_counter() - t0
     jax.block_until_ready(compiled[name](variables, batch_fn(), key))  # warm-up
-  for _ in range(rounds):
+  for r in range(rounds):
     batch = batch_fn()
-    for name, c in compiled.items():
+    for name, c in list(compiled.items())[:: 1 if r % 2 == 0 else -1]:  # A B, B A, ...: no side always goes first
       t0 = time.perf_counter()
       jax.block_until_ready(c(variables, batch, key))
       times[name].append(time.perf_counter() - t0)
@@ -168,7 +170,7 @@ def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], ke
 
 
 def _median(values):
-  return sorted(values)[len(values) // 2]
+  return statistics.median(values)
 
 
 def _adapt_step(loss_fn, regex: str, lr: float):

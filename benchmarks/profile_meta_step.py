@@ -63,7 +63,10 @@ def main() -> None:
   with jax.profiler.trace(str(trace), create_perfetto_trace=True):
     for _ in range(a.steps):
       jax.block_until_ready(compiled(state, batch, key))
-  (path,) = sorted(trace.glob("**/perfetto_trace.json.gz"))[-1:]
+  paths = sorted(trace.glob("**/perfetto_trace.json.gz"))
+  if not paths:
+    raise SystemExit(f"no perfetto_trace.json.gz under {trace}: did jax.profiler write the trace?")
+  path = paths[-1]
   events = json.load(gzip.open(path))
   events = events["traceEvents"] if isinstance(events, dict) else events
   per_op: collections.Counter = collections.Counter()

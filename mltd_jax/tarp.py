@@ -40,9 +40,14 @@ from typing import Any, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 KINDS = ("bilinear", "kronecker", "dynamic")
+# The checkpoint name of every `lowrank_matmul` output: a remat policy that keeps matmul outputs must also keep
+# these, since `jax.checkpoint_policies.dots_saveable` and its kin do not see a matmul inside a custom_jvp call
+# (`models.layers.remat_policy` adds them).
+LOWRANK_NAME = "tarp_lowrank_matmul"
 Params = Mapping[str, Any]
 Path = tuple[str, ...]
 
@@ -245,7 +250,8 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
 def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
   """x [N, C_in] @ (w + u v^T): a bilinear difference's layer, one fused matmul, derivatives kept low rank.
 
-  The value is the plain ``x @ (w + u @ v.T)`` (w [C_in, C_out], u [C_in, r], v [C_out, r]). Autodiff of that
+  The value is ``x @ (w + u @ v.T).astype(x.dtype)`` (w [C_in, C_out], u [C_in, r], v [C_out, r] in the parameters'
+  dtype, summed before the cast to the compute dtype of x, as the unfactored layer does). Autodiff of that
   expression would reach u and v through the dense dW = x^T dY [C_in, C_out] (dU = dW v): a matmul the size of the
   layer's forward. The JVP rule below keeps every low-rank term factored instead, (x du) v^T + (x u) dv^T, and the
   input's term as dx w + (dx u) v^T, so that the transposed (reverse-mode) terms are the thin x^T (dY v) and
@@ -253,22 +259,23 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> ja
   own term x dw transposes to the dense dW = x^T dY only where w is differentiated (the outer gradient). The
   primal output is itself a `lowrank_matmul`, so every order of differentiation uses this rule.
   """
-  return x @ (w + u @ v.T)
+  return x @ (w + u @ v.T).astype(x.dtype)
 
 
 def _lowrank_matmul_jvp(primals, tangents):
   x, w, u, v = primals
   dx, dw, du, dv = (None if isinstance(t, SymbolicZero) else t for t in tangents)
   y = lowrank_matmul(x, w, u, v)
+  c = lambda a: a.astype(x.dtype)  # noqa: E731  the compute dtype
   terms = []
   if dx is not None:
-    terms.append(dx @ w + (dx @ u) @ v.T)
+    terms.append(dx @ c(w) + (dx @ c(u)) @ c(v).T)
   if dw is not None:
-    terms.append(x @ dw)
+    terms.append(x @ c(dw))
   if du is not None:
-    terms.append((x @ du) @ v.T)
+    terms.append((x @ c(du)) @ c(v).T)
   if dv is not None:
-    terms.append((x @ u) @ dv.T)
+    terms.append((x @ c(u)) @ c(dv).T)
   return y, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y))
 
 
@@ -287,8 +294,7 @@ def dense(x: jax.Array, weight: jax.Array, d: Mapping[str, jax.Array] | None, dt
   if d is None:
     return _mm(x, weight.astype(dtype))
   if set(d) == {"U", "V"}:  # bilinear, additive only: derivatives kept low rank
-    cast = [a.astype(dtype) for a in (weight, d["U"], d["V"])]
-    y = lowrank_matmul(x.reshape(-1, x.shape[-1]), *cast)
+    y = checkpoint_name(lowrank_matmul(x.reshape(-1, x.shape[-1]), weight, d["U"], d["V"]), LOWRANK_NAME)
     return y.reshape(*x.shape[:-1], y.shape[-1])
   w = weight
   dynamic_phi1 = _has_sigma(d, "sigma1")

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mltd_jax import data, decode_eval, evaluate, meta, models, sharding, tams, tarp
+from mltd_jax import data, decode_eval, evaluate, meta, models, sharding, tams, tams_run, tarp
 from mltd_jax.checkpoint import Checkpointer
 from mltd_jax.data import episodes
 from mltd_jax.state import TrainState
@@ -258,7 +258,7 @@ def meta_tx(cfg: Any) -> optax.GradientTransformation:
 
 def meta_step_fn(run: Run, inner: meta.InnerLoop, config, tcfg: tams.TamsConfig | None = None) -> Callable:
   """The (unjitted) meta step of ``config.meta``; with ``tcfg`` TAMS' prepare samples each task's architecture and
-  the metrics carry the controller's per-edge choices (`tams_metrics`)."""
+  the metrics carry the controller's per-edge choices (`tams_run.tams_metrics`)."""
   cfg = config.meta
   groups = 1 if run.mesh is None else sharding.task_groups(run.mesh, cfg.tasks_per_step)  # chunks map per device
   loss_fn = run.family.make_loss(run.model)
@@ -270,7 +270,7 @@ def meta_step_fn(run: Run, inner: meta.InnerLoop, config, tcfg: tams.TamsConfig 
     return step_fn
 
   def step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
-    choices = tams_metrics(state.variables, batch["support"], tcfg, run.family)  # before this step's update
+    choices = tams_run.tams_metrics(state.variables, batch["support"], tcfg, run.family)  # before this step's update
     state, metrics = step_fn(state, batch, rng)
     return state, {**metrics, **choices}
 
@@ -302,7 +302,7 @@ def meta_train(
     "meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"], shardings, True
   )
   if tcfg is not None and sharding.is_main_process():
-    png = plot_tams(run.workdir, tcfg)
+    png = tams_run.plot_tams(run.workdir, tcfg)
     log.info("TAMS: operation probabilities per edge over meta-training in %s", png)
   return state.variables
 
@@ -344,75 +344,9 @@ def init_tarp(run: Run, params: dict, cfg: Any) -> tuple[dict, tarp.TarpConfig]:
   return difference, tcfg
 
 
-# ---- TAMS: config, init, metrics, overhead, plot, chosen architectures ----------------------------------------------
+# ---- TAMS' meta-step time overhead (the rest of TAMS in a run: `mltd_jax.tams_run`) -------------------------------
 
-# config.tams fields that train.py reads itself; the others are `tams.TamsConfig`'s.
-TAMS_RUN_FIELDS = ("adapt_cells", "overhead_steps")
-TAMS_PNG = "tams_ops.png"
 TAMS_OVERHEAD = "tams_overhead.json"
-
-
-def tams_config(cfg: Any) -> tams.TamsConfig | None:
-  """``config.tams`` as a `tams.TamsConfig`, or None when it is off (or absent, in configs older than TAMS)."""
-  if cfg is None or not cfg.get("enabled", False):
-    return None
-  return tams.TamsConfig(**{k: v for k, v in dict(cfg).items() if k not in TAMS_RUN_FIELDS})
-
-
-def with_cells(regex: str, cfg: Any) -> str:
-  """A fast-variable regex that also adapts the TAMS cells' weights (never the controller) when
-  ``config.tams.adapt_cells``: ``"(?:regex)|" + tams.FAST_REGEX``; ``regex`` itself otherwise."""
-  return f"(?:{regex})|{tams.FAST_REGEX}" if cfg.get("adapt_cells", True) else regex
-
-
-def init_tams(run: Run, params: dict, tcfg: tams.TamsConfig) -> dict:
-  """The ``'tams'`` collection (cells and controller) for ``run.model`` (built with `tams.attach`); its key is
-  folded from the "tarp" stream, so the other streams (and the runs without TAMS) are unchanged."""
-  if run.family.embedding is None or run.family.task_tokens is None:
-    raise ValueError(
-      f"config.tams.enabled=True, but the {run.family.model_type!r} family has no task embedding for TAMS "
-      "(Family.embedding / task_tokens); set config.tams.enabled=False."
-    )
-  collection = tams.init(jax.random.fold_in(run.rngs["tarp"], 1), run.model, tcfg)
-  n, base = tams.num_params(collection), tams.num_params(params)
-  log.info(
-    "TAMS: %d cells of %d edges x %d ops (width %d): %d parameters (controller %d) = %.2f%% of the base model's %d",
-    len(tams.cell_paths(collection)),
-    tams.num_edges(tcfg.nodes),
-    len(tcfg.ops),
-    tcfg.width,
-    n,
-    tams.num_params(collection["controller"]),
-    100 * n / base,
-    base,
-  )
-  return collection
-
-
-def tams_metrics(variables: dict, supports: Any, tcfg: tams.TamsConfig, family: models.Family) -> dict:
-  """Per edge: the operation the meta-batch's tasks pick, the entropy of its distribution and each operation's
-  probability, from the controller's softmax(logits) averaged over the tasks (the distribution Gumbel-max sampling
-  draws from, at any temperature). Keys ``tams/edge{e}_op`` (index into ``config.tams.ops``), ``_entropy``
-  (nats), ``_p_{op}``; with ``per_layer`` prefixed ``cell{c}_``.
-
-  Args:
-    variables: the variables with ``'params'`` and ``'tams'``.
-    supports: the meta-batch's support batches (leading task axis).
-    tcfg: the TAMS configuration.
-    family: the model family (its embedding and task tokens).
-  """
-  logits = jax.vmap(lambda s: tams.task_logits(variables, s, tcfg, family.embedding, family.task_tokens))(supports)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), -1).mean(0)  # [(cells,) edges, ops]
-  probs = probs.reshape(-1, *probs.shape[-2:])  # [cells or 1, edges, ops]
-  entropy = -(probs * jnp.log(jnp.maximum(probs, 1e-30))).sum(-1)
-  out = {}
-  for c in range(probs.shape[0]):
-    prefix = f"tams/cell{c}_" if tcfg.per_layer else "tams/"
-    for e in range(probs.shape[1]):
-      out[f"{prefix}edge{e}_op"] = jnp.argmax(probs[c, e]).astype(jnp.float32)
-      out[f"{prefix}edge{e}_entropy"] = entropy[c, e]
-      out.update({f"{prefix}edge{e}_p_{op}": probs[c, e, o] for o, op in enumerate(tcfg.ops)})
-  return out
 
 
 def _time_step(fn: Callable, state: TrainState, batch: Any, rng: jax.Array, n: int, shardings=None) -> float:
@@ -435,12 +369,6 @@ def _time_step(fn: Callable, state: TrainState, batch: Any, rng: jax.Array, n: i
   return seconds / n
 
 
-def param_overhead(variables: dict) -> dict:
-  """TAMS' parameters (cells and controller) against the base model's."""
-  base, extra = tams.num_params(variables["params"]), tams.num_params(variables["tams"])
-  return {"tams_params": extra, "base_params": base, "param_overhead": extra / base}
-
-
 def tams_overhead(
   run: Run,
   state: TrainState,
@@ -459,7 +387,7 @@ def tams_overhead(
   the inner loop's regex without the cells), each after a compiling call; 0 steps: not measured.
   """
   path, cfg = run.workdir / TAMS_OVERHEAD, config.meta
-  out = param_overhead(state.variables)
+  out = tams_run.param_overhead(state.variables)
   if path.exists() and Checkpointer(run.workdir / "checkpoints" / "meta").latest_step():
     return {**json.loads(path.read_text()), **out}
   n = int(config.tams.get("overhead_steps", 0))
@@ -489,48 +417,6 @@ def tams_overhead(
   return out
 
 
-def plot_tams(workdir: Path, tcfg: tams.TamsConfig) -> Path:
-  """``workdir/tams_ops.png``: each operation's probability per edge (one panel per edge, per cell with
-  ``per_layer``) over meta-training, from the ``meta/tams/...`` entries of ``metrics.jsonl``."""
-  from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  rows = [r for r in rows if any(k.startswith("meta/tams/") for k in r)]
-  cells = len({k.split("_")[0] for r in rows for k in r if k.startswith("meta/tams/cell")}) or 1
-  edges = tams.CellSpec(tcfg.ops, tcfg.nodes).edges
-  fig = Figure(figsize=(3.2 * len(edges), 2.6 * cells), layout="constrained")
-  axes = fig.subplots(cells, len(edges), squeeze=False, sharey=True)
-  steps = [r["step"] for r in rows]
-  for c in range(cells):
-    prefix = f"meta/tams/cell{c}_" if tcfg.per_layer else "meta/tams/"
-    for e, (i, j) in enumerate(edges):
-      ax = axes[c, e]
-      for op in tcfg.ops:
-        ax.plot(steps, [r.get(f"{prefix}edge{e}_p_{op}", float("nan")) for r in rows], marker=".", label=op)
-      ax.set_title(f"{'cell %d ' % c if tcfg.per_layer else ''}edge {i}->{j}", fontsize=9)
-      ax.set_ylim(0, 1)
-      ax.set_xlabel("meta-step")
-  axes[0, 0].set_ylabel("P(op), mean over tasks")
-  axes[0, -1].legend(fontsize=7, loc="upper right")
-  path = workdir / TAMS_PNG
-  fig.savefig(path, dpi=80)
-  return path
-
-
-def tams_architectures(run: Run, variables: dict, tcfg: tams.TamsConfig, tasks: list) -> list[dict]:
-  """The fixed (argmax) architecture of each held-out task: ``{"name", "arch": {"i->j": op}}`` (with
-  ``per_layer``, ``"arch"`` is a list of such dicts, one per cell in `tams.cell_paths` order)."""
-  arrays = episodes.stack([episodes.task_arrays(run.encoder, t) for t in tasks])
-  logits_of = lambda s: tams.task_logits(variables, s, tcfg, run.family.embedding, run.family.task_tokens)  # noqa: E731
-  arch = jax.device_get(jax.jit(jax.vmap(lambda s: tams.discretize(logits_of(s))))(arrays["support"]))
-  edges = [f"{i}->{j}" for i, j in tcfg.spec.edges]
-
-  def named(row) -> dict:
-    return {edge: tcfg.ops[int(o)] for edge, o in zip(edges, row)}
-
-  return [{"name": t.name, "arch": [named(r) for r in a] if tcfg.per_layer else named(a)} for t, a in zip(tasks, arch)]
-
-
 def open_inputs(config, seed: int) -> tuple[tuple[Any, Any], models.Family]:
   """``((tokenizer, task source), model family)``, before any compute; when several inputs are missing (e.g. the
   hub model and the data directory on an offline machine) one error names them all."""
@@ -551,11 +437,11 @@ def open_inputs(config, seed: int) -> tuple[tuple[Any, Any], models.Family]:
 
 
 def eval_config(config, tcfg: tams.TamsConfig | None) -> Any:
-  """``config.eval``, with TAMS (``tcfg``) a copy whose methods' regexes also adapt the cells (`with_cells`)."""
+  """``config.eval``; with TAMS (``tcfg``) a copy whose regexes also adapt the cells (`tams_run.with_cells`)."""
   if tcfg is None:
     return config.eval
   ecfg = ml_collections.ConfigDict(config.eval.to_dict())
-  ecfg.methods = {m: with_cells(regex, config.tams) for m, regex in config.eval.methods.items()}
+  ecfg.methods = {m: tams_run.with_cells(regex, config.tams) for m, regex in config.eval.methods.items()}
   return ecfg
 
 
@@ -576,7 +462,7 @@ def meta_test(run: Run, variables: dict, config, tcfg: tams.TamsConfig | None = 
   result["workdir"] = str(run.workdir)
   report = evaluate.report(result)
   if tcfg is not None:
-    chosen = tams_architectures(run, variables, tcfg, list(run.source.eval_tasks("test")))
+    chosen = tams_run.tams_architectures(run, variables, tcfg, list(run.source.eval_tasks("test")))
     distinct = collections.Counter(json.dumps(t["arch"], sort_keys=True) for t in chosen)
     result["tams"] = {
       "ops": list(tcfg.ops),
@@ -619,9 +505,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     sharding.check_divisible(config.meta.tasks_per_step, mesh, "config.meta.tasks_per_step")
   rngs = rng_streams(config.seed)
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
-  tcfg = tams_config(config.get("tams"))
+  tcfg = tams_run.tams_config(config.get("tams"))
   if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
-    inner = dataclasses.replace(inner, fast_regex=with_cells(inner.fast_regex, config.tams))
+    inner = dataclasses.replace(inner, fast_regex=tams_run.with_cells(inner.fast_regex, config.tams))
   (tokenizer, source), family = open_inputs(config, data_seed(rngs["data"]))
   encoder = data.build_encoder(family.encoder, tokenizer, config.data)
   model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
@@ -643,7 +529,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   difference, tarp_cfg = init_tarp(run, variables["params"], config.tarp)
   variables = {**variables, "tarp": difference}
   if tcfg is not None:
-    variables = {**variables, "tams": init_tams(run, variables["params"], tcfg)}
+    variables = {**variables, "tams": tams_run.init_tams(run, variables["params"], tcfg)}
   if inner is not None:
     variables = meta_train(run, variables, inner, config, writer, tcfg)
   variables = sharding.put_global(variables, sharding.state_shardings(mesh, variables))  # onto the mesh in any case
@@ -651,7 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if tcfg is not None:  # the step time measured before meta-training (none without it)
     measured = run.workdir / TAMS_OVERHEAD
     timing = json.loads(measured.read_text()) if inner is not None and measured.exists() else {}
-    result["tams"]["overhead"] = {**timing, **param_overhead(variables)}
+    result["tams"]["overhead"] = {**timing, **tams_run.param_overhead(variables)}
   if sharding.is_main_process():
     (workdir / "eval.json").write_text(json.dumps(result, indent=2))
   sel, k = result["select_by"][0], config.eval.adapt_steps

@@ -72,7 +72,8 @@ def test_rounds_summary_gives_the_median_and_range_of_each_ratio():
   assert out["vs_peer_tokens_per_s"] == {"median": 2.0, "min": 0.5, "max": 3.0}
   assert out["peer_tokens_per_s"]["median"] == 2.0 and out["vs_peer_peak_mb"]["max"] == 0.5
   adapt = meta_step.summarize(("adapt",), 4, [{"tarp_speedup": 1.2}, {"tarp_speedup": 1.5}, {"error": ["x"]}])
-  assert adapt["tarp_speedup"] == {"median": 1.5, "min": 1.2, "max": 1.5} and adapt["tokens_per_s"] is None
+  assert adapt["tarp_speedup"] == {"median": pytest.approx(1.35), "min": 1.2, "max": 1.5}
+  assert adapt["tokens_per_s"] is None
 
 
 @pytest.mark.parametrize("family, beams", [("gpt2", ["1", "2"]), ("t5", ["2"])])  # T5: one setting (CI time)

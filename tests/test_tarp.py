@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from mltd_jax import tarp
+from mltd_jax.models import gpt2
 from mltd_jax.models.gpt2 import DEFAULT_TARGETS, GPT2LMHeadModel
 from mltd_jax.models.layers import dense_paths
 from tests.helpers import lm_batch, perturbed_variables, tiny_gpt2
@@ -253,3 +254,36 @@ def test_bilinear_dense_uses_the_low_rank_product_and_saves_the_dense_weight_gra
     np.testing.assert_allclose(g_ours[k], g_plain[k], rtol=1e-4, atol=1e-4)
   flops = lambda f: jax.jit(jax.grad(loss), static_argnums=1).lower(d, f).compile().cost_analysis()["flops"]  # noqa: E731
   assert flops(plain) - flops(ours) >= 0.75 * 2 * n * c_in * c_out  # the dense dW = x^T dY is gone (thin ops added)
+
+
+def test_lowrank_matmul_in_bfloat16_sums_the_difference_in_the_parameters_dtype():
+  """bfloat16 compute with float32 parameters: the same value as the unfactored layer (w + u v^T summed in float32,
+  then cast), and float32 gradients for U, V close to the plain expression's."""
+  keys = jax.random.split(jax.random.key(2), 4)
+  x = jax.random.normal(keys[0], (16, 32)).astype(jnp.bfloat16)
+  w, u, v = (jax.random.normal(k, s) for k, s in zip(keys[1:], [(32, 24), (32, 4), (24, 4)]))
+  plain = lambda x, w, u, v: x @ (w + u @ v.T).astype(x.dtype)  # noqa: E731
+  np.testing.assert_array_equal(tarp.lowrank_matmul(x, w, u, v), plain(x, w, u, v))
+  loss = lambda f: lambda u, v: jnp.sum(f(x, w, u, v).astype(jnp.float32) ** 2)  # noqa: E731
+  got, want = jax.grad(loss(tarp.lowrank_matmul), (0, 1))(u, v), jax.grad(loss(plain), (0, 1))(u, v)
+  for a, b in zip(got, want):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05 * float(jnp.abs(b).max()))
+
+
+def test_dot_saving_remat_policies_keep_the_low_rank_layers_outputs():
+  """`dots_saveable` (and its kin, `layers.DOT_POLICIES`) does not see the matmul inside `lowrank_matmul`'s
+  custom_jvp call; `layers.remat_policy` adds its checkpoint name, so remat with it recomputes little (XLA FLOPs)."""
+  cfg = dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, embd_pdrop=0.0, resid_pdrop=0.0)
+  ids = jax.random.randint(jax.random.key(3), (4, 32), 0, 64)
+
+  def flops(remat):
+    model = GPT2LMHeadModel(gpt2.GPT2Config(**cfg, attn_pdrop=0.0), remat=remat)
+    params = model.init_params(jax.random.key(0))
+    tcfg = tarp.TarpConfig(kind="bilinear", rank=4, targets=DEFAULT_TARGETS)
+    diff = jax.tree.map(lambda a: a + 0.01, tarp.init(jax.random.key(1), params, tcfg, dense_paths(model)))
+    loss = lambda d: jnp.std(model.apply({"params": params, "tarp": d}, ids))  # noqa: E731
+    return jax.jit(jax.grad(loss)).lower(diff).compile().cost_analysis()["flops"]
+
+  plain, everything = flops(False), flops("nothing_saveable")
+  assert flops("dots_saveable") < plain + 0.25 * (everything - plain)  # before the name: about 0.8 of the way

@@ -22,7 +22,17 @@ import numpy as np
 
 from mltd_jax import losses
 from mltd_jax.models.family import Family
-from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, ffn_cell, fold_for_decoding, normal, wide
+from mltd_jax.models.layers import (
+  ACTIVATIONS,
+  Dense,
+  Embed,
+  LayerNorm,
+  ffn_cell,
+  fold_for_decoding,
+  normal,
+  remat_policy,
+  wide,
+)
 
 # Every attention and MLP projection of every block (the paper's targets for GPT-2).
 DEFAULT_TARGETS = r"(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)$"
@@ -150,7 +160,7 @@ class Blocks(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, kv: tuple | None = None, index=None):
-    policy = getattr(jax.checkpoint_policies, self.remat) if isinstance(self.remat, str) else None  # a policy name
+    policy = remat_policy(self.remat)  # a `jax.checkpoint_policies` name, or None
     block = nn.remat(Block, static_argnums=(3,), policy=policy) if self.remat else Block  # 3: `deterministic`
     if kv is None:
       for i in range(self.config.n_layer):

@@ -23,6 +23,27 @@ def normal(std: float) -> Init:
   return nn.initializers.normal(stddev=std)
 
 
+# The `jax.checkpoint_policies` that keep matmul outputs: with them, `remat_policy` also keeps the bilinear TARP
+# layers' outputs, which come out of a custom_jvp call (`tarp.lowrank_matmul`) that these policies do not see.
+DOT_POLICIES = (
+  "dots_saveable",
+  "checkpoint_dots",
+  "dots_with_no_batch_dims_saveable",
+  "checkpoint_dots_with_no_batch_dims",
+)
+
+
+def remat_policy(remat: Any) -> Callable | None:
+  """The policy of a block's ``nn.remat`` for ``remat`` (a `jax.checkpoint_policies` name, or True/False: None)."""
+  if not isinstance(remat, str):
+    return None
+  policy = getattr(jax.checkpoint_policies, remat)
+  if remat in DOT_POLICIES:
+    keep = jax.checkpoint_policies.save_only_these_names(tarp.LOWRANK_NAME)
+    policy = jax.checkpoint_policies.save_from_both_policies(policy, keep)
+  return policy
+
+
 def wide(dtype: Any) -> Any:
   """The precision for softmax, layer norm and logits: float32, or float64 when computing in float64."""
   return jnp.promote_types(dtype, jnp.float32)

@@ -41,7 +41,17 @@ import numpy as np
 
 from mltd_jax import losses
 from mltd_jax.models.family import Family
-from mltd_jax.models.layers import ACTIVATIONS, Dense, Embed, RMSNorm, ffn_cell, fold_for_decoding, normal, wide
+from mltd_jax.models.layers import (
+  ACTIVATIONS,
+  Dense,
+  Embed,
+  RMSNorm,
+  ffn_cell,
+  fold_for_decoding,
+  normal,
+  remat_policy,
+  wide,
+)
 
 # Self-attention, cross-attention and feed-forward projections of every encoder and decoder block (not lm_head).
 DEFAULT_TARGETS = r"((SelfAttention|EncDecAttention)/(q|k|v|o)|DenseReluDense/(wi|wi_0|wi_1|wo))$"
@@ -342,7 +352,7 @@ class Blocks(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, encoded, encoder_mask, deterministic: bool, cache: tuple | None = None, index=None):
-    policy = getattr(jax.checkpoint_policies, self.remat) if isinstance(self.remat, str) else None  # a policy name
+    policy = remat_policy(self.remat)  # a `jax.checkpoint_policies` name, or None
     block = nn.remat(Block, static_argnums=(6,), policy=policy) if self.remat else Block  # 6: `deterministic`
     cfg = self.config
     bias, new_cache = None, []
