@@ -233,7 +233,7 @@ def test_lowrank_matmul_derivatives_equal_the_plain_product(argnums):
   ours, plain = _cubic_of(tarp.lowrank_matmul), _cubic_of(lambda x, w, u, v: x @ (w + u @ v.T))
   np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-6)
   for transform in (jax.grad, jax.hessian, lambda f, argnums: jax.jacrev(jax.grad(f, argnums), argnums)):
-    got, want = transform(ours, argnums=argnums)(*args), transform(plain, argnums=argnums)(*args)
+    got, want = (jax.jit(transform(f, argnums=argnums))(*args) for f in (ours, plain))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
@@ -285,5 +285,4 @@ def test_dot_saving_remat_policies_keep_the_low_rank_layers_outputs():
     loss = lambda d: jnp.std(model.apply({"params": params, "tarp": d}, ids))  # noqa: E731
     return jax.jit(jax.grad(loss)).lower(diff).compile().cost_analysis()["flops"]
 
-  plain, everything = flops(False), flops("nothing_saveable")
-  assert flops("dots_saveable") < plain + 0.25 * (everything - plain)  # before the name: about 0.8 of the way
+  assert flops("dots_saveable") < 1.1 * flops(False)  # before the name: 1.26x (the layers' matmuls recomputed)
