@@ -32,23 +32,52 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def op_kinds(trace_dir: Path, calls: int) -> dict[str, float]:
-  """Milliseconds per call by kind of XLA:CPU thunk in the Perfetto trace under ``trace_dir`` (``calls`` calls)."""
-  (path,) = sorted(trace_dir.glob("**/perfetto_trace.json.gz"))[-1:]
-  events = json.load(gzip.open(path))
+def thunk_ms(trace_dir: Path, calls: int) -> collections.Counter:
+  """Milliseconds per call of each XLA:CPU thunk (by HLO instruction name) in the Perfetto trace under
+  ``trace_dir`` (``calls`` calls), without the executor's and Python's own events."""
+  paths = sorted(trace_dir.glob("**/perfetto_trace.json.gz"))
+  if not paths:
+    raise SystemExit(f"no perfetto_trace.json.gz under {trace_dir}: did jax.profiler write the trace?")
+  events = json.load(gzip.open(paths[-1]))
   events = events["traceEvents"] if isinstance(events, dict) else events
-  kinds: collections.Counter = collections.Counter()
+  per_op: collections.Counter = collections.Counter()
   for e in events:
     name = e.get("name", "")
-    if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "$", "SlinkyThreadPool", "Common", "PjitFunction")):
-      continue
+    if e.get("ph") == "X" and not name.startswith(("ThunkExecutor", "$", "SlinkyThreadPool", "Common", "Pjit")):
+      per_op[name] += e.get("dur", 0) / 1000 / calls
+  return per_op
+
+
+def op_kinds(per_op: collections.Counter) -> dict[str, float]:
+  """`thunk_ms`'s milliseconds summed by kind of thunk: matmul fusions, transposing copies, other fusions."""
+  kinds: collections.Counter = collections.Counter()
+  for name, ms in per_op.items():
     if name.startswith(("ynn_fusion", "xnn_fusion", "dot")):
-      kinds["matmuls"] += e.get("dur", 0)
+      kinds["matmuls"] += ms
     elif name.startswith("copy") or "transpose" in name:
-      kinds["transposing copies"] += e.get("dur", 0)
+      kinds["transposing copies"] += ms
     elif "fusion" in name or name.startswith("wrapped"):
-      kinds["other fusions"] += e.get("dur", 0)
-  return {k: round(v / 1000 / calls, 1) for k, v in kinds.most_common()}
+      kinds["other fusions"] += ms
+  return {k: round(v, 1) for k, v in kinds.most_common()}
+
+
+def time_calls(compiled, args: tuple, steps: int, trace_dir: Path | None = None):
+  """Median seconds of ``steps`` calls of ``compiled(*args)`` after a warm-up call, and with ``trace_dir`` the
+  per-thunk milliseconds (`thunk_ms`) of ``steps`` more calls under `jax.profiler` (else None)."""
+  import jax
+
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  if trace_dir is None:
+    return sorted(times)[len(times) // 2], None
+  with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+    for _ in range(steps):
+      jax.block_until_ready(compiled(*args))
+  return sorted(times)[len(times) // 2], thunk_ms(trace_dir, steps)
 
 
 def main() -> None:
@@ -64,7 +93,7 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from meta_step import _model  # benchmarks/meta_step.py (this script's directory): the same model
+  from meta_step import _flops, _model  # benchmarks/meta_step.py (this script's directory): the same model
 
   from mltd_jax import meta
   from mltd_jax.models import gpt2
@@ -107,22 +136,10 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = fn.lower(slow, fast, batch).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(slow, fast, batch))
-    times = []
-    for _ in range(a.steps):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(slow, fast, batch))
-      times.append(time.perf_counter() - t0)
-    med = sorted(times)[len(times) // 2]
-    extra = {}
-    if a.profile:
-      with jax.profiler.trace(str(a.profile / name), create_perfetto_trace=True):
-        for _ in range(a.steps):
-          jax.block_until_ready(compiled(slow, fast, batch))
-      extra["profile_ms"] = op_kinds(a.profile / name, a.steps)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost["flops"])
+    trace = a.profile / name if a.profile else None
+    med, per_op = time_calls(compiled, (slow, fast, batch), a.steps, trace)
+    extra = {"profile_ms": op_kinds(per_op)} if per_op is not None else {}
+    flops = _flops(compiled)
     print(json.dumps({
       "part": name, "tasks_as": a.tasks_as if name != "fwdbwd" else "one batch", "seconds": round(med, 4),
       "gflop": round(flops / 1e9, 2), "gflop_per_s": round(flops / med / 1e9, 1), "compile_s": round(compile_s, 2),

@@ -2,9 +2,9 @@
 
 The meta-step of `benchmarks/meta_step.py` (the peer's shapes, tasks one after another, a fresh support batch per
 inner step) is compiled once and traced over ``--steps`` calls. One JSON line: seconds per step, XLA's FLOP count
-(loop bodies counted once), milliseconds per step by kind of XLA:CPU thunk (`meta_parts.op_kinds`: matmul fusions,
-transposing copies, other fusions; summed over the threads), and the ``--top`` costliest thunks with their output
-shape and the JAX operation they came from.
+(loop bodies counted once), milliseconds per step by kind of XLA:CPU thunk (`meta_parts.thunk_ms` and `op_kinds`:
+matmul fusions, transposing copies, other fusions; summed over the threads), and the ``--top`` costliest thunks
+with their output shape and the JAX operation they came from.
 
   python benchmarks/profile_meta_step.py --order 1
   python benchmarks/profile_meta_step.py --order 2 --inner 1 --trace /tmp/meta_trace
@@ -13,13 +13,10 @@ shape and the JAX operation they came from.
 from __future__ import annotations
 
 import argparse
-import collections
-import gzip
 import json
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,8 +34,8 @@ def main() -> None:
   import jax
   import numpy as np
   import optax
-  from meta_parts import op_kinds  # this directory's scripts
-  from meta_step import _model
+  from meta_parts import op_kinds, time_calls  # this directory's scripts
+  from meta_step import _flops, _model
 
   from mltd_jax import meta
   from mltd_jax.models import gpt2
@@ -53,39 +50,17 @@ def main() -> None:
   batch = {"support": lm(a.tasks, a.inner, a.shots, a.seq), "query": lm(a.tasks, a.shots, a.seq)}
   key = jax.random.key(0)
   compiled = jax.jit(meta.make_meta_step(gpt2.make_loss(model), tx, inner, 1)).lower(state, batch, key).compile()
-  jax.block_until_ready(compiled(state, batch, key))
-  times = []
-  for _ in range(a.steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(state, batch, key))
-    times.append(time.perf_counter() - t0)
   trace = a.trace or Path(tempfile.mkdtemp(prefix="meta_trace_"))
-  with jax.profiler.trace(str(trace), create_perfetto_trace=True):
-    for _ in range(a.steps):
-      jax.block_until_ready(compiled(state, batch, key))
-  paths = sorted(trace.glob("**/perfetto_trace.json.gz"))
-  if not paths:
-    raise SystemExit(f"no perfetto_trace.json.gz under {trace}: did jax.profiler write the trace?")
-  path = paths[-1]
-  events = json.load(gzip.open(path))
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  per_op: collections.Counter = collections.Counter()
-  for e in events:
-    name = e.get("name", "")
-    if e.get("ph") == "X" and not name.startswith(("ThunkExecutor", "$", "SlinkyThreadPool", "Common", "Pjit")):
-      per_op[name] += e.get("dur", 0) / 1000 / a.steps
+  seconds, per_op = time_calls(compiled, (state, batch, key), a.steps, trace)
   hlo = {}  # instruction name -> (output shape, the JAX operation it came from)
   for line in compiled.as_text().splitlines():
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?(?:op_name=\"([^\"]*)\")?", line)
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
     if m:
       origin = re.search(r'op_name="([^"]*)"', line)
       hlo[m.group(1)] = (m.group(2), origin.group(1)[-100:] if origin else "")
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   print(json.dumps({
-    "order": a.order, "inner": a.inner, "seconds": round(sorted(times)[len(times) // 2], 4),
-    "flops_loops_once": float(cost["flops"]), "thunk_ms": round(sum(per_op.values()), 1),
-    "ms_by_kind": op_kinds(trace, a.steps),
+    "order": a.order, "inner": a.inner, "seconds": round(seconds, 4), "flops_loops_once": _flops(compiled),
+    "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op),
     "top": [[name, round(ms, 1), *hlo.get(name, ("?", ""))] for name, ms in per_op.most_common(a.top)],
   }), flush=True)  # fmt: skip
 
