@@ -70,6 +70,9 @@ class InnerLoop:
       forward-over-reverse Hessian-vector product each (the same exact second-order gradient, fewer FLOPs and
       less memory than reverse-over-reverse; ``remat`` does not apply). "autodiff": `jax.grad` through the
       `lax.scan` (any optimizer). "auto" (default): "hvp" for SGD, "autodiff" for Adam.
+    unroll: unroll the inner steps' loops (`jax.lax.scan` with ``unroll=True``, forward and backward): the same
+      values, no loop left for XLA; longer compiles. XLA's cost analysis counts a loop body once, so
+      `benchmarks/meta_step.py` counts a meta-step's FLOPs on an unrolled twin.
     fields: (attribute, config field) pairs, only for error messages (not compared or hashed).
   """
 
@@ -84,6 +87,7 @@ class InnerLoop:
   per_step_support: bool = False
   lr_schedule: str = "constant"
   backward: str = "auto"
+  unroll: bool = False
   fields: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False, repr=False)
 
   def field(self, name: str) -> str:
@@ -227,7 +231,7 @@ def _sgd_steps(support_loss, inner: InnerLoop, slow: Flat, fast: Flat, support, 
     return jax.tree.map(lambda a, b: (a - rate * b).astype(a.dtype), f, g), (f if keep else None)
 
   xs = (jnp.arange(inner.steps), support if inner.per_step_support else None, inner.rates(lr))
-  return jax.lax.scan(step, fast, xs)
+  return jax.lax.scan(step, fast, xs, unroll=inner.unroll)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -280,7 +284,7 @@ def _sgd_adapt_bwd(support_loss, inner, residuals, v):
   per_step = support if inner.per_step_support else None
   xs = (before, jnp.arange(inner.steps), per_step, inner.rates(lr), inner.rates(1.0))
   zeros = jax.tree.map(jnp.zeros_like, inexact)
-  (v, d_slow, d_lr), _ = jax.lax.scan(back, (v, zeros, jnp.zeros_like(lr)), xs, reverse=True)
+  (v, d_slow, d_lr), _ = jax.lax.scan(back, (v, zeros, jnp.zeros_like(lr)), xs, reverse=True, unroll=inner.unroll)
   return {**d_slow, **{k: None for k in const}}, v, None, None, d_lr.astype(lr.dtype)
 
 
@@ -334,7 +338,7 @@ def adapt(
   if inner.remat:
     step = jax.checkpoint(step)
   xs = (jnp.arange(inner.steps), support if inner.per_step_support else None)
-  (adapted, _), observed = jax.lax.scan(step, (fast, tx.init(fast)), xs)
+  (adapted, _), observed = jax.lax.scan(step, (fast, tx.init(fast)), xs, unroll=inner.unroll)
   return merge(slow, adapted), observed
 
 

@@ -81,7 +81,7 @@ def test_meta_gradient_matches_loop_and_finite_differences(case):
       np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-6, atol=1e-9)
 
 
-def test_first_order_differs_and_remat_does_not():
+def test_first_order_differs_and_remat_and_unrolling_do_not():
   with jax.enable_x64(True):
     model, variables = setup64("bilinear")
     t, loss_fn = task(seed=3), gpt2.make_loss(model)
@@ -89,10 +89,12 @@ def test_first_order_differs_and_remat_does_not():
       variables
     )
     exact, first, remat = grad(), grad(first_order=True), grad(remat=True)
+    unrolled = grad(unroll=True), grad(unroll=True, remat=True, backward="autodiff")  # no loop left: same values
     flat = lambda g: jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])  # noqa: E731
     rel = float(jnp.linalg.norm(flat(exact) - flat(first)) / jnp.linalg.norm(flat(exact)))
     assert rel > 1e-3, rel
-    np.testing.assert_allclose(flat(remat), flat(exact), rtol=1e-10, atol=1e-13)
+    for g in (remat, *unrolled):
+      np.testing.assert_allclose(flat(g), flat(exact), rtol=1e-10, atol=1e-13)
 
 
 def test_hvp_backward_equals_autodiff_through_the_scan():
