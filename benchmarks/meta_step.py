@@ -274,7 +274,6 @@ def run_one(a: argparse.Namespace) -> dict:
   return row
 
 
-
 def _device_counts(values: list[str]) -> list[int]:
   """``["1,2", "4"]`` -> [1, 2, 4]."""
   return [int(v) for value in values for v in value.split(",") if v]
