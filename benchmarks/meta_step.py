@@ -65,7 +65,7 @@ FIELDS = dict(
   rank=8,
   steps=5,
   tarp="bilinear",
-  task_chunk=1,  # tasks one after another (lax.map), as config.meta.task_chunk: peak memory at or under the peer
+  task_chunk=-1,  # as config.meta.task_chunk (0 = all vmapped); -1: `_task_chunk`'s choice per order
   support_chunks=1,
   dtype="float32",
 )
@@ -177,6 +177,14 @@ def _median(values):
   return statistics.median(values)
 
 
+def _task_chunk(a: argparse.Namespace) -> int:
+  """``--task_chunk``, or with -1 the measured better choice for ``--order`` at the peer's shapes on CPU: second
+  order one task at a time (peak memory at or under the peer's; two or four at once was slower and larger), first
+  order all tasks vmapped (it keeps no inner-loop residuals: 4,844-5,134 tokens/s against 4,466-4,502 one at a
+  time, the same peak memory)."""
+  return a.task_chunk if a.task_chunk >= 0 else (1 if a.order == 2 else 0)
+
+
 def _adapt_step(loss_fn, regex: str, lr: float):
   """One SGD adaptation step of `mltd_jax.meta.adapt` on the variables matching ``regex``: a full fine-tuning
   (``^params/``) or a TARP adaptation (``^tarp/``) step, as meta-testing takes them."""
@@ -222,6 +230,7 @@ def run_one(a: argparse.Namespace) -> dict:
     prepare = tams.make_prepare(cells, gpt2.FAMILY.embedding, gpt2.FAMILY.task_tokens) if cells else None
     batch = lambda: {"support": lm(a.tasks, a.inner, a.shots, a.seq), "query": lm(a.tasks, a.shots, a.seq)}  # noqa: E731
     shardings = sharding.phase_shardings(mesh, state, batch(), "tasks", "--tasks")  # tasks split over the devices
+    a.task_chunk = _task_chunk(a)
     step_fn = meta.make_meta_step(loss_fn, tx, inner, a.task_chunk, prepare, task_groups=a.devices)
     step = train.jit_step(step_fn, shardings)
     # FLOPs: an unrolled twin, tasks vmapped, one support slice (the same arithmetic, no loop for XLA to count once)
@@ -256,7 +265,8 @@ def run_one(a: argparse.Namespace) -> dict:
   peak_name, peak = _peak_mb(available[: a.devices])
   peak_tflops = PEAK_TFLOPS.get(dev.device_kind, {}).get(a.dtype)
   row.update({
-    "kind": a.tarp, "tams": bool(a.tams), "task_chunk": a.task_chunk, "support_chunks": a.support_chunks,
+    "kind": a.tarp, "tams": bool(a.tams), "task_chunk": a.task_chunk if a.mode == "meta" else None,
+    "support_chunks": a.support_chunks,
     "layers": a.layers, "d": a.d, "heads": a.heads, "vocab": a.vocab, "seq": a.seq, "tasks": a.tasks,
     "shots": a.shots, "rank": a.rank, "dtype": a.dtype, "devices": a.devices,
     "median_step_s": round(med, 4), "tokens_per_s": round(tokens / med, 1), "compile_s": round(compile_s, 2),

@@ -1,12 +1,13 @@
 """Where one compiled meta-step's time goes, op by op: a `jax.profiler` trace of the benchmark's meta-step.
 
-The meta-step of `benchmarks/meta_step.py` (the peer's shapes, tasks one after another, a fresh support batch per
-inner step) is compiled once and traced over ``--steps`` calls. One JSON line: seconds per step, XLA's FLOP count
-(loop bodies counted once), milliseconds per step by kind of XLA:CPU thunk (`meta_parts.thunk_ms` and `op_kinds`:
-matmul fusions, transposing copies, other fusions; summed over the threads), and the ``--top`` costliest thunks
-with their output shape and the JAX operation they came from.
+The meta-step of `benchmarks/meta_step.py` (the peer's shapes, tasks one after another unless ``--task_chunk`` says
+otherwise, a fresh support batch per inner step) is compiled once and traced over ``--steps`` calls. One JSON line:
+seconds per step, XLA's FLOP count (loop bodies counted once), milliseconds per step by kind of XLA:CPU thunk
+(`meta_parts.thunk_ms` and `op_kinds`: matmul fusions, transposing copies, other fusions; summed over the threads),
+and the ``--top`` costliest thunks with their output shape and the JAX operation they came from.
 
   python benchmarks/profile_meta_step.py --order 1
+  python benchmarks/profile_meta_step.py --order 1 --task_chunk 0    # tasks vmapped (0) instead of one at a time
   python benchmarks/profile_meta_step.py --order 2 --inner 1 --trace /tmp/meta_trace
 """
 
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  for k, v in dict(layers=4, d=256, heads=4, vocab=4096, seq=128, tasks=4, shots=4, rank=8, inner=4, order=2).items():
+  fields = dict(layers=4, d=256, heads=4, vocab=4096, seq=128, tasks=4, shots=4, rank=8, inner=4, order=2, task_chunk=1)
+  for k, v in fields.items():
     p.add_argument(f"--{k}", type=int, default=v)
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=10)
@@ -49,7 +51,8 @@ def main() -> None:
   lm = lambda *s: {"ids": rng.integers(0, a.vocab, s).astype(np.int32), "mask": np.ones(s, np.int32)}  # noqa: E731
   batch = {"support": lm(a.tasks, a.inner, a.shots, a.seq), "query": lm(a.tasks, a.shots, a.seq)}
   key = jax.random.key(0)
-  compiled = jax.jit(meta.make_meta_step(gpt2.make_loss(model), tx, inner, 1)).lower(state, batch, key).compile()
+  step = meta.make_meta_step(gpt2.make_loss(model), tx, inner, a.task_chunk)
+  compiled = jax.jit(step).lower(state, batch, key).compile()
   trace = a.trace or Path(tempfile.mkdtemp(prefix="meta_trace_"))
   seconds, per_op = time_calls(compiled, (state, batch, key), a.steps, trace)
   hlo = {}  # instruction name -> (output shape, the JAX operation it came from)
