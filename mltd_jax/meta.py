@@ -112,6 +112,8 @@ class InnerLoop:
       bad("backward", f"needs the SGD inner optimizer (got {self.optimizer!r}); use 'auto' or 'autodiff' for Adam.")
     if not isinstance(self.support_chunks, int) or self.support_chunks < 1:
       bad("support_chunks", "must be an integer >= 1.")
+    if not isinstance(self.unroll, bool):
+      bad("unroll", "must be True or False.")
     if (
       not isinstance(self.adam_eps_root, (int, float))
       or not math.isfinite(self.adam_eps_root)

@@ -95,6 +95,8 @@ def test_first_order_differs_and_remat_and_unrolling_do_not():
     assert rel > 1e-3, rel
     for g in (remat, *unrolled):
       np.testing.assert_allclose(flat(g), flat(exact), rtol=1e-10, atol=1e-13)
+  with pytest.raises(ValueError, match="InnerLoop.unroll=1 must be True or False"):
+    inner(unroll=1)
 
 
 def test_hvp_backward_equals_autodiff_through_the_scan():
