@@ -86,8 +86,8 @@ CPU_NOTE = (
 
 
 def _flops(program) -> float | None:
-  """FLOPs of one call of a lowered or compiled (per-device) program, from XLA's cost analysis (a loop body is
-  counted once; on GPUs a compiled program's cuBLAS calls are not counted: use a lowered one there)."""
+  """FLOPs of one call of a lowered program (all devices together) or a compiled one (per device), from XLA's cost
+  analysis: a loop body is counted once, and a compiled GPU program's cuBLAS calls not at all (lower instead)."""
   cost = program.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) if cost and cost.get("flops") else None
