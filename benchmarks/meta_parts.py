@@ -72,12 +72,13 @@ def time_calls(compiled, args: tuple, steps: int, trace_dir: Path | None = None)
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
+  median = sorted(times)[len(times) // 2]
   if trace_dir is None:
-    return sorted(times)[len(times) // 2], None
+    return median, None
   with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
     for _ in range(steps):
       jax.block_until_ready(compiled(*args))
-  return sorted(times)[len(times) // 2], thunk_ms(trace_dir, steps)
+  return median, thunk_ms(trace_dir, steps)
 
 
 def main() -> None:

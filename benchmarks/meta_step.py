@@ -148,7 +148,7 @@ def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[flo
     state, m = compiled(state, batch, key)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
-  return _median(times), compile_s, compiled, m
+  return statistics.median(times), compile_s, compiled, m
 
 
 def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], key, rounds: int) -> dict[str, tuple]:
@@ -171,10 +171,6 @@ def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], ke
       jax.block_until_ready(c(variables, batch, key))
       times[name].append(time.perf_counter() - t0)
   return {name: (times[name], compile_s[name], compiled[name]) for name in steps}
-
-
-def _median(values):
-  return statistics.median(values)
 
 
 def _task_chunk(a: argparse.Namespace) -> int:
@@ -256,10 +252,11 @@ def run_one(a: argparse.Namespace) -> dict:
     flops = _flops(steps["tarp"].lower(variables, batch(), key))
     timed = _alternate(steps, variables, batch, key, a.steps)
     (full, _, _), (ours, compile_s, compiled) = timed["full"], timed["tarp"]
-    med, full_s = _median(ours), _median(full)
+    med, full_s = statistics.median(ours), statistics.median(full)
     ratios = sorted(f / t for f, t in zip(full, ours))  # per round: drifts cancel within a pair
     row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
-    row.update(tarp_speedup=round(_median(ratios), 3), tarp_speedup_range=[round(ratios[0], 3), round(ratios[-1], 3)])
+    row.update(tarp_speedup=round(statistics.median(ratios), 3))
+    row.update(tarp_speedup_range=[round(ratios[0], 3), round(ratios[-1], 3)])
   mem = compiled.memory_analysis()
   dev = available[0]
   peak_name, peak = _peak_mb(available[: a.devices])
@@ -384,7 +381,7 @@ def summarize(setting: tuple, inner: int, rows: list[dict]) -> dict:
 
   def stat(get) -> dict | None:
     values = sorted(v for v in map(get, rows) if v is not None)
-    return {"median": _median(values), "min": values[0], "max": values[-1]} if values else None
+    return {"median": statistics.median(values), "min": values[0], "max": values[-1]} if values else None
 
   out: dict[str, Any] = {"summary_of_rounds": len(rows), "mode": setting[0], "inner": inner}
   if setting[0] == "adapt":

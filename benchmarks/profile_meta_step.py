@@ -22,11 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from meta_step import FIELDS, _flops, _model  # noqa: E402  this directory's script (no jax at import)
+
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  fields = dict(layers=4, d=256, heads=4, vocab=4096, seq=128, tasks=4, shots=4, rank=8, inner=4, order=2, task_chunk=1)
-  for k, v in fields.items():
+  shapes = {k: FIELDS[k] for k in ("layers", "d", "heads", "vocab", "seq", "tasks", "shots", "rank")}  # the peer's
+  for k, v in dict(shapes, inner=4, order=2, task_chunk=1).items():
     p.add_argument(f"--{k}", type=int, default=v)
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=10)
@@ -37,7 +39,6 @@ def main() -> None:
   import numpy as np
   import optax
   from meta_parts import op_kinds, time_calls  # this directory's scripts
-  from meta_step import _flops, _model
 
   from mltd_jax import meta
   from mltd_jax.models import gpt2
