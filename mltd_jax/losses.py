@@ -17,7 +17,11 @@ def token_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tupl
   Returns:
     (sum of -log p(target) over counted tokens, number of counted tokens), both scalars.
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  w = weights.astype(logp.dtype)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  # log p(target) = logits[target] - logsumexp(logits), the target picked by a comparison with the vocabulary's
+  # indices rather than a gather: the gradient, softmax - one_hot, is then one fused elementwise pass over
+  # [..., V] instead of a scatter into a zero [..., V] buffer and log_softmax's backward (README, issue #11).
+  hit = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.where(hit, logits, 0.0).sum(-1)
+  w = weights.astype(logits.dtype)
   return (nll * w).sum(), w.sum()
