@@ -136,8 +136,10 @@ def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[flo
   state. Returns (median seconds per call, compile seconds, the compiled step, the last metrics)."""
   import jax
 
+  from mltd_jax import train
+
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch_fn(), key).compile()
+  compiled = train.compile_step(step, state, batch_fn(), key)  # as train.run_phase does: the compiler's memory freed
   compile_s = time.perf_counter() - t0
   state, m = compiled(state, batch_fn(), key)  # warm-up
   jax.block_until_ready((state, m))
@@ -158,10 +160,12 @@ def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], ke
   compiled step)."""
   import jax
 
+  from mltd_jax import train
+
   compiled, compile_s, times = {}, {}, {name: [] for name in steps}
   for name, step in steps.items():
     t0 = time.perf_counter()
-    compiled[name] = step.lower(variables, batch_fn(), key).compile()
+    compiled[name] = train.compile_step(step, variables, batch_fn(), key)
     compile_s[name] = time.perf_counter() - t0
     jax.block_until_ready(compiled[name](variables, batch_fn(), key))  # warm-up
   for r in range(rounds):

@@ -191,3 +191,32 @@ def test_restoring_a_state_of_another_structure_names_the_directory(tmp_path):
   with pytest.raises(ValueError, match=r"phase/1 holds a state of another structure.*new --workdir"):
     again.restore_or({"step": np.int32(0), "w": np.zeros(3, np.float32), "rng": np.zeros(2, np.uint32)})
   again.close()
+
+
+def test_compile_step_compiles_once_and_the_jitted_step_reuses_it():
+  """train.run_phase compiles ahead (then trims the C heap) and calls the jitted step: one compilation in all."""
+  import logging
+
+  import jax
+  import jax.numpy as jnp
+
+  from mltd_jax import train
+
+  def double_the_state(state, batch):
+    return state * 2 + batch.sum()
+
+  step = jax.jit(double_the_state, donate_argnums=0)
+  seen = []
+  handler = logging.Handler()
+  handler.emit = lambda record: seen.append(record.getMessage())
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      compiled = train.compile_step(step, jnp.ones(3), jnp.ones(2))
+      ahead = compiled(jnp.ones(3), jnp.ones(2))
+      jitted = step(jnp.ones(3), jnp.ones(2))
+  finally:
+    logger.removeHandler(handler)
+  assert len([m for m in seen if "compilation of jit(double_the_state)" in m]) == 1, seen
+  assert ahead.tolist() == jitted.tolist() == [4.0, 4.0, 4.0]
