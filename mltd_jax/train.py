@@ -186,7 +186,7 @@ def run_phase(
   try:
     for step, batch in zip(range(start, num_steps), _prefetch(make_batch, range(start, num_steps))):
       if step == start:
-        compile_step(step_fn, state, batch, rng)  # the peak memory is then the step's, not the compiler's + the step's
+        compile_step(step_fn, state, batch, rng)  # peak memory: max(compiler's, step's), not their sum
       state, metrics = step_fn(state, batch, rng)
       done = step + 1
       save = done % config.checkpoint_every == 0 or done == num_steps

@@ -11,6 +11,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 # One persistent compilation cache for the session, shared with the subprocess runs of `mltd_jax.main`: the suite
 # compiles the same tiny steps many times (each end-to-end run, each resume), and XLA:CPU reads them back instead.
+# Set in pytest-xdist's controller too, so both workers share it: JAX writes entries without a lock, and a half-written
+# entry read by the other worker only gives a warning and a recompilation.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="mltd-jax-test-cache-")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)

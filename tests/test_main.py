@@ -193,19 +193,27 @@ def test_restoring_a_state_of_another_structure_names_the_directory(tmp_path):
   again.close()
 
 
-def test_compile_step_compiles_once_and_the_jitted_step_reuses_it():
-  """train.run_phase compiles ahead (then trims the C heap) and calls the jitted step: one compilation in all."""
+@pytest.mark.parametrize("sharded", [False, True])
+def test_compile_step_compiles_once_and_the_jitted_step_reuses_it(sharded):
+  """train.run_phase compiles ahead (then trims the C heap) and calls the jitted step: one compilation in all, also
+  for a step jitted with shardings (`train.jit_step` on a mesh)."""
   import logging
 
   import jax
   import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from mltd_jax import train
 
   def double_the_state(state, batch):
     return state * 2 + batch.sum()
 
-  step = jax.jit(double_the_state, donate_argnums=0)
+  if sharded:
+    rep = NamedSharding(jax.make_mesh((1,), ("tasks",)), P())
+    step = jax.jit(double_the_state, in_shardings=(rep, rep), out_shardings=rep, donate_argnums=0)
+  else:
+    step = jax.jit(double_the_state, donate_argnums=0)
   seen = []
   handler = logging.Handler()
   handler.emit = lambda record: seen.append(record.getMessage())
