@@ -27,9 +27,9 @@ export PYTHONUNBUFFERED=1
 case "$mode" in
   test)
     setup requirements-test.txt
-    # Two workers (pytest-xdist): XLA compiles on one thread, so a second process keeps both cores busy. Modules
-    # with a module-scoped fixture stay on one worker (their xdist_group mark). TEST_WORKERS=0: no workers.
-    exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup tests "$@"
+    # Two workers (pytest-xdist): XLA compiles on one thread, so a second process keeps both cores busy. Each test
+    # file runs on one worker (--dist loadfile), so a module-scoped fixture is built once. TEST_WORKERS=0: no workers.
+    exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile tests "$@"
     ;;
   main)
     setup requirements.txt

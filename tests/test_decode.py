@@ -12,10 +12,6 @@ from flax import traverse_util
 from mltd_jax import decode, models, tarp
 from tests.helpers import cached_logits, perturbed_variables
 
-# One worker runs this module (./run.sh test runs pytest-xdist with --dist loadgroup): its module-scoped
-# fixture is then built once.
-pytestmark = pytest.mark.xdist_group("test_decode")
-
 VOCAB, PAD, N = 50, 3, 10  # N: max_new_tokens
 EOS = 30  # a token this seed's model emits: row 1 ends at once, row 2 after 8 tokens, the others never
 

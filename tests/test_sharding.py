@@ -21,10 +21,6 @@ from jax.sharding import PartitionSpec as P
 from mltd_jax import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
-# One worker runs this module (./run.sh test runs pytest-xdist with --dist loadgroup): its module-scoped
-# fixture is then built once.
-pytestmark = pytest.mark.xdist_group("test_sharding")
-
 BF16_RTOL = 2e-2  # bfloat16 compute vs float32: relative error of the meta-loss on the tiny model
 
 SCRIPT = r'''

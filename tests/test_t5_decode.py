@@ -15,10 +15,6 @@ from mltd_jax import decode, models, tarp
 from mltd_jax.models import t5
 from tests.helpers import cached_logits, perturbed_variables
 
-# One worker runs this module (./run.sh test runs pytest-xdist with --dist loadgroup): its module-scoped
-# fixture is then built once.
-pytestmark = pytest.mark.xdist_group("test_t5_decode")
-
 N, PAD = 10, 2  # N: max_new_tokens; PAD: written after EOS (not T5's pad 0: transformers' beam search skips 0)
 # 8 buckets up to distance 12: the logarithmic buckets are used within N target positions.
 SIZE = dict(

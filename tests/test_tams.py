@@ -17,10 +17,6 @@ from mltd_jax.models import gpt2, t5
 from mltd_jax.state import TrainState
 from tests.helpers import cached_logits, lm_batch, perturbed_variables
 
-# One worker runs this module (./run.sh test runs pytest-xdist with --dist loadgroup): its module-scoped
-# fixture is then built once.
-pytestmark = pytest.mark.xdist_group("test_tams")
-
 CFG = tams.TamsConfig(width=4, hidden=8)
 OP = {name: i for i, name in enumerate(CFG.ops)}
 # A fixed architecture with every operation, convolutions feeding convolutions (the decoder's history compounds).
