@@ -90,3 +90,19 @@ def test_decode_benchmark_prints_json_lines(tmp_path, family, beams):
   for r in rows:
     assert r["family"] == family
     assert r["tokens_per_s"] > 0 and r["first_call_s"] > 0 and r["cost_vs_none"] > 0
+
+
+def test_xla_cpu_dots_prints_a_line_per_product_with_its_kernel(tmp_path):
+  """`benchmarks/xla_cpu_dots.py`: per product, the rates of each implementation and the kernels XLA chose; the
+  transposed product written with explicit transposes equals the one JAX emits."""
+  script = SCRIPT.parent / "xla_cpu_dots.py"
+  tiny = ["--tokens=32", "--d=16", "--vocab=64", "--rank=8", "--calls=2"]
+  out = subprocess.run([sys.executable, str(script), *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  rows = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [r["part"] for r in rows] == ["matmul"] * 6 + ["transposed"] * 3, out.stderr
+  for r in rows[:6]:
+    assert r["xla_gflops"] > 0 and r["torch_gflops"] > 0 and r["numpy_gflops"] > 0
+    assert r["kernel"] and set(r["kernel"]) <= {"ynnpack", "eigen"}
+  for r in rows[6:]:
+    assert r["as_emitted_ms"] > 0 and r["transposes_kept_ms"] > 0 and r["max_abs_diff"] < 1e-4
+    assert r["kernel_as_emitted"] and r["kernel_transposes_kept"]

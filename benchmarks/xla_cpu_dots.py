@@ -1,0 +1,137 @@
+"""The meta-step's matrix products on XLA:CPU one at a time: how fast, and through which kernel (issue #11's limit).
+
+Two parts, each one JSON line per shape, calls of the implementations in turn (the machine's speed drifts between
+minutes, so only same-minute ratios are read), medians over ``--calls``:
+
+* ``matmul``: the dense products of the peer's model at its shapes, [tokens, d_in] @ [d_in, d_out] (the attention
+  and MLP kernels, the tied LM head and its input gradient), as XLA compiles them (``kernel``: YNNPACK or Eigen),
+  against torch's (its CPU build's BLAS) and numpy's in the same process. The meta-step is made of such products;
+  their speed bounds the step's FLOP rate.
+* ``transposed``: a product contracting both operands over their leading (token) axis, x^T g: every weight gradient
+  x^T dY and the difference's thin x^T (dY V) and dY^T (x U). XLA:CPU hands YNNPACK only dots whose operands are
+  laid out as it expects (xla/backends/cpu/ynn_support.cc, ``IsDotSupportedByYnn``: no transposed left operand) and
+  runs the others through Eigen; XLA does not insert the transposes itself. Timed as JAX emits it (``as_emitted``)
+  and written with explicit transposes, (g^T x)^T, compiled with XLA's transpose folding and algebraic simplifier
+  off for that one program (``transposes_kept``, the YNNPACK path for the same product; those passes cannot be
+  turned off for a whole meta-step without losing far more), with torch's x.T @ g beside them.
+
+  python benchmarks/xla_cpu_dots.py                  # the peer's shapes: 2,032 tokens, d 256, vocab 4096, rank 8
+  python benchmarks/xla_cpu_dots.py --part transposed --calls 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The compile options under which explicit transposes stay transposes (XLA folds them into the dot otherwise).
+KEEP_TRANSPOSES = {"xla_disable_hlo_passes": "transpose-folding,algsimp"}
+
+
+def kernels(compiled) -> list[str]:
+  """The matmul kernels of a compiled program's entry computation: 'ynnpack' per YNNPACK fusion, 'eigen' per plain
+  dot thunk (a dot XLA:CPU did not give YNNPACK)."""
+  text = compiled.as_text()
+  entry = text[text.index("\nENTRY ") :]
+  entry = entry[: entry.index("\n}")]
+  out = []
+  for line in entry.splitlines():
+    if "__ynn_fusion" in line:
+      out.append("ynnpack")
+    elif " dot(" in line:
+      out.append("eigen")
+  return out
+
+
+def timed(fns: dict, calls: int) -> dict[str, float]:
+  """Median seconds of each zero-argument callable (which must block until its result is ready), called in turn."""
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for f in fns.values():
+    f()  # warm-up
+  for i in range(calls):
+    for name in fns if i % 2 == 0 else list(fns)[::-1]:
+      t0 = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _torch(threads: int):
+  try:
+    import torch
+  except ImportError:  # the runtime venv has no torch; the test venv does
+    return None
+  torch.set_num_threads(threads)
+  return torch
+
+
+def matmul_rows(a: argparse.Namespace, torch) -> list[dict]:
+  t, d, v = a.tokens, a.d, a.vocab
+  shapes = {"c_attn": (t, d, 3 * d), "attn.c_proj": (t, d, d), "mlp.c_fc": (t, d, 4 * d), "mlp.c_proj": (t, 4 * d, d),
+            "lm_head": (t, d, v), "lm_head.dx": (t, v, d)}  # fmt: skip
+  rng = np.random.default_rng(0)
+  rows = []
+  for name, (m, k, n) in shapes.items():
+    x, y = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    jx, jy = jnp.asarray(x), jnp.asarray(y)
+    compiled = jax.jit(jnp.matmul).lower(jx, jy).compile()
+    fns = {"xla": lambda: compiled(jx, jy).block_until_ready(), "numpy": lambda: x @ y}
+    if torch is not None:
+      tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+      fns["torch"] = lambda: tx @ ty
+    sec = timed(fns, a.calls)
+    gflop = 2 * m * k * n / 1e9
+    row = {"part": "matmul", "product": name, "m": m, "k": k, "n": n, "kernel": kernels(compiled)}
+    row.update({f"{impl}_gflops": round(gflop / s, 1) for impl, s in sec.items()})
+    if torch is not None:
+      row["xla_over_torch"] = round(sec["torch"] / sec["xla"], 3)
+    rows.append(row)
+  return rows
+
+
+def transposed_rows(a: argparse.Namespace, torch) -> list[dict]:
+  t, d, r = a.tokens, a.d, a.rank
+  shapes = {"thin dU = x^T (dY V)": (t, d, r), "thin dV = dY^T (x U)": (t, 3 * d, r), "dense dW = x^T dY": (t, d, 3 * d)}
+  rng = np.random.default_rng(0)
+  rows = []
+  for name, (n, c, o) in shapes.items():
+    x, g = rng.standard_normal((n, c), np.float32), rng.standard_normal((n, o), np.float32)
+    jx, jg = jnp.asarray(x), jnp.asarray(g)
+    emitted = jax.jit(lambda x, g: x.T @ g).lower(jx, jg).compile()
+    kept = jax.jit(lambda x, g: (g.T @ x).T).lower(jx, jg).compile(compiler_options=KEEP_TRANSPOSES)
+    error = float(jnp.abs(emitted(jx, jg) - kept(jx, jg)).max())
+    fns = {"as_emitted": lambda: emitted(jx, jg).block_until_ready(), "transposes_kept": lambda: kept(jx, jg).block_until_ready()}
+    if torch is not None:
+      tx, tg = torch.from_numpy(x), torch.from_numpy(g)
+      fns["torch"] = lambda: tx.T @ tg
+    sec = timed(fns, a.calls)
+    row = {"part": "transposed", "product": name, "tokens": n, "rows": c, "cols": o, "max_abs_diff": error}
+    row.update({"kernel_as_emitted": kernels(emitted), "kernel_transposes_kept": kernels(kept)})
+    row.update({f"{impl}_ms": round(1e3 * s, 4) for impl, s in sec.items()})
+    row["kept_speedup"] = round(sec["as_emitted"] / sec["transposes_kept"], 3)
+    rows.append(row)
+  return rows
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--part", nargs="+", default=["matmul", "transposed"], choices=("matmul", "transposed"))
+  p.add_argument("--tokens", type=int, default=2032, help="rows of a product: 4 x 4 sequences of 127 tokens")
+  for k, v in dict(d=256, vocab=4096, rank=8, calls=60, threads=2).items():
+    p.add_argument(f"--{k}", type=int, default=v)
+  a = p.parse_args()
+  torch = _torch(a.threads)
+  parts = {"matmul": matmul_rows, "transposed": transposed_rows}
+  for part in a.part:
+    for row in parts[part](a, torch):
+      print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
