@@ -97,7 +97,11 @@ def matmul_rows(a: argparse.Namespace, torch) -> list[dict]:
 
 def transposed_rows(a: argparse.Namespace, torch) -> list[dict]:
   t, d, r = a.tokens, a.d, a.rank
-  shapes = {"thin dU = x^T (dY V)": (t, d, r), "thin dV = dY^T (x U)": (t, 3 * d, r), "dense dW = x^T dY": (t, d, 3 * d)}
+  shapes = {
+    "thin dU = x^T (dY V)": (t, d, r),
+    "thin dV = dY^T (x U)": (t, 3 * d, r),
+    "dense dW = x^T dY": (t, d, 3 * d),
+  }
   rng = np.random.default_rng(0)
   rows = []
   for name, (n, c, o) in shapes.items():
@@ -106,7 +110,10 @@ def transposed_rows(a: argparse.Namespace, torch) -> list[dict]:
     emitted = jax.jit(lambda x, g: x.T @ g).lower(jx, jg).compile()
     kept = jax.jit(lambda x, g: (g.T @ x).T).lower(jx, jg).compile(compiler_options=KEEP_TRANSPOSES)
     error = float(jnp.abs(emitted(jx, jg) - kept(jx, jg)).max())
-    fns = {"as_emitted": lambda: emitted(jx, jg).block_until_ready(), "transposes_kept": lambda: kept(jx, jg).block_until_ready()}
+    fns = {
+      "as_emitted": lambda: emitted(jx, jg).block_until_ready(),
+      "transposes_kept": lambda: kept(jx, jg).block_until_ready(),
+    }
     if torch is not None:
       tx, tg = torch.from_numpy(x), torch.from_numpy(g)
       fns["torch"] = lambda: tx.T @ tg
