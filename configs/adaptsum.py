@@ -21,20 +21,18 @@ Expected on :tiny (README has the measured table): adaptation raises ROUGE-1/2/L
 Every field not set here is documented in configs/multidomain_lm.py, whose defaults this config starts from.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
+
+from mltd_jax import config_files
 
 DOMAINS = ("dialog", "email", "movie_review", "debate", "social_media", "science")
 
 
 def _base() -> ml_collections.ConfigDict:
   """configs/multidomain_lm.py's defaults: every field of the pipeline, documented there once."""
-  spec = importlib.util.spec_from_file_location("_mltd_base_config", Path(__file__).with_name("multidomain_lm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_files.load(Path(__file__).with_name("multidomain_lm.py")).get_config()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -19,18 +19,16 @@ Every field not set here is documented in configs/multidomain_lm.py, whose defau
 The optional C-score (persona consistency by an NLI model) is not computed: no NLI model is wired in yet.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from mltd_jax import config_files
+
 
 def _base() -> ml_collections.ConfigDict:
   """configs/multidomain_lm.py's defaults: every field of the pipeline, documented there once."""
-  spec = importlib.util.spec_from_file_location("_mltd_base_config", Path(__file__).with_name("multidomain_lm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_files.load(Path(__file__).with_name("multidomain_lm.py")).get_config()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -67,11 +67,8 @@ def cached_logits(model, variables, ids, mask, new, slots):
 
 def experiment_config(name: str, arg: str | None = None):
   """``configs/<name>.py``'s ``get_config(arg)``, loaded by path as absl's config_flags does."""
-  import importlib.util
   from pathlib import Path
 
-  path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from mltd_jax import config_files
+
+  return config_files.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.py").get_config(arg)
