@@ -62,6 +62,11 @@ def timed(fns: dict, calls: int) -> dict[str, float]:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _sig(x: float) -> float:
+  """Four significant digits (a fixed number of decimals would print 0.0 for a tiny product's rate)."""
+  return float(f"{x:.4g}")
+
+
 def _torch(threads: int):
   try:
     import torch
@@ -88,7 +93,7 @@ def matmul_rows(a: argparse.Namespace, torch) -> list[dict]:
     sec = timed(fns, a.calls)
     gflop = 2 * m * k * n / 1e9
     row = {"part": "matmul", "product": name, "m": m, "k": k, "n": n, "kernel": kernels(compiled)}
-    row.update({f"{impl}_gflops": round(gflop / s, 1) for impl, s in sec.items()})
+    row.update({f"{impl}_gflops": _sig(gflop / s) for impl, s in sec.items()})
     if torch is not None:
       row["xla_over_torch"] = round(sec["torch"] / sec["xla"], 3)
     rows.append(row)
@@ -120,7 +125,7 @@ def transposed_rows(a: argparse.Namespace, torch) -> list[dict]:
     sec = timed(fns, a.calls)
     row = {"part": "transposed", "product": name, "tokens": n, "rows": c, "cols": o, "max_abs_diff": error}
     row.update({"kernel_as_emitted": kernels(emitted), "kernel_transposes_kept": kernels(kept)})
-    row.update({f"{impl}_ms": round(1e3 * s, 4) for impl, s in sec.items()})
+    row.update({f"{impl}_ms": _sig(1e3 * s) for impl, s in sec.items()})
     row["kept_speedup"] = round(sec["as_emitted"] / sec["transposes_kept"], 3)
     rows.append(row)
   return rows

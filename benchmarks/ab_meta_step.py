@@ -1,0 +1,118 @@
+"""In-process A/B of the meta-step under XLA compile options: variants compiled in one process, calls alternated.
+
+The machine's speed drifts by 20% or more between minutes, so two separate runs of `meta_step.py` cannot resolve a
+few percent. Variants compiled in one process and called in turn (A B, then B A, ...) meet the same drifts, and the
+median of the per-pair ratios resolves them. A variant is a set of XLA compile options, given to
+``jax.jit(step).lower(...).compile(compiler_options=...)``: ``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``.
+
+  python benchmarks/ab_meta_step.py --order 1 --task_chunk 0 --variant base \\
+      --variant xla_cpu_enable_concurrency_optimized_scheduler=true \\
+      --variant "xla_disable_hlo_passes=transpose-folding,algsimp" --calls 12
+
+One JSON line per variant: the median seconds per step, the median and range over the pairs of (the first variant's
+seconds / this variant's), and the largest difference of the updated variables from the first variant's (zero, or
+rounding, for options that keep the arithmetic). The meta-step is `benchmarks/meta_step.py`'s: the peer's shapes,
+a fresh support batch per inner step, one fixed meta-batch. To compare code variants, compile them in one process
+the same way (import `compile_variant` and `alternate` from a script that builds the other step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from meta_step import FIELDS, _model  # noqa: E402  this directory's script (no jax at import)
+
+
+def options(variant: str) -> dict[str, str | bool]:
+  """``base`` -> {}; ``k=v;k2=v2`` -> {k: v, k2: v2} with ``true``/``false`` as booleans."""
+  if variant == "base":
+    return {}
+  out: dict[str, str | bool] = {}
+  for item in variant.split(";"):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise SystemExit(f"--variant {variant!r}: expected 'base' or KEY=VALUE[;KEY=VALUE...], got item {item!r}")
+    out[key.strip()] = {"true": True, "false": False}.get(value.strip(), value.strip())
+  return out
+
+
+def compile_variant(step, args: tuple, compiler_options: dict):
+  """``jax.jit(step)`` compiled for ``args`` with ``compiler_options``, then the compiler's freed memory handed back
+  (as `mltd_jax.train.compile_step` does)."""
+  import jax
+
+  from mltd_jax import train
+
+  compiled = jax.jit(step).lower(*args).compile(compiler_options=compiler_options or None)
+  train.release_host_memory()
+  return compiled
+
+
+def alternate(compiled: dict, args: tuple, calls: int) -> dict[str, list[float]]:
+  """Seconds of ``calls`` calls of each compiled function, called in turn (A B, then B A, ...) after a warm-up."""
+  import jax
+
+  for c in compiled.values():
+    jax.block_until_ready(c(*args))
+  times: dict[str, list[float]] = {name: [] for name in compiled}
+  for i in range(calls):
+    for name in compiled if i % 2 == 0 else list(compiled)[::-1]:
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled[name](*args))
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  shapes = {k: FIELDS[k] for k in ("layers", "d", "heads", "vocab", "seq", "tasks", "shots", "rank")}  # the peer's
+  for k, v in dict(shapes, inner=4, order=1, task_chunk=0, calls=10).items():
+    p.add_argument(f"--{k}", type=int, default=v)
+  p.add_argument("--variant", action="append", required=True, help="'base' or KEY=VALUE[;KEY=VALUE...] (repeat)")
+  a = p.parse_args()
+  if len(a.variant) != len(set(a.variant)):
+    raise SystemExit(f"--variant given twice: {a.variant}")
+  variants = {v: options(v) for v in a.variant}
+
+  import jax
+  import numpy as np
+  import optax
+
+  from mltd_jax import meta
+  from mltd_jax.models import gpt2
+  from mltd_jax.state import TrainState
+
+  model, variables, _ = _model(argparse.Namespace(**vars(a), tarp="bilinear", dtype="float32", tams=False))
+  tx = optax.adam(1e-4)
+  state = TrainState.create(variables, tx)
+  inner = meta.InnerLoop(steps=a.inner, lr=0.05, first_order=a.order == 1, per_step_support=True)
+  rng = np.random.default_rng(0)
+  lm = lambda *s: {"ids": rng.integers(0, a.vocab, s).astype(np.int32), "mask": np.ones(s, np.int32)}  # noqa: E731
+  batch = {"support": lm(a.tasks, a.inner, a.shots, a.seq), "query": lm(a.tasks, a.shots, a.seq)}
+  args = (state, batch, jax.random.key(0))
+  step = meta.make_meta_step(gpt2.make_loss(model), tx, inner, a.task_chunk)
+  compiled = {name: compile_variant(step, args, opts) for name, opts in variants.items()}
+  updated = {name: jax.tree.leaves(c(*args)[0].variables) for name, c in compiled.items()}
+  times = alternate(compiled, args, a.calls)
+  first = a.variant[0]
+  for name in compiled:
+    ratios = sorted(t0 / t for t0, t in zip(times[first], times[name]))
+    diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(updated[name], updated[first]))
+    print(json.dumps({
+      "variant": name, "compiler_options": variants[name], "order": a.order, "task_chunk": a.task_chunk,
+      "calls": a.calls, "median_step_s": float(f"{statistics.median(times[name]):.4g}"),
+      "speedup_vs_first": round(statistics.median(ratios), 3),
+      "speedup_range": [round(ratios[0], 3), round(ratios[-1], 3)],
+      "max_abs_diff_vs_first": diff,
+    }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+  main()
