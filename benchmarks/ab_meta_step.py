@@ -1,19 +1,22 @@
-"""In-process A/B of the meta-step under XLA compile options: variants compiled in one process, calls alternated.
+"""In-process A/B of the meta-step under XLA compile options: variants compiled in one process, calls paired.
 
 The machine's speed drifts by 20% or more between minutes, so two separate runs of `meta_step.py` cannot resolve a
-few percent. Variants compiled in one process and called in turn (A B, then B A, ...) meet the same drifts, and the
-median of the per-pair ratios resolves them. A variant is a set of XLA compile options, given to
-``jax.jit(step).lower(...).compile(compiler_options=...)``: ``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``.
+few percent. Here every variant after the first is called right next to the first (first then variant, then the
+other way round), so each pair meets the same minute, and the median of the pairs' ratios resolves a few percent.
+A variant is a set of XLA compile options, given to ``jax.jit(step).lower(...).compile(compiler_options=...)``:
+``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``.
 
   python benchmarks/ab_meta_step.py --order 1 --task_chunk 0 --variant base \\
       --variant xla_cpu_enable_concurrency_optimized_scheduler=true \\
       --variant "xla_disable_hlo_passes=transpose-folding,algsimp" --calls 12
 
-One JSON line per variant: the median seconds per step, the median and range over the pairs of (the first variant's
-seconds / this variant's), and the largest difference of the updated variables from the first variant's (zero, or
-rounding, for options that keep the arithmetic). The meta-step is `benchmarks/meta_step.py`'s: the peer's shapes,
-a fresh support batch per inner step, one fixed meta-batch. To compare code variants, compile them in one process
-the same way (import `compile_variant` and `alternate` from a script that builds the other step).
+One JSON line per variant: the median seconds per step; against the first variant, the median and range over the
+pairs of (the first's seconds / this one's) and the ratio of the two medians; and the largest difference of the
+updated variables from the first variant's (zero, or rounding, for options that keep the arithmetic). The step is
+`benchmarks/meta_step.py`'s meta-step (the peer's shapes, a fresh support batch per inner step, remat as its
+``--remat``, default on) on one fixed meta-batch, without buffer donation (every call gets the same state). To
+compare code variants, compile them in one process the same way (import `compile_variant` and `paired_times` from a
+script that builds the other step).
 """
 
 from __future__ import annotations
@@ -55,30 +58,40 @@ def compile_variant(step, args: tuple, compiler_options: dict):
   return compiled
 
 
-def alternate(compiled: dict, args: tuple, calls: int) -> dict[str, list[float]]:
-  """Seconds of ``calls`` calls of each compiled function, called in turn (A B, then B A, ...) after a warm-up."""
+def paired_times(compiled: dict, args: tuple, calls: int) -> dict[str, list[tuple[float, float]]]:
+  """For each compiled function after the first: ``calls`` pairs (the first's seconds, its seconds) of adjacent
+  calls, the first called first in even pairs and second in odd ones, after a warm-up call of each."""
   import jax
+
+  def seconds(name: str) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled[name](*args))
+    return time.perf_counter() - t0
 
   for c in compiled.values():
     jax.block_until_ready(c(*args))
-  times: dict[str, list[float]] = {name: [] for name in compiled}
+  first, *others = compiled
+  pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in others}
   for i in range(calls):
-    for name in compiled if i % 2 == 0 else list(compiled)[::-1]:
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled[name](*args))
-      times[name].append(time.perf_counter() - t0)
-  return times
+    for name in others:
+      if i % 2 == 0:
+        t_first = seconds(first)
+        pairs[name].append((t_first, seconds(name)))
+      else:
+        t_name = seconds(name)
+        pairs[name].append((seconds(first), t_name))
+  return pairs
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   shapes = {k: FIELDS[k] for k in ("layers", "d", "heads", "vocab", "seq", "tasks", "shots", "rank")}  # the peer's
-  for k, v in dict(shapes, inner=4, order=1, task_chunk=0, calls=10).items():
+  for k, v in dict(shapes, inner=4, order=1, task_chunk=0, remat=1, calls=10).items():
     p.add_argument(f"--{k}", type=int, default=v)
   p.add_argument("--variant", action="append", required=True, help="'base' or KEY=VALUE[;KEY=VALUE...] (repeat)")
   a = p.parse_args()
-  if len(a.variant) != len(set(a.variant)):
-    raise SystemExit(f"--variant given twice: {a.variant}")
+  if len(a.variant) < 2 or len(a.variant) != len(set(a.variant)):
+    raise SystemExit(f"--variant: give two or more different variants (the first is the reference), got {a.variant}")
   variants = {v: options(v) for v in a.variant}
 
   import jax
@@ -92,7 +105,9 @@ def main() -> None:
   model, variables, _ = _model(argparse.Namespace(**vars(a), tarp="bilinear", dtype="float32", tams=False))
   tx = optax.adam(1e-4)
   state = TrainState.create(variables, tx)
-  inner = meta.InnerLoop(steps=a.inner, lr=0.05, first_order=a.order == 1, per_step_support=True)
+  inner = meta.InnerLoop(
+    steps=a.inner, lr=0.05, first_order=a.order == 1, remat=bool(a.remat), per_step_support=True
+  )  # as meta_step.py's (its fast_regex default '^tarp/', backward 'auto')
   rng = np.random.default_rng(0)
   lm = lambda *s: {"ids": rng.integers(0, a.vocab, s).astype(np.int32), "mask": np.ones(s, np.int32)}  # noqa: E731
   batch = {"support": lm(a.tasks, a.inner, a.shots, a.seq), "query": lm(a.tasks, a.shots, a.seq)}
@@ -100,16 +115,20 @@ def main() -> None:
   step = meta.make_meta_step(gpt2.make_loss(model), tx, inner, a.task_chunk)
   compiled = {name: compile_variant(step, args, opts) for name, opts in variants.items()}
   updated = {name: jax.tree.leaves(c(*args)[0].variables) for name, c in compiled.items()}
-  times = alternate(compiled, args, a.calls)
+  pairs = paired_times(compiled, args, a.calls)
   first = a.variant[0]
+  first_times = [t for p in pairs.values() for t, _ in p]
   for name in compiled:
-    ratios = sorted(t0 / t for t0, t in zip(times[first], times[name]))
+    times = first_times if name == first else [t for _, t in pairs[name]]
+    ratios = sorted(t0 / t for t0, t in pairs[name]) if name != first else [1.0]
+    median = statistics.median(times)
     diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(updated[name], updated[first]))
     print(json.dumps({
       "variant": name, "compiler_options": variants[name], "order": a.order, "task_chunk": a.task_chunk,
-      "calls": a.calls, "median_step_s": float(f"{statistics.median(times[name]):.4g}"),
+      "remat": bool(a.remat), "calls": a.calls, "median_step_s": float(f"{median:.4g}"),
       "speedup_vs_first": round(statistics.median(ratios), 3),
       "speedup_range": [round(ratios[0], 3), round(ratios[-1], 3)],
+      "speedup_of_medians": round(statistics.median(first_times) / median, 3),
       "max_abs_diff_vs_first": diff,
     }), flush=True)  # fmt: skip
 

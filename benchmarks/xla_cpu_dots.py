@@ -3,19 +3,20 @@
 Two parts, each one JSON line per shape, calls of the implementations in turn (the machine's speed drifts between
 minutes, so only same-minute ratios are read), medians over ``--calls``:
 
-* ``matmul``: the dense products of the peer's model at its shapes, [tokens, d_in] @ [d_in, d_out] (the attention
-  and MLP kernels, the tied LM head and its input gradient), as XLA compiles them (``kernel``: YNNPACK or Eigen),
-  against torch's (its CPU build's BLAS) and numpy's in the same process. The meta-step is made of such products;
-  their speed bounds the step's FLOP rate.
+* ``matmul``: the dense products of the peer's model at its shapes, [tokens, d_in] @ [d_in, d_out] for the attention
+  and MLP kernels, and the tied LM head x @ E^T (E [vocab, d]) with its input gradient, as XLA compiles them
+  (``kernel``: YNNPACK or Eigen), against torch's (its CPU build's BLAS) and numpy's in the same process.
 * ``transposed``: a product contracting both operands over their leading (token) axis, x^T g: every weight gradient
   x^T dY and the difference's thin x^T (dY V) and dY^T (x U). XLA:CPU hands YNNPACK only dots whose operands are
-  laid out as it expects (xla/backends/cpu/ynn_support.cc, ``IsDotSupportedByYnn``: no transposed left operand) and
-  runs the others through Eigen; XLA does not insert the transposes itself. Timed as JAX emits it (``as_emitted``)
-  and written with explicit transposes, (g^T x)^T, compiled with XLA's transpose folding and algebraic simplifier
-  off for that one program (``transposes_kept``, the YNNPACK path for the same product; those passes cannot be
-  turned off for a whole meta-step without losing far more), with torch's x.T @ g beside them.
+  laid out as it expects (xla/backends/cpu/ynn_support.cc, ``IsDotSupportedByYnn``: the left operand contracting
+  over its minor axis, neither operand column-major) and runs the others through Eigen; it does not transpose an
+  operand to make such a dot YNNPACK's. Timed as JAX emits it (``as_emitted``) and written with explicit
+  transposes, (g^T x)^T, compiled with XLA's transpose folding and algebraic simplifier off for that one program
+  (``transposes_kept``: otherwise XLA folds the transposes back into the dot), with torch's x.T @ g beside them.
 
-  python benchmarks/xla_cpu_dots.py                  # the peer's shapes: 2,032 tokens, d 256, vocab 4096, rank 8
+``--threads`` sets torch's threads; XLA and numpy use the machine's cores (2 on the project's CPU machines).
+
+  python benchmarks/xla_cpu_dots.py --calls 100      # the peer's shapes: 2,032 tokens, d 256, vocab 4096, rank 8
   python benchmarks/xla_cpu_dots.py --part transposed --calls 200
 """
 
@@ -36,7 +37,8 @@ KEEP_TRANSPOSES = {"xla_disable_hlo_passes": "transpose-folding,algsimp"}
 
 def kernels(compiled) -> list[str]:
   """The matmul kernels of a compiled program's entry computation: 'ynnpack' per YNNPACK fusion, 'eigen' per plain
-  dot thunk (a dot XLA:CPU did not give YNNPACK)."""
+  dot thunk (a dot XLA:CPU did not give YNNPACK). Dots inside loops or other fusions are not seen (the one-product
+  programs here have none)."""
   text = compiled.as_text()
   entry = text[text.index("\nENTRY ") :]
   entry = entry[: entry.index("\n}")]
@@ -78,21 +80,24 @@ def _torch(threads: int):
 
 def matmul_rows(a: argparse.Namespace, torch) -> list[dict]:
   t, d, v = a.tokens, a.d, a.vocab
-  shapes = {"c_attn": (t, d, 3 * d), "attn.c_proj": (t, d, d), "mlp.c_fc": (t, d, 4 * d), "mlp.c_proj": (t, 4 * d, d),
-            "lm_head": (t, d, v), "lm_head.dx": (t, v, d)}  # fmt: skip
+  # name -> (m, k, n, whether the right operand is stored [n, k] and used transposed, as the tied LM head's E)
+  shapes = {"c_attn": (t, d, 3 * d, False), "attn.c_proj": (t, d, d, False), "mlp.c_fc": (t, d, 4 * d, False),
+            "mlp.c_proj": (t, 4 * d, d, False), "lm_head": (t, d, v, True), "lm_head.dx": (t, v, d, False)}  # fmt: skip
   rng = np.random.default_rng(0)
   rows = []
-  for name, (m, k, n) in shapes.items():
-    x, y = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+  for name, (m, k, n, rhs_t) in shapes.items():
+    x = rng.standard_normal((m, k), np.float32)
+    y = rng.standard_normal((n, k) if rhs_t else (k, n), np.float32)
     jx, jy = jnp.asarray(x), jnp.asarray(y)
-    compiled = jax.jit(jnp.matmul).lower(jx, jy).compile()
-    fns = {"xla": lambda: compiled(jx, jy).block_until_ready(), "numpy": lambda: x @ y}
+    compiled = jax.jit(lambda p, q, rhs_t=rhs_t: p @ (q.T if rhs_t else q)).lower(jx, jy).compile()
+    yy = y.T if rhs_t else y
+    fns = {"xla": lambda c=compiled, p=jx, q=jy: c(p, q).block_until_ready(), "numpy": lambda p=x, q=yy: p @ q}
     if torch is not None:
-      tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-      fns["torch"] = lambda: tx @ ty
+      fns["torch"] = lambda p=torch.from_numpy(x), q=torch.from_numpy(y), rhs_t=rhs_t: p @ (q.T if rhs_t else q)
     sec = timed(fns, a.calls)
     gflop = 2 * m * k * n / 1e9
-    row = {"part": "matmul", "product": name, "m": m, "k": k, "n": n, "kernel": kernels(compiled)}
+    row = {"part": "matmul", "product": name, "m": m, "k": k, "n": n, "rhs_transposed": rhs_t}
+    row["kernel"] = kernels(compiled)
     row.update({f"{impl}_gflops": _sig(gflop / s) for impl, s in sec.items()})
     if torch is not None:
       row["xla_over_torch"] = round(sec["torch"] / sec["xla"], 3)
@@ -112,16 +117,15 @@ def transposed_rows(a: argparse.Namespace, torch) -> list[dict]:
   for name, (n, c, o) in shapes.items():
     x, g = rng.standard_normal((n, c), np.float32), rng.standard_normal((n, o), np.float32)
     jx, jg = jnp.asarray(x), jnp.asarray(g)
-    emitted = jax.jit(lambda x, g: x.T @ g).lower(jx, jg).compile()
-    kept = jax.jit(lambda x, g: (g.T @ x).T).lower(jx, jg).compile(compiler_options=KEEP_TRANSPOSES)
+    emitted = jax.jit(lambda p, q: p.T @ q).lower(jx, jg).compile()
+    kept = jax.jit(lambda p, q: (q.T @ p).T).lower(jx, jg).compile(compiler_options=KEEP_TRANSPOSES)
     error = float(jnp.abs(emitted(jx, jg) - kept(jx, jg)).max())
     fns = {
-      "as_emitted": lambda: emitted(jx, jg).block_until_ready(),
-      "transposes_kept": lambda: kept(jx, jg).block_until_ready(),
+      "as_emitted": lambda c=emitted, p=jx, q=jg: c(p, q).block_until_ready(),
+      "transposes_kept": lambda c=kept, p=jx, q=jg: c(p, q).block_until_ready(),
     }
     if torch is not None:
-      tx, tg = torch.from_numpy(x), torch.from_numpy(g)
-      fns["torch"] = lambda: tx.T @ tg
+      fns["torch"] = lambda p=torch.from_numpy(x), q=torch.from_numpy(g): p.T @ q
     sec = timed(fns, a.calls)
     row = {"part": "transposed", "product": name, "tokens": n, "rows": c, "cols": o, "max_abs_diff": error}
     row.update({"kernel_as_emitted": kernels(emitted), "kernel_transposes_kept": kernels(kept)})
@@ -140,9 +144,10 @@ def main() -> None:
   a = p.parse_args()
   torch = _torch(a.threads)
   parts = {"matmul": matmul_rows, "transposed": transposed_rows}
+  run = {"calls": a.calls, "threads": a.threads, "jax": jax.__version__, "torch": torch.__version__ if torch else None}
   for part in a.part:
     for row in parts[part](a, torch):
-      print(json.dumps(row), flush=True)
+      print(json.dumps({**row, **run}), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import logging
 import shutil
@@ -38,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python experiments/compare.py`
 
+from mltd_jax import config_files  # noqa: E402  (after the path is set)
 
 CONFIG = "multidomain_lm:tiny"  # set by --config: configs/<file>.py and its variant
 
@@ -48,10 +48,7 @@ def get_config(name: str | None = None):
   path = ROOT / "configs" / f"{file}.py"
   if not path.exists():
     raise FileNotFoundError(f"--config {name or CONFIG!r}: no {path}; use <file>:<variant> of a file in configs/.")
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant or None)
+  return config_files.load(path).get_config(variant or None)
 
 
 def run(name: str, seed: int, out: Path, pretrained: str = "multitask", **overrides) -> tuple[dict, float]:

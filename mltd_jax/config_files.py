@@ -11,8 +11,8 @@ from types import ModuleType
 def load(path: str | Path) -> ModuleType:
   """The config file at ``path`` as a module (call its ``get_config``); an error names a missing file."""
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"config file {path} does not exist; pass the path of a configs/*.py file.")
+  if path.suffix != ".py" or not path.is_file():
+    raise FileNotFoundError(f"config file {path} is not an existing .py file; pass the path of a configs/*.py file.")
   spec = importlib.util.spec_from_file_location(f"_mltd_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
