@@ -15,8 +15,8 @@ pairs of (the first's seconds / this one's) and the ratio of the two medians; an
 updated variables from the first variant's (zero, or rounding, for options that keep the arithmetic). The step is
 `benchmarks/meta_step.py`'s meta-step (the peer's shapes, a fresh support batch per inner step, remat as its
 ``--remat``, default on) on one fixed meta-batch, without buffer donation (every call gets the same state). To
-compare code variants, compile them in one process the same way (import `compile_variant` and `paired_times` from a
-script that builds the other step).
+compare code variants, compile them in one process the same way (`mltd_jax.train.compile_step` and this module's
+`paired_times`, from a script that builds the other step).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meta_step import FIELDS, _model  # noqa: E402  this directory's script (no jax at import)
+from meta_step import FIELDS, _model, meta_batch  # noqa: E402  this directory's script (no jax at import)
 
 
 def options(variant: str) -> dict[str, str | bool]:
@@ -44,18 +44,6 @@ def options(variant: str) -> dict[str, str | bool]:
       raise SystemExit(f"--variant {variant!r}: expected 'base' or KEY=VALUE[;KEY=VALUE...], got item {item!r}")
     out[key.strip()] = {"true": True, "false": False}.get(value.strip(), value.strip())
   return out
-
-
-def compile_variant(step, args: tuple, compiler_options: dict):
-  """``jax.jit(step)`` compiled for ``args`` with ``compiler_options``, then the compiler's freed memory handed back
-  (as `mltd_jax.train.compile_step` does)."""
-  import jax
-
-  from mltd_jax import train
-
-  compiled = jax.jit(step).lower(*args).compile(compiler_options=compiler_options or None)
-  train.release_host_memory()
-  return compiled
 
 
 def paired_times(compiled: dict, args: tuple, calls: int) -> dict[str, list[tuple[float, float]]]:
@@ -98,7 +86,7 @@ def main() -> None:
   import numpy as np
   import optax
 
-  from mltd_jax import meta
+  from mltd_jax import meta, train
   from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
@@ -109,11 +97,12 @@ def main() -> None:
     steps=a.inner, lr=0.05, first_order=a.order == 1, remat=bool(a.remat), per_step_support=True
   )  # as meta_step.py's (its fast_regex default '^tarp/', backward 'auto')
   rng = np.random.default_rng(0)
-  lm = lambda *s: {"ids": rng.integers(0, a.vocab, s).astype(np.int32), "mask": np.ones(s, np.int32)}  # noqa: E731
-  batch = {"support": lm(a.tasks, a.inner, a.shots, a.seq), "query": lm(a.tasks, a.shots, a.seq)}
+  batch = meta_batch(rng, a)
   args = (state, batch, jax.random.key(0))
   step = meta.make_meta_step(gpt2.make_loss(model), tx, inner, a.task_chunk)
-  compiled = {name: compile_variant(step, args, opts) for name, opts in variants.items()}
+  compiled = {
+    name: train.compile_step(jax.jit(step), *args, compiler_options=opts or None) for name, opts in variants.items()
+  }
   updated = {name: jax.tree.leaves(c(*args)[0].variables) for name, c in compiled.items()}
   pairs = paired_times(compiled, args, a.calls)
   first = a.variant[0]

@@ -131,6 +131,20 @@ def _model(a: argparse.Namespace):
   return model, variables, cells
 
 
+def lm_batch(rng, vocab: int, *shape: int) -> dict:
+  """Random token ids over ``vocab`` with an all-ones mask, each of ``shape`` (numpy; drawn from ``rng``)."""
+  import numpy as np
+
+  return {"ids": rng.integers(0, vocab, shape).astype(np.int32), "mask": np.ones(shape, np.int32)}
+
+
+def meta_batch(rng, a: argparse.Namespace) -> dict:
+  """One meta-batch at ``a``'s shapes: a fresh support batch per inner step [tasks, inner, shots, seq] and the query
+  [tasks, shots, seq]."""
+  return {"support": lm_batch(rng, a.vocab, a.tasks, a.inner, a.shots, a.seq),
+          "query": lm_batch(rng, a.vocab, a.tasks, a.shots, a.seq)}  # fmt: skip
+
+
 def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[float, float, Any, Any]:
   """Compile ``step(state, batch, key) -> (state, metrics)``, warm it up, then time ``steps`` calls, threading the
   state. Returns (median seconds per call, compile seconds, the compiled step, the last metrics)."""
@@ -209,7 +223,7 @@ def run_one(a: argparse.Namespace) -> dict:
   model, variables, cells = _model(a)
   loss_fn = gpt2.make_loss(model)
   rng = np.random.default_rng(0)
-  lm = lambda *s: {"ids": rng.integers(0, a.vocab, s).astype(np.int32), "mask": np.ones(s, np.int32)}  # noqa: E731
+  lm = lambda *s: lm_batch(rng, a.vocab, *s)  # noqa: E731
   key = jax.random.key(0)
   tokens = a.tasks * (a.inner + 1) * a.shots * a.seq
   row: dict[str, Any] = {"impl": "mltd_jax", "mode": a.mode}
@@ -228,7 +242,7 @@ def run_one(a: argparse.Namespace) -> dict:
       backward=a.backward,
     )
     prepare = tams.make_prepare(cells, gpt2.FAMILY.embedding, gpt2.FAMILY.task_tokens) if cells else None
-    batch = lambda: {"support": lm(a.tasks, a.inner, a.shots, a.seq), "query": lm(a.tasks, a.shots, a.seq)}  # noqa: E731
+    batch = lambda: meta_batch(rng, a)  # noqa: E731
     shardings = sharding.phase_shardings(mesh, state, batch(), "tasks", "--tasks")  # tasks split over the devices
     a.task_chunk = _task_chunk(a)
     step_fn = meta.make_meta_step(loss_fn, tx, inner, a.task_chunk, prepare, task_groups=a.devices)

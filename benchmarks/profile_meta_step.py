@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meta_step import FIELDS, _flops, _model  # noqa: E402  this directory's script (no jax at import)
+from meta_step import FIELDS, _flops, _model, meta_batch  # noqa: E402  this directory's script (no jax at import)
 
 
 def main() -> None:
@@ -49,8 +49,7 @@ def main() -> None:
   state = TrainState.create(variables, tx)
   inner = meta.InnerLoop(steps=a.inner, lr=0.05, first_order=a.order == 1, per_step_support=True)
   rng = np.random.default_rng(0)
-  lm = lambda *s: {"ids": rng.integers(0, a.vocab, s).astype(np.int32), "mask": np.ones(s, np.int32)}  # noqa: E731
-  batch = {"support": lm(a.tasks, a.inner, a.shots, a.seq), "query": lm(a.tasks, a.shots, a.seq)}
+  batch = meta_batch(rng, a)
   key = jax.random.key(0)
   step = meta.make_meta_step(gpt2.make_loss(model), tx, inner, a.task_chunk)
   compiled = jax.jit(step).lower(state, batch, key).compile()

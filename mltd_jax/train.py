@@ -99,16 +99,18 @@ def jit_step(step_fn: Callable, shardings: sharding.PhaseShardings | None = None
   return jax.jit(step_fn, in_shardings=(state, batch, rep), out_shardings=(state, rep), donate_argnums=0)
 
 
-def compile_step(step_fn: Callable, *args: Any) -> Any:
+def compile_step(step_fn: Callable, *args: Any, compiler_options: dict | None = None) -> Any:
   """Compile the jitted ``step_fn`` for ``args`` ahead of its first call, then hand the compiler's freed host memory
   back to the operating system; returns the compiled step (a later ``step_fn(*args)`` reuses the compilation).
+  ``compiler_options`` (XLA's, e.g. ``{"xla_cpu_use_fusion_emitters": False}``) go to ``.compile``; a step compiled
+  with them is used through the returned object, since ``step_fn(*args)`` compiles without them.
 
   XLA frees its compiler's working memory when done (about 470 MB for the exact second-order meta-step at the
   benchmark's shapes, `benchmarks/meta_step.py`), but glibc keeps those pages resident in its arenas and the step's
   own buffers do not reuse them: without the trim a process's peak memory is the compiler's plus the step's
   (1,683 against 1,200 MB there).
   """
-  compiled = step_fn.lower(*args).compile()
+  compiled = step_fn.lower(*args).compile(compiler_options=compiler_options)
   release_host_memory()
   return compiled
 
