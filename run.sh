@@ -24,6 +24,12 @@ setup() {  # $1: requirements file
 
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the defaults never reach the hub; unset to download models
 export PYTHONUNBUFFERED=1
+# Huge pages for XLA:CPU's step buffers (mltd_jax/hostmem.py): glibc reads this when a process starts. An
+# explicit glibc.malloc.hugetlb=... of yours is kept (hugetlb=0 turns it off).
+case ":${GLIBC_TUNABLES:-}:" in
+  *:glibc.malloc.hugetlb=*) ;;
+  *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
+esac
 case "$mode" in
   test)
     setup requirements-test.txt

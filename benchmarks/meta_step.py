@@ -14,6 +14,11 @@ vocab seq tasks shots inner rank steps, and ``--threads``) and adds its line (``
 line per setting (median, min, max of each figure and ratio): on a shared machine the speed drifts by 15% or more
 between minutes, so a ratio from one round can mislead.
 
+Host memory: the processes measured here, ours and the peer's alike, start with glibc's huge-page tunable
+(``--hugepages 1``, the default: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, `mltd_jax.hostmem`) or without it
+(``--hugepages 0``); each line records it (``hugepages``, with the kernel's mode in ``thp``). XLA:CPU maps each
+call's temporary buffer afresh, so without huge pages a step pays ~100,000 page faults.
+
 Each setting runs in a fresh subprocess so that its peak memory is its own:
   * ``peak_rss_mb``: the process's peak resident memory (CPU), or ``peak_device_mb``: the largest peak bytes in
     use over the devices of the mesh (GPU/TPU);
@@ -53,6 +58,8 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python benchmarks/meta_step.py`
+
+from mltd_jax import hostmem  # noqa: E402  (no jax at import)
 
 FIELDS = dict(
   layers=4,
@@ -289,6 +296,7 @@ def run_one(a: argparse.Namespace) -> dict:
     "xla_temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
     "xla_args_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
     "flops_per_step": flops, "device": dev.device_kind,
+    "hugepages": hostmem.hugepages(), "thp": hostmem.transparent_hugepages(),
   })  # fmt: skip
   if dev.platform == "cpu":
     row["gflops_per_s"] = round(flops / med / 1e9, 1) if flops else None
@@ -307,11 +315,12 @@ def _device_counts(values: list[str]) -> list[int]:
 PEER_FLAGS = ("order", "layers", "d", "heads", "vocab", "seq", "tasks", "shots", "inner", "rank", "steps")
 
 
-def run_peer(a: argparse.Namespace, inner: int, order: int) -> dict:
-  """The PyTorch peer (``--peer_script``) with the same settings, in its own process: its JSON line."""
+def run_peer(a: argparse.Namespace, env: dict, inner: int, order: int) -> dict:
+  """The PyTorch peer (``--peer_script``) with the same settings, in its own process (environment ``env``, as ours):
+  its JSON line."""
   values = {**{k: getattr(a, k) for k in PEER_FLAGS}, "inner": inner, "order": order}
   cmd = [sys.executable, str(a.peer_script), *[f"--{k}={v}" for k, v in values.items()], f"--threads={a.threads}"]
-  out = subprocess.run(cmd, capture_output=True, text=True)
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if out.returncode or not out.stdout.strip():
     return {"error": out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"]}
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -345,6 +354,10 @@ def main() -> None:
   rounds_help = "repeat every setting (and the peer) R times in turn; end with its median and range per setting"
   p.add_argument("--rounds", type=int, default=1, help=rounds_help)
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="the peer's torch threads")
+  hugepages_help = (
+    "1: start ours and the peer with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (mltd_jax.hostmem); 0: without"
+  )
+  p.add_argument("--hugepages", type=int, default=1, choices=(0, 1), help=hugepages_help)
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
   devices = _device_counts(a.devices)
@@ -356,7 +369,7 @@ def main() -> None:
     return
   if a.peer and not a.peer_script.exists():
     raise SystemExit(f"--peer: no peer script at {a.peer_script}; pass --peer_script PATH (torch_meta_ref.py).")
-  env = dict(os.environ)
+  env = hostmem.with_hugepages(os.environ, bool(a.hugepages))
   if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):  # CPU: fake devices (GPUs ignore it)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(devices)}".strip()
   for inner in a.inner:
@@ -373,7 +386,7 @@ def main() -> None:
       if "meta" not in a.mode:
         continue
       for order in a.order:
-        peer = run_peer(a, inner, order) if a.peer else None
+        peer = run_peer(a, env, inner, order) if a.peer else None
         for remat, n, backward in itertools.product(a.remat, devices, a.backward):
           row = child(a, env, "meta", inner, order, remat, n, backward)
           if fwdbwd and "tokens_per_s" in row and "tokens_per_s" in fwdbwd:
@@ -411,6 +424,7 @@ def summarize(setting: tuple, inner: int, rows: list[dict]) -> dict:
     out["vs_peer_peak_mb"] = stat(lambda r: r.get("vs_peer", {}).get("peak_mb"))
     out["peer_tokens_per_s"] = stat(lambda r: r.get("peer", {}).get("tokens_per_s"))
   out["tokens_per_s"] = stat(lambda r: r.get("tokens_per_s"))
+  out["hugepages"] = rows[0].get("hugepages")  # one environment for every round
   out["peak_rss_mb"] = stat(lambda r: r.get("peak_rss_mb", r.get("peak_device_mb")))
   return out
 

@@ -19,7 +19,6 @@ iterator state needs saving.
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
 import functools
 import json
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mltd_jax import data, decode_eval, evaluate, meta, models, sharding, tams, tams_run, tarp
+from mltd_jax import data, decode_eval, evaluate, hostmem, meta, models, sharding, tams, tams_run, tarp
 from mltd_jax.checkpoint import Checkpointer
 from mltd_jax.data import episodes
 from mltd_jax.state import TrainState
@@ -111,18 +110,8 @@ def compile_step(step_fn: Callable, *args: Any, compiler_options: dict | None = 
   (1,683 against 1,200 MB there).
   """
   compiled = step_fn.lower(*args).compile(compiler_options=compiler_options)
-  release_host_memory()
+  hostmem.release()
   return compiled
-
-
-def release_host_memory() -> None:
-  """Return the C heap's free pages to the operating system (glibc's ``malloc_trim``; a no-op elsewhere)."""
-  try:
-    trim = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
-  except OSError:  # not glibc
-    return
-  if trim is not None:
-    trim(0)
 
 
 def _prefetch(make: Callable[[int], Any], steps: range, depth: int = 2) -> Iterator[Any]:
@@ -530,6 +519,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.get("mesh"))
   log.info("mesh: %s", sharding.describe(mesh))
+  if advice := hostmem.hint(jax.default_backend()):
+    log.info("%s", advice)
   if config.meta.steps > 0:
     sharding.check_divisible(config.meta.tasks_per_step, mesh, "config.meta.tasks_per_step")
   rngs = rng_streams(config.seed)

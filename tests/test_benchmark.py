@@ -10,9 +10,10 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_step.py"
 
 
-PEER_STUB = """import json, sys
+PEER_STUB = """import json, os, sys
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
-print(json.dumps({"impl": "stub", "tokens_per_s": 100.0, "peak_rss_mb": 50, "args": args}))
+env = os.environ.get("GLIBC_TUNABLES")
+print(json.dumps({"impl": "stub", "tokens_per_s": 100.0, "peak_rss_mb": 50, "args": args, "tunables": env}))
 """
 
 
@@ -30,6 +31,7 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   fwdbwd, adapt, step = rows
   for r in rows:
     assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_mb"] > 0 and r["xla_temp_mb"] is not None
+    assert r["hugepages"] == (r["thp"] in ("always", "madvise"))  # --hugepages 1 (default): the tunable is set
   # tokens per step: tasks * (T_in + 1) * shots * seq (the adaptation step: one task batch); seconds are rounded
   assert 2 * 3 * 2 * 8 / fwdbwd["tokens_per_s"] == pytest.approx(fwdbwd["median_step_s"], abs=6e-5)
   assert 2 * 2 * 8 / adapt["tokens_per_s"] == pytest.approx(adapt["median_step_s"], abs=6e-5)
@@ -43,6 +45,7 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   peer = step["peer"]["args"]
   assert peer == {"order": "2", "layers": "1", "d": "16", "heads": "2", "vocab": "32", "seq": "8", "tasks": "2",
                   "shots": "2", "inner": "2", "rank": "8", "steps": "1", "threads": "3"}  # fmt: skip
+  assert "glibc.malloc.hugetlb=1" in step["peer"]["tunables"].split(":")  # the peer starts in our environment
   assert step["vs_peer"]["tokens_per_s"] == pytest.approx(step["tokens_per_s"] / 100.0, rel=1e-2)
   assert step["vs_peer"]["peak_mb"] == pytest.approx(step["peak_rss_mb"] / 50, rel=1e-2)
 
