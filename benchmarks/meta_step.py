@@ -15,9 +15,10 @@ line per setting (median, min, max of each figure and ratio): on a shared machin
 between minutes, so a ratio from one round can mislead.
 
 Host memory: the processes measured here, ours and the peer's alike, start with glibc's huge-page tunable
-(``--hugepages 1``, the default: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, `mltd_jax.hostmem`) or without it
-(``--hugepages 0``); each line records it (``hugepages``, with the kernel's mode in ``thp``). XLA:CPU maps each
-call's temporary buffer afresh, so without huge pages a step pays ~100,000 page faults.
+(``--hugepages 1``, the default: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, replacing a hugetlb value of the caller's,
+`mltd_jax.hostmem`) or without it (``--hugepages 0``); each of our lines records whether its process got them
+(``hugepages``, with the kernel's mode in ``thp``), a summary line the value its rounds agree on. XLA:CPU maps each
+call's temporary buffer afresh, so without huge pages a first-order meta-step pays ~107,000 page faults.
 
 Each setting runs in a fresh subprocess so that its peak memory is its own:
   * ``peak_rss_mb``: the process's peak resident memory (CPU), or ``peak_device_mb``: the largest peak bytes in
@@ -354,9 +355,8 @@ def main() -> None:
   rounds_help = "repeat every setting (and the peer) R times in turn; end with its median and range per setting"
   p.add_argument("--rounds", type=int, default=1, help=rounds_help)
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="the peer's torch threads")
-  hugepages_help = (
-    "1: start ours and the peer with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (mltd_jax.hostmem); 0: without"
-  )
+  hugepages_help = "1: start ours and the peer with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (mltd_jax.hostmem; it "
+  hugepages_help += "replaces a hugetlb value of yours); 0: without any"
   p.add_argument("--hugepages", type=int, default=1, choices=(0, 1), help=hugepages_help)
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
@@ -424,7 +424,8 @@ def summarize(setting: tuple, inner: int, rows: list[dict]) -> dict:
     out["vs_peer_peak_mb"] = stat(lambda r: r.get("vs_peer", {}).get("peak_mb"))
     out["peer_tokens_per_s"] = stat(lambda r: r.get("peer", {}).get("tokens_per_s"))
   out["tokens_per_s"] = stat(lambda r: r.get("tokens_per_s"))
-  out["hugepages"] = rows[0].get("hugepages")  # one environment for every round
+  values = {r["hugepages"] for r in rows if "hugepages" in r}  # one environment for every round
+  out["hugepages"] = values.pop() if len(values) == 1 else None
   out["peak_rss_mb"] = stat(lambda r: r.get("peak_rss_mb", r.get("peak_device_mb")))
   return out
 

@@ -20,7 +20,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-HUGEPAGES = "glibc.malloc.hugetlb=1"
+TUNABLE = "glibc.malloc.hugetlb"
+HUGEPAGES = TUNABLE + "=1"
 THP_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -40,7 +41,7 @@ def with_hugepages(env: Mapping[str, str], on: bool = True) -> dict[str, str]:
   Other tunables in the colon-separated list are kept in order; an empty list removes the variable.
   """
   out = dict(env)
-  items = [t for t in out.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+  items = [t for t in out.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE + "=")]
   items += [HUGEPAGES] if on else []
   if items:
     out["GLIBC_TUNABLES"] = ":".join(items)
@@ -59,17 +60,37 @@ def transparent_hugepages(path: Path = THP_FILE) -> str | None:
   return text[start + 1 : end] if 0 <= start < end else None
 
 
-def hugepages(env: Mapping[str, str] = os.environ, thp: Path = THP_FILE) -> bool:
+def glibc_version() -> tuple[int, int] | None:
+  """This process's glibc version, e.g. (2, 36); None where the C library is not glibc."""
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+    major, minor = version.split(".")[:2]
+    return (int(major), int(minor)) if name == "glibc" else None
+  except (AttributeError, OSError, ValueError):  # no confstr or no such name (not glibc), or an unexpected form
+    return None
+
+
+def _hugetlb(env: Mapping[str, str]) -> str | None:
+  """The value of ``glibc.malloc.hugetlb`` in ``env``'s GLIBC_TUNABLES (the last entry wins, as in glibc)."""
+  values = [t.split("=", 1)[1] for t in env.get("GLIBC_TUNABLES", "").split(":") if t.startswith(TUNABLE + "=")]
+  return values[-1] if values else None
+
+
+def hugepages(env: Mapping[str, str] = os.environ, thp: Path = THP_FILE, glibc=glibc_version) -> bool:
   """Whether the large buffers of a process started with ``env`` get transparent huge pages: the kernel (mode read
-  from ``thp``) gives them to every large mapping (``always``), or to advised ones and ``env`` has glibc advise."""
+  from ``thp``) gives them to every large mapping (``always``), or to advised ones (``madvise``) and ``env`` has a
+  glibc that knows the tunable (2.35 or later; older ones ignore it) advise them."""
   mode = transparent_hugepages(thp)
-  asked = HUGEPAGES in env.get("GLIBC_TUNABLES", "").split(":")
+  asked = _hugetlb(env) == "1" and (glibc() or (0, 0)) >= (2, 35)
   return mode == "always" or (mode == "madvise" and asked)
 
 
 def hint(platform: str) -> str | None:
-  """A one-line suggestion for a CPU run without huge pages where the kernel offers them (None otherwise)."""
-  if platform != "cpu" or transparent_hugepages() != "madvise" or hugepages():
+  """A one-line suggestion for a CPU run without huge pages where the kernel and glibc would give them, unless the
+  user chose a ``glibc.malloc.hugetlb`` value (None otherwise)."""
+  if platform != "cpu" or transparent_hugepages() != "madvise" or _hugetlb(os.environ) is not None:
+    return None
+  if (glibc_version() or (0, 0)) < (2, 35):
     return None
   return (
     f"XLA:CPU steps run faster with huge pages for their buffers: start the process with "

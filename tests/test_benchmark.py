@@ -79,6 +79,10 @@ def test_rounds_summary_gives_the_median_and_range_of_each_ratio():
   adapt = meta_step.summarize(("adapt",), 4, [{"tarp_speedup": 1.2}, {"tarp_speedup": 1.5}, {"error": ["x"]}])
   assert adapt["tarp_speedup"] == {"median": pytest.approx(1.35), "min": 1.2, "max": 1.5}
   assert adapt["tokens_per_s"] is None
+  assert out["hugepages"] is None and adapt["hugepages"] is None  # no round recorded it
+  rounds = [{"hugepages": True}, {"error": ["x"]}, {"hugepages": True}]
+  assert meta_step.summarize(("adapt",), 4, rounds)["hugepages"] is True  # the value the rounds agree on
+  assert meta_step.summarize(("adapt",), 4, [{"hugepages": True}, {"hugepages": False}])["hugepages"] is None
 
 
 @pytest.mark.parametrize("family, beams", [("gpt2", ["1", "2"]), ("t5", ["2"])])  # T5: one setting (CI time)

@@ -35,13 +35,27 @@ def test_hugepages_needs_the_tunable_only_where_the_kernel_waits_for_advice(tmp_
   assert hostmem.hugepages(on, mode("always [madvise] never")) and not hostmem.hugepages(off, mode("[madvise]"))
   assert hostmem.hugepages(off, mode("[always] madvise never"))  # the kernel does it unasked
   assert not hostmem.hugepages(on, mode("always madvise [never]")) and not hostmem.hugepages(on, tmp_path / "none")
+  assert not hostmem.hugepages(on, mode("[madvise]"), glibc=lambda: (2, 34))  # glibc ignores the tunable before 2.35
+  assert not hostmem.hugepages(on, mode("[madvise]"), glibc=lambda: None)  # not glibc
+  assert not hostmem.hugepages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0"}, mode("[madvise]"))
+
+
+def test_glibc_version_is_a_pair_of_ints_here():
+  version = hostmem.glibc_version()
+  assert version is None or (len(version) == 2 and version >= (2, 0))
 
 
 def test_hint_only_for_a_cpu_process_without_huge_pages(monkeypatch):
   monkeypatch.setattr(hostmem, "transparent_hugepages", lambda path=None: "madvise")
+  monkeypatch.setattr(hostmem, "glibc_version", lambda: (2, 36))
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in hostmem.hint("cpu")
   assert hostmem.hint("gpu") is None
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  assert hostmem.hint("cpu") is None
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's choice: no advice
+  assert hostmem.hint("cpu") is None
+  monkeypatch.delenv("GLIBC_TUNABLES")
+  monkeypatch.setattr(hostmem, "glibc_version", lambda: (2, 31))  # a glibc without the tunable
   assert hostmem.hint("cpu") is None
   hostmem.release()  # glibc's malloc_trim, or nothing: must not raise
