@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb"
@@ -76,7 +76,9 @@ def _hugetlb(env: Mapping[str, str]) -> str | None:
   return values[-1] if values else None
 
 
-def hugepages(env: Mapping[str, str] = os.environ, thp: Path = THP_FILE, glibc=glibc_version) -> bool:
+def hugepages(
+  env: Mapping[str, str] = os.environ, thp: Path = THP_FILE, glibc: Callable[[], tuple[int, int] | None] = glibc_version
+) -> bool:
   """Whether the large buffers of a process started with ``env`` get transparent huge pages: the kernel (mode read
   from ``thp``) gives them to every large mapping (``always``), or to advised ones (``madvise``) and ``env`` has a
   glibc that knows the tunable (2.35 or later; older ones ignore it) advise them."""
