@@ -1,11 +1,14 @@
 """The benchmark script runs and prints one JSON line per setting with the promised fields (no timing asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mltd_jax import hostmem
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_step.py"
 
@@ -31,7 +34,7 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   fwdbwd, adapt, step = rows
   for r in rows:
     assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_mb"] > 0 and r["xla_temp_mb"] is not None
-    assert r["hugepages"] == (r["thp"] in ("always", "madvise"))  # --hugepages 1 (default): the tunable is set
+    assert r["hugepages"] == hostmem.hugepages(hostmem.with_hugepages(os.environ))  # --hugepages 1, the default
   # tokens per step: tasks * (T_in + 1) * shots * seq (the adaptation step: one task batch); seconds are rounded
   assert 2 * 3 * 2 * 8 / fwdbwd["tokens_per_s"] == pytest.approx(fwdbwd["median_step_s"], abs=6e-5)
   assert 2 * 2 * 8 / adapt["tokens_per_s"] == pytest.approx(adapt["median_step_s"], abs=6e-5)
