@@ -41,8 +41,7 @@ def with_hugepages(env: Mapping[str, str], on: bool = True) -> dict[str, str]:
   Other tunables in the colon-separated list are kept in order; an empty list removes the variable.
   """
   out = dict(env)
-  items = [t for t in out.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE + "=")]
-  items += [HUGEPAGES] if on else []
+  items = [t for t in _tunables(env) if not t.startswith(TUNABLE + "=")] + ([HUGEPAGES] if on else [])
   if items:
     out["GLIBC_TUNABLES"] = ":".join(items)
   else:
@@ -70,29 +69,35 @@ def glibc_version() -> tuple[int, int] | None:
     return None
 
 
+def _tunables(env: Mapping[str, str]) -> list[str]:
+  """The non-empty ``name=value`` entries of ``env``'s colon-separated GLIBC_TUNABLES, in order."""
+  return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
 def _hugetlb(env: Mapping[str, str]) -> str | None:
   """The value of ``glibc.malloc.hugetlb`` in ``env``'s GLIBC_TUNABLES (the last entry wins, as in glibc)."""
-  values = [t.split("=", 1)[1] for t in env.get("GLIBC_TUNABLES", "").split(":") if t.startswith(TUNABLE + "=")]
+  values = [t.split("=", 1)[1] for t in _tunables(env) if t.startswith(TUNABLE + "=")]
   return values[-1] if values else None
 
 
 def hugepages(
-  env: Mapping[str, str] = os.environ, thp: Path = THP_FILE, glibc: Callable[[], tuple[int, int] | None] = glibc_version
+  env: Mapping[str, str] = os.environ, thp: Path = THP_FILE, glibc: Callable[[], tuple[int, int] | None] | None = None
 ) -> bool:
   """Whether the large buffers of a process started with ``env`` get transparent huge pages: the kernel (mode read
   from ``thp``) gives them to every large mapping (``always``), or to advised ones (``madvise``) and ``env`` has a
-  glibc that knows the tunable (2.35 or later; older ones ignore it) advise them."""
+  glibc that knows the tunable (2.35 or later; older ones ignore it) advise them. ``glibc``: the version's source
+  (default `glibc_version`)."""
   mode = transparent_hugepages(thp)
-  asked = _hugetlb(env) == "1" and (glibc() or (0, 0)) >= (2, 35)
+  asked = _hugetlb(env) == "1" and ((glibc or glibc_version)() or (0, 0)) >= (2, 35)
   return mode == "always" or (mode == "madvise" and asked)
 
 
 def hint(platform: str) -> str | None:
-  """A one-line suggestion for a CPU run without huge pages where the kernel and glibc would give them, unless the
-  user chose a ``glibc.malloc.hugetlb`` value (None otherwise)."""
-  if platform != "cpu" or transparent_hugepages() != "madvise" or _hugetlb(os.environ) is not None:
+  """A one-line suggestion for a CPU run without huge pages that would get them with the tunable (kernel and glibc
+  permitting), unless the user chose a ``glibc.malloc.hugetlb`` value (None otherwise)."""
+  if platform != "cpu" or _hugetlb(os.environ) is not None or not hugepages(with_hugepages(os.environ)):
     return None
-  if (glibc_version() or (0, 0)) < (2, 35):
+  if hugepages():  # the kernel gives them unasked (``always``)
     return None
   return (
     f"XLA:CPU steps run faster with huge pages for their buffers: start the process with "
