@@ -9,7 +9,10 @@ Modes (``--mode``, several per call):
     in turn (``tarp_speedup``: the median over ``--steps`` rounds of full / TARP seconds, and its range).
 ``--peer`` runs ../shared/bench/torch_meta_ref.py (``--peer_script``) with the same flags (order layers d heads
 vocab seq tasks shots inner rank steps, and ``--threads``) and adds its line (``peer``) and the ratios ours / peer
-(``vs_peer``: tokens/s and peak memory) to each meta line. ``--tarp dynamic`` and ``--tams`` measure those variants.
+(``vs_peer``: tokens/s and peak memory) to each meta line. The peer computes in float32; with ``--dtype bfloat16``
+it runs under ``torch.autocast(dtype=torch.bfloat16)`` (its products bfloat16 with float32 accumulation, like ours,
+`mltd_jax.matmul`) unless ``--peer_dtype float32`` says otherwise; its line records its ``dtype``. ``--tarp
+dynamic`` and ``--tams`` measure those variants.
 ``--rounds R`` repeats all of it R times in turn (ours, the peer, ours, ...) and ends with one ``summary_of_rounds``
 line per setting (median, min, max of each figure and ratio): on a shared machine the speed drifts by 15% or more
 between minutes, so a ratio from one round can mislead.
@@ -316,15 +319,26 @@ def _device_counts(values: list[str]) -> list[int]:
 PEER_FLAGS = ("order", "layers", "d", "heads", "vocab", "seq", "tasks", "shots", "inner", "rank", "steps")
 
 
+# Runs the peer's script (argv[2:]) under torch.autocast to the dtype argv[1] names: its products (mm, addmm, bmm,
+# linear) in that dtype with float32 accumulation, the rest in float32, the parameters float32.
+AUTOCAST = (
+  "import runpy, sys, torch; dtype = getattr(torch, sys.argv[1]); sys.argv = sys.argv[2:]\n"
+  "with torch.autocast('cpu', dtype=dtype):\n  runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def run_peer(a: argparse.Namespace, env: dict, inner: int, order: int) -> dict:
-  """The PyTorch peer (``--peer_script``) with the same settings, in its own process (environment ``env``, as ours):
-  its JSON line."""
+  """The PyTorch peer (``--peer_script``) with the same settings, in its own process (environment ``env``, as ours),
+  under ``torch.autocast`` when its dtype (``--peer_dtype``, by default ``--dtype``) is not float32: its JSON line,
+  with ``dtype`` added."""
+  dtype = a.dtype if a.peer_dtype == "same" else a.peer_dtype
   values = {**{k: getattr(a, k) for k in PEER_FLAGS}, "inner": inner, "order": order}
-  cmd = [sys.executable, str(a.peer_script), *[f"--{k}={v}" for k, v in values.items()], f"--threads={a.threads}"]
+  script = [str(a.peer_script), *[f"--{k}={v}" for k, v in values.items()], f"--threads={a.threads}"]
+  cmd = [sys.executable, *(script if dtype == "float32" else ["-c", AUTOCAST, dtype, *script])]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if out.returncode or not out.stdout.strip():
-    return {"error": out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"]}
-  return json.loads(out.stdout.strip().splitlines()[-1])
+    return {"error": out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"], "dtype": dtype}
+  return {**json.loads(out.stdout.strip().splitlines()[-1]), "dtype": dtype}
 
 
 def child(a: argparse.Namespace, env: dict, mode: str, inner: int, order: int, remat: int, n: int, backward: str):
@@ -352,6 +366,8 @@ def main() -> None:
   p.add_argument("--tams", action="store_true", help="GPT-2 with TAMS cells, the controller's prepare per task")
   p.add_argument("--peer", action="store_true", help="also run the PyTorch peer with the same settings; add ratios")
   p.add_argument("--peer_script", type=Path, default=ROOT.parent / "shared" / "bench" / "torch_meta_ref.py")
+  peer_dtype_help = "the peer's compute dtype: same (as --dtype), float32, or bfloat16 (torch.autocast on CPU)"
+  p.add_argument("--peer_dtype", default="same", choices=("same", "float32", "bfloat16"), help=peer_dtype_help)
   rounds_help = "repeat every setting (and the peer) R times in turn; end with its median and range per setting"
   p.add_argument("--rounds", type=int, default=1, help=rounds_help)
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="the peer's torch threads")
@@ -424,8 +440,15 @@ def summarize(setting: tuple, inner: int, rows: list[dict]) -> dict:
     out["vs_peer_peak_mb"] = stat(lambda r: r.get("vs_peer", {}).get("peak_mb"))
     out["peer_tokens_per_s"] = stat(lambda r: r.get("peer", {}).get("tokens_per_s"))
   out["tokens_per_s"] = stat(lambda r: r.get("tokens_per_s"))
-  values = {r["hugepages"] for r in rows if "hugepages" in r}  # one environment for every round
-  out["hugepages"] = values.pop() if len(values) == 1 else None
+
+  def agreed(get) -> Any:  # a setting every round shares (None where they differ)
+    values = {v for v in map(get, rows) if v is not None}
+    return values.pop() if len(values) == 1 else None
+
+  out["hugepages"] = agreed(lambda r: r.get("hugepages"))
+  out["dtype"] = agreed(lambda r: r.get("dtype"))
+  if setting[0] == "meta":
+    out["peer_dtype"] = agreed(lambda r: r.get("peer", {}).get("dtype"))
   out["peak_rss_mb"] = stat(lambda r: r.get("peak_rss_mb", r.get("peak_device_mb")))
   return out
 

@@ -26,8 +26,8 @@ Every "V" starts at zero, so the reparameterized model equals the base model exa
 The kind of a layer's difference is read from its parameter names, so the model code (`models/layers.py`) calls
 `dense` the same way whatever the kind, and with no difference it is the plain dense layer. Which kernels are
 targeted is decided from the model's actual dense layers (``dense_paths``, from `models.layers.dense_paths`),
-never from guesses about parameter names. This module imports only jax/flax: it knows nothing of models, data or
-training.
+never from guesses about parameter names. This module imports only jax/flax and `mltd_jax.matmul`: it knows nothing
+of models, data or training.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
+
+from mltd_jax import matmul
 
 KINDS = ("bilinear", "kronecker", "dynamic")
 # The checkpoint name of every `lowrank_matmul` output: a remat policy that keeps matmul outputs must also keep
@@ -239,11 +241,11 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
 
   Same values as ``x @ w``, but the backward's weight gradient x^T dY then contracts one axis instead of (batch,
   tokens): XLA:CPU otherwise relayouts dY (and the fused elementwise work before it) into a transposed copy for every
-  kernel, which took 30-36% of a gradient's time (README, "Against the PyTorch peer").
+  kernel, which took 30-36% of a gradient's time (README, "Against the PyTorch peer"). A narrow x (bfloat16) is
+  multiplied with float32 accumulation (`mltd_jax.matmul`) and the result rounded back to x's dtype.
   """
-  if x.ndim <= 2:
-    return x @ w
-  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+  y = matmul.matmul(x.reshape(-1, x.shape[-1]), w).astype(x.dtype)
+  return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 @jax.custom_jvp
@@ -259,7 +261,7 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> ja
   own term x dw transposes to the dense dW = x^T dY only where w is differentiated (the outer gradient). The
   primal output is itself a `lowrank_matmul`, so every order of differentiation uses this rule.
   """
-  return x @ (w + u @ v.T).astype(x.dtype)
+  return _mm(x, (w + u @ v.T).astype(x.dtype))
 
 
 def _lowrank_matmul_jvp(primals, tangents):
@@ -269,13 +271,13 @@ def _lowrank_matmul_jvp(primals, tangents):
   c = lambda a: a.astype(x.dtype)  # noqa: E731  the compute dtype
   terms = []
   if dx is not None:
-    terms.append(dx @ c(w) + (dx @ c(u)) @ c(v).T)
+    terms.append(_mm(dx, c(w)) + _mm(_mm(dx, c(u)), c(v).T))
   if dw is not None:
-    terms.append(x @ c(dw))
+    terms.append(_mm(x, c(dw)))
   if du is not None:
-    terms.append((x @ c(du)) @ c(v).T)
+    terms.append(_mm(_mm(x, c(du)), c(v).T))
   if dv is not None:
-    terms.append((x @ c(u)) @ c(dv).T)
+    terms.append(_mm(_mm(x, c(u)), c(dv).T))
   return y, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y))
 
 

@@ -86,6 +86,36 @@ def test_rounds_summary_gives_the_median_and_range_of_each_ratio():
   rounds = [{"hugepages": True}, {"error": ["x"]}, {"hugepages": True}]
   assert meta_step.summarize(("adapt",), 4, rounds)["hugepages"] is True  # the value the rounds agree on
   assert meta_step.summarize(("adapt",), 4, [{"hugepages": True}, {"hugepages": False}])["hugepages"] is None
+  dtypes = [{"dtype": "bfloat16", "peer": {"dtype": "float32"}}] * 2
+  summary = meta_step.summarize(("meta", 2, 1, 1, "auto"), 4, dtypes)
+  assert (summary["dtype"], summary["peer_dtype"]) == ("bfloat16", "float32")
+
+
+AUTOCAST_STUB = """import json, sys, torch
+print(json.dumps({"tokens_per_s": 1.0, "argv": sys.argv[1:], "autocast": torch.is_autocast_enabled("cpu"),
+                  "autocast_dtype": str(torch.get_autocast_dtype("cpu"))}))
+"""
+
+
+def test_the_peer_computes_in_our_dtype_under_autocast(tmp_path):
+  """``--dtype bfloat16``: the peer's script runs under torch.autocast to bfloat16 (its products in bfloat16, like
+  ours), with its flags unchanged; ``--peer_dtype float32`` (or ``--dtype float32``) runs it as it is."""
+  sys.path.insert(0, str(SCRIPT.parent))
+  import argparse
+
+  import meta_step
+
+  stub = tmp_path / "peer.py"
+  stub.write_text(AUTOCAST_STUB)
+  flags = {**meta_step.FIELDS, "dtype": "bfloat16", "order": [2], "inner": [4]}
+  a = argparse.Namespace(**flags, peer_dtype="same", peer_script=stub, threads=1)
+  row = meta_step.run_peer(a, dict(os.environ), 3, 1)
+  assert (row["autocast"], row["autocast_dtype"], row["dtype"]) == (True, "torch.bfloat16", "bfloat16")
+  assert "--inner=3" in row["argv"] and "--order=1" in row["argv"] and "--threads=1" in row["argv"]
+  for dtype, peer_dtype in [("bfloat16", "float32"), ("float32", "same")]:
+    a.dtype, a.peer_dtype = dtype, peer_dtype
+    row = meta_step.run_peer(a, dict(os.environ), 3, 1)
+    assert (row["autocast"], row["dtype"]) == (False, "float32")
 
 
 @pytest.mark.parametrize("family, beams", [("gpt2", ["1", "2"]), ("t5", ["2"])])  # T5: one setting (CI time)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mltd_jax import losses
+from mltd_jax import losses, matmul
 from mltd_jax.models.family import Family
 from mltd_jax.models.layers import (
   ACTIVATIONS,
@@ -106,12 +106,13 @@ class Attention(nn.Module):
       kv = {"k": k, "v": v}
     wdt = wide(self.dtype)
     q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)  # [b * h, t or T, hd]
-    scores = jnp.einsum("nqd,nkd->nqk", q, k).astype(wdt) / math.sqrt(head_dim)  # [b * h, t, t or T]
+    scores = matmul.matmul(q, k, transpose_y=True).astype(wdt) / math.sqrt(head_dim)  # [b * h, t, t or T]
     mask = jnp.broadcast_to(mask, (b, heads, *mask.shape[2:])).reshape(-1, *mask.shape[2:])  # from [b or 1, 1, ..]
     scores = jnp.where(mask, scores, jnp.finfo(wdt).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, heads, *scores.shape[1:])
     probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic).reshape(scores.shape)
-    out = jnp.einsum("nqk,nkd->nqd", probs, v).reshape(b, heads, t, head_dim).transpose(0, 2, 1, 3).reshape(b, t, d)
+    out = matmul.matmul(probs, v).astype(self.dtype)  # [b * h, t, hd]
+    out = out.reshape(b, heads, t, head_dim).transpose(0, 2, 1, 3).reshape(b, t, d)
     out = Dense(d, dtype=self.dtype, weight_init=normal(proj_std), name="c_proj")(out)
     out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
     return out if kv is None else (out, kv)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mltd_jax import tams, tarp
+from mltd_jax import matmul, tams, tarp
 
 Init = Callable[..., jax.Array]
 
@@ -24,7 +24,8 @@ def normal(std: float) -> Init:
 
 
 # The `jax.checkpoint_policies` that keep matmul outputs: with them, `remat_policy` also keeps the bilinear TARP
-# layers' outputs, which come out of a custom_jvp call (`tarp.lowrank_matmul`) that these policies do not see.
+# layers' outputs, which come out of a custom_jvp call (`tarp.lowrank_matmul`) that these policies do not see, and
+# the narrow (bfloat16) products of `mltd_jax.matmul`, a primitive of its own (`matmul.saveable`).
 DOT_POLICIES = (
   "dots_saveable",
   "checkpoint_dots",
@@ -41,6 +42,8 @@ def remat_policy(remat: Any) -> Callable | None:
   if remat in DOT_POLICIES:
     keep = jax.checkpoint_policies.save_only_these_names(tarp.LOWRANK_NAME)
     policy = jax.checkpoint_policies.save_from_both_policies(policy, keep)
+    narrow = matmul.saveable(batched=remat != "dots_with_no_batch_dims_saveable")
+    policy = jax.checkpoint_policies.save_from_both_policies(policy, narrow)
   return policy
 
 
@@ -63,7 +66,10 @@ class Dense(nn.Module):
     difference = self.variables.get("tarp")  # this layer's entry of the 'tarp' collection, if any
     y = tarp.dense(x, weight, difference, self.dtype)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,))
+      if matmul.mixed(self.dtype):  # added in float32: the bias gradient, a sum over every token, stays float32
+        return (y.astype(bias.dtype) + bias).astype(self.dtype)  # (XLA:CPU summed bfloat16 in slow reduce-windows)
+      y = y + bias.astype(self.dtype)
     return y
 
 
@@ -108,8 +114,11 @@ class Embed(nn.Module):
     return jnp.take(self.weight, ids, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    dt = wide(self.dtype)
-    return jnp.einsum("...d,vd->...v", x.astype(dt), self.weight.astype(dt))
+    """x [..., features] @ weight^T -> [..., num] in float32: on XLA:CPU a narrow compute dtype's inputs (x and the
+    table rounded to it) summed in float32 (`mltd_jax.matmul.mixed`), otherwise float32 (or wider) throughout."""
+    dt = self.dtype if matmul.mixed(self.dtype) else wide(self.dtype)
+    y = matmul.matmul(x.reshape(-1, x.shape[-1]).astype(dt), self.weight, transpose_y=True)
+    return y.astype(wide(self.dtype)).reshape(*x.shape[:-1], self.num)
 
 
 class LayerNorm(nn.Module):

@@ -1,0 +1,99 @@
+"""`mltd_jax.matmul`: narrow products with float32 accumulation in every derivative (XLA:CPU), plain ones otherwise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mltd_jax import matmul
+from mltd_jax.models import layers
+
+BF16 = jnp.bfloat16
+
+
+def _rounded(x, y, transpose_y=False):
+  """The reference: both operands rounded to bfloat16, multiplied exactly in float32."""
+  y = jnp.swapaxes(y, -1, -2) if transpose_y else y
+  r = lambda a: a.astype(BF16).astype(jnp.float32)  # noqa: E731
+  return jnp.matmul(r(x), r(y), precision=jax.lax.Precision.HIGHEST)
+
+
+def _operands(batch=(), transpose_y=False, m=12, k=8, n=6):
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (*batch, m, k))
+  y = jax.random.normal(keys[1], (*batch, n, k) if transpose_y else (*batch, k, n))
+  return x, y, jax.random.normal(keys[2], y.shape)
+
+
+def _primitives(f, *args) -> list[str]:
+  return [str(e.primitive) for e in jax.make_jaxpr(f)(*args).eqns]
+
+
+def test_float32_is_the_plain_dot_and_narrow_is_the_primitive_on_cpu():
+  x, y, _ = _operands()
+  assert _primitives(lambda x, y: matmul.matmul(x, y), x, y) == ["dot_general"]
+  np.testing.assert_array_equal(matmul.matmul(x, y), x @ y)
+  assert matmul.mixed(BF16) and matmul.mixed(jnp.float16) and not matmul.mixed(jnp.float32)
+  xb = x.astype(BF16)
+  assert _primitives(lambda x, y: matmul.matmul(x, y), xb, y) == ["lowp_matmul"]
+  assert matmul.matmul(xb, y).dtype == jnp.float32
+  with pytest.raises(ValueError, match="contract unequal axes"):  # checked when traced
+    jax.make_jaxpr(matmul.matmul)(xb, y.T)
+
+
+@pytest.mark.parametrize("batch, transpose_y", [((), False), ((), True), ((3,), True), ((3,), False)])
+def test_value_gradients_and_hessian_vector_products_of_the_narrow_product(batch, transpose_y):
+  """Value: the rounded operands' exact product. Gradients and forward-over-reverse HVPs (the meta-step's backward):
+  within bfloat16 rounding of the reference's, and equal to reverse-over-reverse (the JVP and transposes agree)."""
+  x, y, v = _operands(batch, transpose_y)
+  ours = lambda x, y: jnp.sum(jnp.tanh(matmul.matmul(x.astype(BF16), y, transpose_y=transpose_y)) ** 2)  # noqa: E731
+  ref = lambda x, y: jnp.sum(jnp.tanh(_rounded(x, y, transpose_y)) ** 2)  # noqa: E731
+  np.testing.assert_allclose(matmul.matmul(x.astype(BF16), y, transpose_y=transpose_y), _rounded(x, y, transpose_y),
+                             rtol=1e-5, atol=1e-5)  # fmt: skip
+  for got, want in zip(jax.grad(ours, (0, 1))(x, y), jax.grad(ref, (0, 1))(x, y)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * float(jnp.abs(want).max()))
+  fwd_rev = lambda f: jax.jvp(lambda y: jax.grad(f, 1)(x, y), (y,), (v,))[1]  # noqa: E731
+  rev_rev = jax.grad(lambda y: jnp.vdot(jax.grad(ours, 1)(x, y), v))(y)
+  want = fwd_rev(ref)
+  np.testing.assert_allclose(fwd_rev(ours), want, rtol=0, atol=3e-2 * float(jnp.abs(want).max()))
+  np.testing.assert_allclose(rev_rev, fwd_rev(ours), rtol=0, atol=3e-2 * float(jnp.abs(want).max()))
+
+
+def test_the_backward_products_stay_narrow():
+  """The gradient w.r.t. x is the narrow product again (the fast form on XLA:CPU); the weight's is a float32 dot."""
+  x, y, _ = _operands()
+  grad = lambda x, y: jax.grad(lambda x, y: jnp.sum(matmul.matmul(x.astype(BF16), y) ** 2), (0, 1))(x, y)  # noqa: E731
+  prims = _primitives(grad, x, y)
+  assert prims.count("lowp_matmul") == 2 and prims.count("dot_general") == 1
+
+
+@pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0), (1, 0)])
+def test_vmap_matches_one_example_at_a_time(axes):
+  """Tasks vmapped: a batched x against a shared 2-D y folds into rows; a batched y adds a batch axis."""
+  x, y, _ = _operands((3,))
+  x, y = x.astype(BF16), y.astype(BF16)
+  args = [x if axes[0] is not None else x[0], y if axes[1] is not None else y[0]]
+  if axes[0] == 1:
+    args[0] = jnp.moveaxis(x, 0, 1)
+  f = lambda x, y: jnp.tanh(matmul.matmul(x, y))  # noqa: E731
+  got = jax.vmap(f, axes)(*args)
+  for i in range(3):
+    xi = args[0] if axes[0] is None else jnp.take(args[0], i, axes[0])
+    yi = args[1] if axes[1] is None else args[1][i]
+    np.testing.assert_array_equal(got[i], f(xi, yi))
+
+
+def test_dot_saving_remat_policies_keep_the_narrow_products():
+  """`layers.remat_policy('dots_saveable')` saves the primitive's outputs ('dots_with_no_batch_dims_saveable': 2-D
+  only), as it saves ``dot_general``'s."""
+  x, y, _ = _operands()
+  f = lambda x, y: jnp.sum(jnp.sin(matmul.matmul(x.astype(BF16), y)))  # noqa: E731
+  for name, saved in [("dots_saveable", True), ("nothing_saveable", False)]:
+    g = jax.checkpoint(f, policy=layers.remat_policy(name))
+    # the forward's product, once more when not saved (remat's recomputation), and the x gradient's
+    jaxpr = str(jax.make_jaxpr(jax.grad(g, (0, 1)))(x, y))
+    assert jaxpr.count("lowp_matmul") == (2 if saved else 3), (name, jaxpr)
+  policy = matmul.saveable(batched=False)
+  assert policy(matmul.lowp_matmul_p, jax.core.ShapedArray((4, 3), BF16))
+  assert not policy(matmul.lowp_matmul_p, jax.core.ShapedArray((2, 4, 3), BF16))
