@@ -76,6 +76,7 @@ def main() -> None:
   shapes = {k: FIELDS[k] for k in ("layers", "d", "heads", "vocab", "seq", "tasks", "shots", "rank")}  # the peer's
   for k, v in dict(shapes, inner=4, order=1, task_chunk=0, remat=1, calls=10).items():
     p.add_argument(f"--{k}", type=int, default=v)
+  p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
   p.add_argument("--variant", action="append", required=True, help="'base' or KEY=VALUE[;KEY=VALUE...] (repeat)")
   a = p.parse_args()
   if len(a.variant) < 2 or len(a.variant) != len(set(a.variant)):
@@ -90,7 +91,7 @@ def main() -> None:
   from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
-  model, variables, _ = _model(argparse.Namespace(**vars(a), tarp="bilinear", dtype="float32", tams=False))
+  model, variables, _ = _model(argparse.Namespace(**vars(a), tarp="bilinear", tams=False))
   tx = optax.adam(1e-4)
   state = TrainState.create(variables, tx)
   inner = meta.InnerLoop(

@@ -9,6 +9,7 @@ and the ``--top`` costliest thunks with their output shape and the JAX operation
   python benchmarks/profile_meta_step.py --order 1
   python benchmarks/profile_meta_step.py --order 1 --task_chunk 0    # tasks vmapped (0) instead of one at a time
   python benchmarks/profile_meta_step.py --order 2 --inner 1 --trace /tmp/meta_trace
+  python benchmarks/profile_meta_step.py --order 2 --dtype bfloat16    # products in bfloat16 (mltd_jax.matmul)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
   shapes = {k: FIELDS[k] for k in ("layers", "d", "heads", "vocab", "seq", "tasks", "shots", "rank")}  # the peer's
   for k, v in dict(shapes, inner=4, order=2, task_chunk=1).items():
     p.add_argument(f"--{k}", type=int, default=v)
+  p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=10)
   p.add_argument("--trace", type=Path, default=None, help="directory for the trace (default: a temporary one)")
@@ -44,7 +46,7 @@ def main() -> None:
   from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
-  model, variables, _ = _model(argparse.Namespace(**vars(a), tarp="bilinear", dtype="float32", tams=False))
+  model, variables, _ = _model(argparse.Namespace(**vars(a), tarp="bilinear", tams=False))
   tx = optax.adam(1e-4)
   state = TrainState.create(variables, tx)
   inner = meta.InnerLoop(steps=a.inner, lr=0.05, first_order=a.order == 1, per_step_support=True)
@@ -62,7 +64,8 @@ def main() -> None:
       origin = re.search(r'op_name="([^"]*)"', line)
       hlo[m.group(1)] = (m.group(2), origin.group(1)[-100:] if origin else "")
   print(json.dumps({
-    "order": a.order, "inner": a.inner, "seconds": round(seconds, 4), "flops_loops_once": _flops(compiled),
+    "order": a.order, "inner": a.inner, "dtype": a.dtype, "seconds": round(seconds, 4),
+    "flops_loops_once": _flops(compiled),
     "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op),
     "top": [[name, round(ms, 1), *hlo.get(name, ("?", ""))] for name, ms in per_op.most_common(a.top)],
   }), flush=True)  # fmt: skip

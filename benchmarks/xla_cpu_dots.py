@@ -1,6 +1,6 @@
 """The meta-step's matrix products on XLA:CPU one at a time: how fast, and through which kernel (issue #11's limit).
 
-Two parts, each one JSON line per shape, calls of the implementations in turn (the machine's speed drifts between
+Three parts, each one JSON line per shape, calls of the implementations in turn (the machine's speed drifts between
 minutes, so only same-minute ratios are read), medians over ``--calls``:
 
 * ``matmul``: the dense products of the peer's model at its shapes, [tokens, d_in] @ [d_in, d_out] for the attention
@@ -14,10 +14,14 @@ minutes, so only same-minute ratios are read), medians over ``--calls``:
   transposes, (g^T x)^T, compiled with XLA's transpose folding and algebraic simplifier off for that one program
   (``transposes_kept``: otherwise XLA folds the transposes back into the dot), with torch's x.T @ g beside them.
 
+* ``bfloat16`` (not by default): the same products with bfloat16 operands, as `mltd_jax.matmul` computes them on
+  XLA:CPU (float32 accumulation) and as a plain bfloat16 dot, beside float32 and torch's (issue #11, session 10).
+
 ``--threads`` sets torch's threads; XLA and numpy use the machine's cores (2 on the project's CPU machines).
 
   python benchmarks/xla_cpu_dots.py --calls 100      # the peer's shapes: 2,032 tokens, d 256, vocab 4096, rank 8
   python benchmarks/xla_cpu_dots.py --part transposed --calls 200
+  python benchmarks/xla_cpu_dots.py --part bfloat16 --calls 60   # bfloat16 operands: AMX through YNNPACK, or not
 """
 
 from __future__ import annotations
@@ -135,15 +139,52 @@ def transposed_rows(a: argparse.Namespace, torch) -> list[dict]:
   return rows
 
 
+def bfloat16_rows(a: argparse.Namespace, torch) -> list[dict]:
+  """Each product with float32 operands and with bfloat16 ones: XLA's float32 accumulation (``bf16_acc32``, the
+  lowering of `mltd_jax.matmul`'s narrow product), a plain bfloat16 dot (``bf16_out``, bfloat16 result) and, with
+  torch, its float32 and bfloat16 products; GFLOP/s. ``x^T g`` contracts both operands' leading (token) axis."""
+  t, d, v = a.tokens, a.d, a.vocab
+  # name -> (rows, inner, cols, whether both operands are stored [inner, ...], contracting their leading axis)
+  shapes = {"mlp.c_fc": (t, d, 4 * d, False), "mlp.c_proj": (t, 4 * d, d, False), "lm_head": (t, d, v, False),
+            "dW = x^T g (c_fc)": (d, t, 4 * d, True), "dW = x^T g (c_proj)": (4 * d, t, d, True)}  # fmt: skip
+  rng = np.random.default_rng(0)
+  rows = []
+  for name, (m, k, n, leading) in shapes.items():
+    x = rng.standard_normal((k, m) if leading else (m, k), np.float32)
+    y = rng.standard_normal((k, n), np.float32)
+    dims = (((0,) if leading else (1,), (0,)), ((), ()))
+    f32 = jax.jit(lambda p, q: jax.lax.dot_general(p, q, dims))
+    acc = jax.jit(lambda p, q: jax.lax.dot_general(p, q, dims, preferred_element_type=jnp.float32))
+    jx, jy = jnp.asarray(x), jnp.asarray(y)
+    bx, by = jx.astype(jnp.bfloat16), jy.astype(jnp.bfloat16)
+    fns = {
+      "f32": lambda p=jx, q=jy: f32(p, q).block_until_ready(),
+      "bf16_acc32": lambda p=bx, q=by: acc(p, q).block_until_ready(),
+      "bf16_out": lambda p=bx, q=by: f32(p, q).block_until_ready(),
+    }
+    if torch is not None:
+      tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+      tbx, tby = tx.to(torch.bfloat16), ty.to(torch.bfloat16)
+      fns["torch_f32"] = lambda p=tx, q=ty: (p.T if leading else p) @ q
+      fns["torch_bf16"] = lambda p=tbx, q=tby: (p.T if leading else p) @ q
+    sec = timed(fns, a.calls)
+    gflop = 2 * m * k * n / 1e9
+    row = {"part": "bfloat16", "product": name, "m": m, "k": k, "n": n, "contract_leading": leading}
+    row["kernel_bf16_acc32"] = kernels(acc.lower(bx, by).compile())
+    row.update({f"{impl}_gflops": _sig(gflop / s) for impl, s in sec.items()})
+    rows.append(row)
+  return rows
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--part", nargs="+", default=["matmul", "transposed"], choices=("matmul", "transposed"))
+  parts = {"matmul": matmul_rows, "transposed": transposed_rows, "bfloat16": bfloat16_rows}
+  p.add_argument("--part", nargs="+", default=["matmul", "transposed"], choices=tuple(parts))
   p.add_argument("--tokens", type=int, default=2032, help="rows of a product: 4 x 4 sequences of 127 tokens")
   for k, v in dict(d=256, vocab=4096, rank=8, calls=60, threads=2).items():
     p.add_argument(f"--{k}", type=int, default=v)
   a = p.parse_args()
   torch = _torch(a.threads)
-  parts = {"matmul": matmul_rows, "transposed": transposed_rows}
   run = {"calls": a.calls, "threads": a.threads, "jax": jax.__version__, "torch": torch.__version__ if torch else None}
   for part in a.part:
     for row in parts[part](a, torch):

@@ -241,10 +241,10 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
 
   Same values as ``x @ w``, but the backward's weight gradient x^T dY then contracts one axis instead of (batch,
   tokens): XLA:CPU otherwise relayouts dY (and the fused elementwise work before it) into a transposed copy for every
-  kernel, which took 30-36% of a gradient's time (README, "Against the PyTorch peer"). A narrow x (bfloat16) is
-  multiplied with float32 accumulation (`mltd_jax.matmul`) and the result rounded back to x's dtype.
+  kernel, which took 30-36% of a gradient's time (README, "Against the PyTorch peer"). On XLA:CPU a bfloat16 x is
+  multiplied with float32 accumulation and the result is float32 (`mltd_jax.matmul`); otherwise it is in x's dtype.
   """
-  y = matmul.matmul(x.reshape(-1, x.shape[-1]), w).astype(x.dtype)
+  y = matmul.matmul(x.reshape(-1, x.shape[-1]), w)
   return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
@@ -271,13 +271,13 @@ def _lowrank_matmul_jvp(primals, tangents):
   c = lambda a: a.astype(x.dtype)  # noqa: E731  the compute dtype
   terms = []
   if dx is not None:
-    terms.append(_mm(dx, c(w)) + _mm(_mm(dx, c(u)), c(v).T))
+    terms.append(_mm(dx, c(w)) + _mm(c(_mm(dx, c(u))), c(v).T))
   if dw is not None:
     terms.append(_mm(x, c(dw)))
   if du is not None:
-    terms.append(_mm(_mm(x, c(du)), c(v).T))
+    terms.append(_mm(c(_mm(x, c(du))), c(v).T))
   if dv is not None:
-    terms.append(_mm(_mm(x, c(u)), c(dv).T))
+    terms.append(_mm(c(_mm(x, c(u))), c(dv).T))
   return y, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y))
 
 

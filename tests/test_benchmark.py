@@ -137,10 +137,15 @@ def test_xla_cpu_dots_prints_a_line_per_product_with_its_kernel(tmp_path):
   transposed product written with explicit transposes equals the one JAX emits."""
   pytest.importorskip("torch")
   script = SCRIPT.parent / "xla_cpu_dots.py"
-  tiny = ["--tokens=32", "--d=16", "--vocab=64", "--rank=8", "--calls=2"]
+  tiny = ["--tokens=32", "--d=16", "--vocab=64", "--rank=8", "--calls=2", "--part", "matmul", "transposed", "bfloat16"]
   out = subprocess.run([sys.executable, str(script), *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=900)
   rows = [json.loads(line) for line in out.stdout.splitlines()]
-  assert [r["part"] for r in rows] == ["matmul"] * 6 + ["transposed"] * 3, out.stderr
+  assert [r["part"] for r in rows] == ["matmul"] * 6 + ["transposed"] * 3 + ["bfloat16"] * 5, out.stderr
+  for r in rows[9:]:  # bfloat16 operands: each implementation's rate, and the kernel of the float32-accumulating one
+    assert min(r[f"{k}_gflops"] for k in ("f32", "bf16_acc32", "bf16_out", "torch_f32", "torch_bf16")) > 0
+    assert r["kernel_bf16_acc32"] and set(r["kernel_bf16_acc32"]) <= {"ynnpack", "eigen"}
+  assert [r["contract_leading"] for r in rows[9:]] == [False] * 3 + [True] * 2
+  rows = rows[:9]
   assert [r["rhs_transposed"] for r in rows[:6]] == [False] * 4 + [True, False]  # the tied LM head: x @ E^T
   for r in rows[:6]:
     assert r["xla_gflops"] > 0 and r["torch_gflops"] > 0 and r["numpy_gflops"] > 0 and r["calls"] == 2

@@ -67,8 +67,8 @@ class Dense(nn.Module):
     y = tarp.dense(x, weight, difference, self.dtype)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,))
-      if matmul.mixed(self.dtype):  # added in float32: the bias gradient, a sum over every token, stays float32
-        return (y.astype(bias.dtype) + bias).astype(self.dtype)  # (XLA:CPU summed bfloat16 in slow reduce-windows)
+      if matmul.mixed(self.dtype):  # XLA:CPU, bfloat16: y is the product's float32 sum; the bias is added to it
+        return y + bias  # (its gradient, a sum over every token, stays float32: bfloat16 ones ran in slow reductions)
       y = y + bias.astype(self.dtype)
     return y
 
