@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.remat = False  # jax.checkpoint every transformer block (less memory, more compute)
   c.model.remat_policy = ""  # with remat: "" recomputes blocks whole; a jax.checkpoint_policies name (dots_saveable)
   c.model.allow_pickle = False  # accept pytorch_model.bin (only for trusted files)
-  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32; CPU: mltd_jax.matmul)
   # Dropout of a fresh model (a loaded one keeps config.json's rates); used in pretraining when > 0. Adaptation
   # (meta-training's inner loop and query, meta-testing) always runs deterministically.
   c.model.dropout = 0.0
