@@ -320,10 +320,12 @@ PEER_FLAGS = ("order", "layers", "d", "heads", "vocab", "seq", "tasks", "shots",
 
 
 # Runs the peer's script (argv[2:]) under torch.autocast to the dtype argv[1] names: its products (mm, addmm, bmm,
-# linear) in that dtype with float32 accumulation, the rest in float32, the parameters float32.
+# linear) in that dtype with float32 accumulation, the rest in float32, the parameters float32. Without autocast's
+# cache of the parameters' casts: one context around the whole script would keep the first step's bfloat16 copies
+# of parameters that the optimizer then updates in place (a user enters autocast per step, which recasts them).
 AUTOCAST = (
   "import runpy, sys, torch; dtype = getattr(torch, sys.argv[1]); sys.argv = sys.argv[2:]\n"
-  "with torch.autocast('cpu', dtype=dtype):\n  runpy.run_path(sys.argv[0], run_name='__main__')"
+  "with torch.autocast('cpu', dtype=dtype, cache_enabled=False):\n  runpy.run_path(sys.argv[0], run_name='__main__')"
 )
 
 

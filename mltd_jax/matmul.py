@@ -33,6 +33,12 @@ def mixed(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4 and jax.default_backend() == "cpu"
 
 
+def result_dtype(dtype):
+  """The dtype of `matmul`'s result for ``dtype`` operands: float32 where `mixed`, else ``dtype`` (what a layer's
+  keys and values are computed in, so what a decoding cache stores them in)."""
+  return jnp.dtype(jnp.float32) if mixed(dtype) else jnp.dtype(dtype)
+
+
 def _dimension_numbers(batch: int, transpose_y: bool):
   """x [*b, M, K] with y [*b, K, N] (or [*b, N, K] when ``transpose_y``), ``batch`` = len(b)."""
   b = tuple(range(batch))

@@ -93,7 +93,7 @@ def test_rounds_summary_gives_the_median_and_range_of_each_ratio():
 
 AUTOCAST_STUB = """import json, sys, torch
 print(json.dumps({"tokens_per_s": 1.0, "argv": sys.argv[1:], "autocast": torch.is_autocast_enabled("cpu"),
-                  "autocast_dtype": str(torch.get_autocast_dtype("cpu"))}))
+                  "autocast_dtype": str(torch.get_autocast_dtype("cpu")), "cache": torch.is_autocast_cache_enabled()}))
 """
 
 
@@ -111,6 +111,7 @@ def test_the_peer_computes_in_our_dtype_under_autocast(tmp_path):
   a = argparse.Namespace(**flags, peer_dtype="same", peer_script=stub, threads=1)
   row = meta_step.run_peer(a, dict(os.environ), 3, 1)
   assert (row["autocast"], row["autocast_dtype"], row["dtype"]) == (True, "torch.bfloat16", "bfloat16")
+  assert row["cache"] is False  # no stale casts of parameters the optimizer updates in place
   assert "--inner=3" in row["argv"] and "--order=1" in row["argv"] and "--threads=1" in row["argv"]
   for dtype, peer_dtype in [("bfloat16", "float32"), ("float32", "same")]:
     a.dtype, a.peer_dtype = dtype, peer_dtype

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mltd_jax import losses
+from mltd_jax import losses, matmul
 from mltd_jax.models.family import Family
 from mltd_jax.models.layers import (
   ACTIVATIONS,
@@ -307,7 +307,7 @@ class GPT2LMHeadModel(nn.Module):
     keys = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), bool)], -1)  # [B, T]: the prompt's real tokens
     attend = jnp.tril(jnp.ones((p, total), bool))[None, None] & keys[:, None, None, :]  # [B, 1, P, T], causal
     head_dim = cfg.n_embd // cfg.n_head
-    empty = jnp.zeros((b, total, cfg.n_head, head_dim), self.dtype)
+    empty = jnp.zeros((b, total, cfg.n_head, head_dim), matmul.result_dtype(self.dtype))  # as the layers make k, v
     kv = tuple({"k": empty, "v": empty} for _ in range(cfg.n_layer))
     logits, kv = self.apply(variables, input_ids, positions, attend, kv, 0, method="forward_cached")
     return logits, {"mask": mask, "kv": kv}

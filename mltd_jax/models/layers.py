@@ -42,7 +42,7 @@ def remat_policy(remat: Any) -> Callable | None:
   if remat in DOT_POLICIES:
     keep = jax.checkpoint_policies.save_only_these_names(tarp.LOWRANK_NAME)
     policy = jax.checkpoint_policies.save_from_both_policies(policy, keep)
-    narrow = matmul.saveable(batched=remat != "dots_with_no_batch_dims_saveable")
+    narrow = matmul.saveable(batched="no_batch_dims" not in remat)
     policy = jax.checkpoint_policies.save_from_both_policies(policy, narrow)
   return policy
 
@@ -116,9 +116,11 @@ class Embed(nn.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """x [..., features] @ weight^T -> [..., num] in float32: on XLA:CPU a narrow compute dtype's inputs (x and the
     table rounded to it) summed in float32 (`mltd_jax.matmul.mixed`), otherwise float32 (or wider) throughout."""
-    dt = self.dtype if matmul.mixed(self.dtype) else wide(self.dtype)
-    y = matmul.matmul(x.reshape(-1, x.shape[-1]).astype(dt), self.weight, transpose_y=True)
-    return y.astype(wide(self.dtype)).reshape(*x.shape[:-1], self.num)
+    if matmul.mixed(self.dtype):
+      y = matmul.matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.weight, transpose_y=True)
+      return y.reshape(*x.shape[:-1], self.num)
+    dt = wide(self.dtype)
+    return jnp.einsum("...d,vd->...v", x.astype(dt), self.weight.astype(dt))
 
 
 class LayerNorm(nn.Module):

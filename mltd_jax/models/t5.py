@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mltd_jax import losses
+from mltd_jax import losses, matmul
 from mltd_jax.models.family import Family
 from mltd_jax.models.layers import (
   ACTIVATIONS,
@@ -190,7 +190,7 @@ class Attention(nn.Module):
     if bias is not None:
       scores = scores + bias
     scores = jnp.where(mask, scores, jnp.finfo(wdt).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, tq, heads * dk)
     return dense(cfg.d_model, (heads * dk) ** -0.5, "o")(out), bias, {"k": k, "v": v}
@@ -500,7 +500,7 @@ class T5ForConditionalGeneration(nn.Module):
     b, s = input_ids.shape
     mask = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     encoded = self.apply(variables, input_ids, mask, method="encode")  # [B, S, d]
-    empty = jnp.zeros((b, max_new_tokens, cfg.num_heads, cfg.d_kv), self.dtype)
+    empty = jnp.zeros((b, max_new_tokens, cfg.num_heads, cfg.d_kv), matmul.result_dtype(self.dtype))  # as k, v
     layers = tuple({"self": {"k": empty, "v": empty}, "cross": None} for _ in range(cfg.num_decoder_layers))
     start = jnp.full((b,), cfg.decoder_start_token_id, jnp.int32)
     logits, layers = self.apply(variables, start, encoded, mask, layers, 0, method="decode_cached")
