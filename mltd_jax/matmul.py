@@ -2,14 +2,14 @@
 accumulation, in the forward and in every derivative.
 
 Why a primitive of our own: ``lax.dot_general(x_bf16, w_bf16, preferred_element_type=float32)`` is the product a
-CPU with AMX (or any accelerator) runs fastest (XLA:CPU hands it to YNNPACK: 630-800 GFLOP/s on this project's 2-core
-Xeon against ~230 in float32, README "bfloat16 on CPU"), but JAX's transpose of it multiplies the float32 cotangent
-with the bfloat16 operand, and XLA then runs that backward product in float32 (a bfloat16 *output*, the other
-choice, is slower still on XLA:CPU: ~180 GFLOP/s). `lowp_matmul_p` is bilinear, with transpose rules that round the
-cotangent to the narrow dtype for the input's gradient (the product ct op(y)^T: the same fast form), and compute the
-weight's gradient x^T ct in float32 (a product contracting the token axis, which XLA:CPU runs through Eigen, where
-float32 is faster than bfloat16). Its JVP is the primitive itself, so forward-over-reverse Hessian-vector products
-(the meta-step's backward) and vmap (tasks) keep the fast form too.
+CPU with AMX (or any accelerator) runs fastest (XLA:CPU hands it to YNNPACK: 425-785 GFLOP/s on this project's
+2-core Xeon against 172-231 in float32, README "Changed: bfloat16 on XLA:CPU"), but JAX's transpose of it multiplies
+the float32 cotangent with the bfloat16 operand, and XLA then runs that backward product in float32 (a bfloat16
+*output*, the other choice, is slower still on XLA:CPU: 96-109 GFLOP/s). `lowp_matmul_p` is bilinear, with
+transpose rules that round the cotangent to the narrow dtype for the input's gradient (the product ct op(y)^T: the
+same fast form), and compute the weight's gradient x^T ct in float32 (a product contracting the token axis, which
+XLA:CPU runs through Eigen, where float32 is faster than bfloat16). Its JVP is the primitive itself, so
+forward-over-reverse Hessian-vector products (the meta-step's backward) and vmap (tasks) keep the fast form too.
 
 Only on XLA:CPU (`mixed`): accelerators' narrow products already accumulate in float32 and their backward products
 run narrow, so there, as with float32 (or wider) inputs anywhere, `matmul` is exactly ``lax.dot_general`` in x's
