@@ -66,10 +66,9 @@ class Dense(nn.Module):
     difference = self.variables.get("tarp")  # this layer's entry of the 'tarp' collection, if any
     y = tarp.dense(x, weight, difference, self.dtype)
     if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,))
-      if matmul.mixed(self.dtype):  # XLA:CPU, bfloat16: y is the product's float32 sum; the bias is added to it
-        return y + bias  # (its gradient, a sum over every token, stays float32: bfloat16 ones ran in slow reductions)
-      y = y + bias.astype(self.dtype)
+      # in y's dtype: the compute dtype, or float32 where `matmul.mixed` (XLA:CPU, bfloat16: y is the product's
+      # float32 sum; the bias gradient, a sum over every token, then stays float32: bfloat16 ran in slow reductions)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
     return y
 
 
