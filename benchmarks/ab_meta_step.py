@@ -4,7 +4,8 @@ The machine's speed drifts by 20% or more between minutes, so two separate runs 
 few percent. Here every variant after the first is called right next to the first (first then variant, then the
 other way round), so each pair meets the same minute, and the median of the pairs' ratios resolves a few percent.
 A variant is a set of XLA compile options, given to ``jax.jit(step).lower(...).compile(compiler_options=...)``:
-``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``.
+``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``. One key is ours, not XLA's: ``onednn=false`` traces the step with
+`mltd_jax.onednn` off (XLA computes every product; the default uses the kernel where it is available).
 
   python benchmarks/ab_meta_step.py --order 1 --task_chunk 0 --variant base \\
       --variant xla_cpu_enable_concurrency_optimized_scheduler=true \\
@@ -22,6 +23,7 @@ compare code variants, compile them in one process the same way (`mltd_jax.train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -87,7 +89,7 @@ def main() -> None:
   import numpy as np
   import optax
 
-  from mltd_jax import meta, train
+  from mltd_jax import meta, onednn, train
   from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
@@ -100,10 +102,19 @@ def main() -> None:
   rng = np.random.default_rng(0)
   batch = meta_batch(rng, a)
   args = (state, batch, jax.random.key(0))
-  step = meta.make_meta_step(gpt2.make_loss(model), tx, inner, a.task_chunk)
-  compiled = {
-    name: train.compile_step(jax.jit(step), *args, compiler_options=opts or None) for name, opts in variants.items()
-  }
+  compiled = {}
+  for name, opts in variants.items():
+    opts = dict(opts)
+    kernel = opts.pop("onednn", True)
+    if not isinstance(kernel, bool):
+      raise SystemExit(f"--variant {name!r}: onednn takes true or false")
+    # a fresh step per variant: a trace cached for the same function would keep the other variant's products
+    fresh = meta.make_meta_step(gpt2.make_loss(model), tx, inner, a.task_chunk)
+    with contextlib.nullcontext() if kernel else onednn.disabled():
+      compiled[name] = train.compile_step(jax.jit(fresh), *args, compiler_options=opts or None)
+    calls = compiled[name].as_text().count(onednn.TARGET)
+    if calls and not kernel:
+      raise SystemExit(f"--variant {name!r}: {calls} oneDNN calls in the compiled step with the kernel off")
   updated = {name: jax.tree.leaves(c(*args)[0].variables) for name, c in compiled.items()}
   pairs = paired_times(compiled, args, a.calls)
   first = a.variant[0]
@@ -114,8 +125,8 @@ def main() -> None:
     median = statistics.median(times)
     diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(updated[name], updated[first]))
     print(json.dumps({
-      "variant": name, "compiler_options": variants[name], "order": a.order, "task_chunk": a.task_chunk,
-      "remat": bool(a.remat), "calls": a.calls, "median_step_s": float(f"{median:.4g}"),
+      "variant": name, "compiler_options": variants[name], "dtype": a.dtype, "order": a.order,
+      "task_chunk": a.task_chunk, "remat": bool(a.remat), "calls": a.calls, "median_step_s": float(f"{median:.4g}"),
       "speedup_vs_first": round(statistics.median(ratios), 3),
       "speedup_range": [round(ratios[0], 3), round(ratios[-1], 3)],
       "speedup_of_medians": round(statistics.median(first_times) / median, 3),

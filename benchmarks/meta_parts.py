@@ -49,11 +49,14 @@ def thunk_ms(trace_dir: Path, calls: int) -> collections.Counter:
 
 
 def op_kinds(per_op: collections.Counter) -> dict[str, float]:
-  """`thunk_ms`'s milliseconds summed by kind of thunk: matmul fusions, transposing copies, other fusions."""
+  """`thunk_ms`'s milliseconds summed by kind of thunk: matmul fusions, custom calls (`mltd_jax.onednn`'s products),
+  transposing copies, other fusions."""
   kinds: collections.Counter = collections.Counter()
   for name, ms in per_op.items():
     if name.startswith(("ynn_fusion", "xnn_fusion", "dot")):
       kinds["matmuls"] += ms
+    elif name.startswith(("ffi_call", "custom-call", "custom_call")):
+      kinds["custom calls (oneDNN)"] += ms
     elif name.startswith("copy") or "transpose" in name:
       kinds["transposing copies"] += ms
     elif "fusion" in name or name.startswith("wrapped"):

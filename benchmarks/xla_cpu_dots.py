@@ -17,11 +17,16 @@ minutes, so only same-minute ratios are read), medians over ``--calls``:
 * ``bfloat16`` (not by default): the same products with bfloat16 operands, as `mltd_jax.matmul` computes them on
   XLA:CPU (float32 accumulation) and as a plain bfloat16 dot, beside float32 and torch's (issue #11, session 10).
 
+* ``onednn`` (not by default): the weight-gradient form x^T g, dense and thin, at all tokens and at one task's, as
+  `mltd_jax.matmul.tn_matmul` computes it through the oneDNN custom call (`mltd_jax.onednn`, bfloat16 and float32
+  operands) and without it (XLA's float32 dot of the widened operands: Eigen), beside torch's (issue #11, session 11).
+
 ``--threads`` sets torch's threads; XLA and numpy use the machine's cores (2 on the project's CPU machines).
 
   python benchmarks/xla_cpu_dots.py --calls 100      # the peer's shapes: 2,032 tokens, d 256, vocab 4096, rank 8
   python benchmarks/xla_cpu_dots.py --part transposed --calls 200
   python benchmarks/xla_cpu_dots.py --part bfloat16 --calls 60   # bfloat16 operands: AMX through YNNPACK, or not
+  python benchmarks/xla_cpu_dots.py --part onednn --calls 60     # x^T g through the oneDNN custom call, or XLA
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere (mltd_jax, --part onednn)
 
 # The compile options under which explicit transposes stay transposes (XLA folds them into the dot otherwise).
 KEEP_TRANSPOSES = {"xla_disable_hlo_passes": "transpose-folding,algsimp"}
@@ -176,9 +185,48 @@ def bfloat16_rows(a: argparse.Namespace, torch) -> list[dict]:
   return rows
 
 
+def onednn_rows(a: argparse.Namespace, torch) -> list[dict]:
+  """x^T g (x [k, m], g [k, n], contracting the k tokens) by `mltd_jax.matmul.tn_matmul`: the oneDNN kernel with
+  bfloat16 operands (``onednn_bf16``) and float32 ones (``onednn_f32``), and XLA's float32 dot (``xla_f32``, what
+  the kernel replaces), with torch's bfloat16 x.T @ g; GFLOP/s, and the kernel's largest difference from float32."""
+  from mltd_jax import matmul, onednn
+
+  if not onednn.available():
+    raise SystemExit("--part onednn: the oneDNN kernel is unavailable here (the warning above says why)")
+  t, d, r = a.tokens, a.d, a.rank
+  shapes = {"dW (c_fc)": (d, 4 * d), "dW (c_proj)": (4 * d, d), "dE (lm_head)": (a.vocab, d), "dU = x^T (g V)": (d, r),
+            "dV^T = (x U)^T g": (r, d)}  # fmt: skip
+  rng = np.random.default_rng(0)
+  rows = []
+  for tokens in (t, t // 4):
+    for name, (m, n) in shapes.items():
+      x, g = rng.standard_normal((tokens, m), np.float32), rng.standard_normal((tokens, n), np.float32)
+      jx, jg = jnp.asarray(x), jnp.asarray(g)
+      on = {dt: jax.jit(lambda p, q, dt=dt: matmul.tn_matmul(p, q, dt)) for dt in (jnp.bfloat16, jnp.float32)}
+      with onednn.disabled():
+        off = jax.jit(lambda p, q: matmul.tn_matmul(p, q, jnp.float32)).lower(jx, jg).compile()
+      bx, bg = jx.astype(jnp.bfloat16), jg.astype(jnp.bfloat16)
+      fns = {
+        "onednn_bf16": lambda p=bx, q=bg: on[jnp.bfloat16](p, q).block_until_ready(),
+        "onednn_f32": lambda p=jx, q=jg: on[jnp.float32](p, q).block_until_ready(),
+        "xla_f32": lambda p=jx, q=jg: off(p, q).block_until_ready(),
+      }
+      if torch is not None:
+        tx, tg = torch.from_numpy(x).to(torch.bfloat16), torch.from_numpy(g).to(torch.bfloat16)
+        fns["torch_bf16"] = lambda p=tx, q=tg: p.T @ q
+      sec = timed(fns, a.calls)
+      want = x.T.astype(np.float64) @ g
+      error = float(np.max(np.abs(np.asarray(on[jnp.float32](jx, jg)) - want)))
+      gflop = 2 * m * tokens * n / 1e9
+      row = {"part": "onednn", "product": name, "tokens": tokens, "m": m, "n": n, "f32_max_abs_diff": _sig(error)}
+      row.update({f"{impl}_gflops": _sig(gflop / s) for impl, s in sec.items()})
+      rows.append(row)
+  return rows
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parts = {"matmul": matmul_rows, "transposed": transposed_rows, "bfloat16": bfloat16_rows}
+  parts = {"matmul": matmul_rows, "transposed": transposed_rows, "bfloat16": bfloat16_rows, "onednn": onednn_rows}
   p.add_argument("--part", nargs="+", default=["matmul", "transposed"], choices=tuple(parts))
   p.add_argument("--tokens", type=int, default=2032, help="rows of a product: 4 x 4 sequences of 127 tokens")
   for k, v in dict(d=256, vocab=4096, rank=8, calls=60, threads=2).items():

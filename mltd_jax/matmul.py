@@ -7,9 +7,13 @@ CPU with AMX (or any accelerator) runs fastest (XLA:CPU hands it to YNNPACK: 425
 the float32 cotangent with the bfloat16 operand, and XLA then runs that backward product in float32 (a bfloat16
 *output*, the other choice, is slower still on XLA:CPU: 96-109 GFLOP/s). `lowp_matmul_p` is bilinear, with
 transpose rules that round the cotangent to the narrow dtype for the input's gradient (the product ct op(y)^T: the
-same fast form), and compute the weight's gradient x^T ct in float32 (a product contracting the token axis, which
-XLA:CPU runs through Eigen, where float32 is faster than bfloat16). Its JVP is the primitive itself, so
-forward-over-reverse Hessian-vector products (the meta-step's backward) and vmap (tasks) keep the fast form too.
+same fast form), and compute the weight's gradient x^T ct with `tn_matmul_p`, a bilinear primitive for that form (a
+product contracting the token axis). XLA:CPU runs it through Eigen (no AMX; float32 faster than bfloat16 there), so
+where the oneDNN custom call is available (`mltd_jax.onednn`) `tn_matmul_p` lowers to it with bfloat16 operands: 341-
+465 GFLOP/s on AMX against XLA's 88-143 in float32 (`benchmarks/xla_cpu_dots.py --part onednn`), the bfloat16
+second-order meta-step 1.12-1.27x faster (README "Changed: oneDNN for the weight gradients"). Both primitives' JVPs
+are themselves, so forward-over-reverse Hessian-vector products (the meta-step's backward) and vmap (tasks) keep
+the fast forms too.
 
 Only on XLA:CPU (`mixed`): accelerators' narrow products already accumulate in float32 and their backward products
 run narrow, so there, as with float32 (or wider) inputs anywhere, `matmul` is exactly ``lax.dot_general`` in x's
@@ -24,6 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+
+from mltd_jax import onednn
 
 
 def mixed(dtype) -> bool:
@@ -72,13 +78,9 @@ def _transpose_x(ct, x, y, *, transpose_y: bool, dtype):
 
 
 def _transpose_y(ct, x, y, *, transpose_y: bool, dtype):
-  """d y = x^T ct (or ct^T x for y [.., N, K]) in float32, in y's dtype."""
-  del dtype
-  batch = x.ndim - 2
-  b = tuple(range(batch))
-  xf, ctf = x.astype(jnp.float32), ct.astype(jnp.float32)
-  a, c = (ctf, xf) if transpose_y else (xf, ctf)
-  return lax.dot_general(a, c, (((batch,), (batch,)), (b, b))).astype(y.aval.dtype)
+  """d y = x^T ct (or ct^T x for y [.., N, K]): a product contracting the token axis (`tn_matmul_p`), in y's dtype."""
+  a, c = (ct, x) if transpose_y else (x, ct)
+  return tn_matmul(a, c, dtype).astype(y.aval.dtype)
 
 
 ad.defbilinear(lowp_matmul_p, _transpose_x, _transpose_y)
@@ -98,6 +100,69 @@ def _batch(args, dims, *, transpose_y: bool, dtype):
 
 
 batching.primitive_batchers[lowp_matmul_p] = _batch
+
+
+def _tn_impl(a, c, *, dtype, kernel: bool):
+  """a [*b, K, M], c [*b, K, N] -> a^T c [*b, M, N], operands rounded to ``dtype``, float32 sums and result."""
+  a, c = a.astype(dtype), c.astype(dtype)
+  if kernel:
+    return onednn.product(a, c, transpose_a=True)
+  b = tuple(range(a.ndim - 2))
+  return lax.dot_general(a, c, (((a.ndim - 2,), (c.ndim - 2,)), (b, b)), preferred_element_type=jnp.float32)
+
+
+def _tn_abstract(a, c, *, dtype, kernel: bool):
+  del dtype, kernel
+  if a.ndim < 2 or c.ndim != a.ndim or a.shape[:-1] != c.shape[:-1]:
+    raise ValueError(f"tn_matmul: a {a.shape} and c {c.shape} need equal axes but the last (batch..., K).")
+  return jax.core.ShapedArray((*a.shape[:-2], a.shape[-1], c.shape[-1]), jnp.float32)
+
+
+tn_matmul_p = Primitive("tn_matmul")
+tn_matmul_p.def_impl(_tn_impl)
+tn_matmul_p.def_abstract_eval(_tn_abstract)
+mlir.register_lowering(tn_matmul_p, mlir.lower_fun(_tn_impl, multiple_results=False))
+
+
+def _tn_transpose_a(ct, a, c, *, dtype, kernel: bool):
+  """d a = c ct^T [*b, K, M]: a product of the forward's form (`lowp_matmul_p`)."""
+  del kernel
+  return lowp_matmul_p.bind(c, ct, transpose_y=True, dtype=dtype).astype(a.aval.dtype)
+
+
+def _tn_transpose_c(ct, a, c, *, dtype, kernel: bool):
+  """d c = a ct [*b, K, N]: a product of the forward's form."""
+  del kernel
+  return lowp_matmul_p.bind(a, ct, transpose_y=False, dtype=dtype).astype(c.aval.dtype)
+
+
+ad.defbilinear(tn_matmul_p, _tn_transpose_a, _tn_transpose_c)
+
+
+def _tn_batch(args, dims, *, dtype, kernel: bool):
+  """vmap: one more leading batch axis (an unbatched operand broadcast)."""
+  (a, c), (ba, bc) = args, dims
+  size = a.shape[ba] if ba is not None else c.shape[bc]
+  front = lambda x, d: jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)  # noqa: E731
+  return tn_matmul_p.bind(front(a, ba), front(c, bc), dtype=dtype, kernel=kernel), 0
+
+
+batching.primitive_batchers[tn_matmul_p] = _tn_batch
+
+
+def tn_matmul(a: jax.Array, c: jax.Array, dtype) -> jax.Array:
+  """a [*b, K, M]^T @ c [*b, K, N] -> [*b, M, N] float32: a weight gradient's form (contracting the token axis).
+
+  With the oneDNN kernel (`mltd_jax.onednn`: XLA:CPU), computed by it with operands in ``dtype`` where that is
+  bfloat16 (its AMX kernels) and in float32 otherwise; without the kernel, XLA's float32 dot of the widened operands
+  (Eigen runs this form faster in float32 than in bfloat16). Differentiable at any order (`tn_matmul_p`). Used for
+  the weight gradients of `matmul`'s narrow products only: float32 models keep XLA's own products and their
+  transposes (through the kernel, the float32 second-order step was no faster: 0.97-0.99x of XLA's in paired calls, the
+  custom call's operands materialized where XLA fused them before).
+  """
+  kernel = onednn.available()
+  narrow = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and kernel
+  return tn_matmul_p.bind(a, c, dtype=jnp.dtype(jnp.bfloat16 if narrow else jnp.float32), kernel=kernel)
 
 
 def matmul(x: jax.Array, y: jax.Array, *, transpose_y: bool = False) -> jax.Array:

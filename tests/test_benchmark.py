@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,9 +140,16 @@ def test_xla_cpu_dots_prints_a_line_per_product_with_its_kernel(tmp_path):
   pytest.importorskip("torch")
   script = SCRIPT.parent / "xla_cpu_dots.py"
   tiny = ["--tokens=32", "--d=16", "--vocab=64", "--rank=8", "--calls=2", "--part", "matmul", "transposed", "bfloat16"]
-  out = subprocess.run([sys.executable, str(script), *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  kernel = shutil.which("c++") or shutil.which("g++")  # the oneDNN kernel builds (tests/test_onednn.py)
+  out = subprocess.run([sys.executable, str(script), *tiny, *(["onednn"] if kernel else [])], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
   rows = [json.loads(line) for line in out.stdout.splitlines()]
-  assert [r["part"] for r in rows] == ["matmul"] * 6 + ["transposed"] * 3 + ["bfloat16"] * 5, out.stderr
+  parts = ["matmul"] * 6 + ["transposed"] * 3 + ["bfloat16"] * 5 + ["onednn"] * (10 if kernel else 0)
+  assert [r["part"] for r in rows] == parts, out.stderr
+  for r in rows[14:]:  # x^T g through the kernel (both dtypes) and XLA, at 32 and 8 tokens
+    assert r["tokens"] in (32, 8) and r["f32_max_abs_diff"] < 1e-4
+    assert min(r[f"{k}_gflops"] for k in ("onednn_bf16", "onednn_f32", "xla_f32", "torch_bf16")) > 0
+  rows = rows[:14]
   for r in rows[9:]:  # bfloat16 operands: each implementation's rate, and the kernel of the float32-accumulating one
     assert min(r[f"{k}_gflops"] for k in ("f32", "bf16_acc32", "bf16_out", "torch_f32", "torch_bf16")) > 0
     assert r["kernel_bf16_acc32"] and set(r["kernel_bf16_acc32"]) <= {"ynnpack", "eigen"}
@@ -160,12 +168,15 @@ def test_ab_meta_step_compares_compile_option_variants_in_one_process(tmp_path, 
   """`benchmarks/ab_meta_step.py`: one line per variant (compile options parsed), ratios against the first."""
   script = SCRIPT.parent / "ab_meta_step.py"
   tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--inner=1"]
-  variants = ["--variant", "base", "--variant", "xla_cpu_enable_fast_min_max=false", "--calls", "2"]
+  # bfloat16, where the second variant also turns the oneDNN kernel off (it checks its step has no oneDNN calls)
+  other = "xla_cpu_enable_fast_min_max=false;onednn=false"
+  variants = ["--variant", "base", "--variant", other, "--calls", "2", "--dtype", "bfloat16"]
   out = subprocess.run([sys.executable, str(script), *tiny, *variants], cwd=tmp_path, capture_output=True, text=True,
                        timeout=900)  # fmt: skip
   rows = [json.loads(line) for line in out.stdout.splitlines()]
-  assert [r["variant"] for r in rows] == ["base", "xla_cpu_enable_fast_min_max=false"], out.stderr
-  assert rows[0]["compiler_options"] == {} and rows[1]["compiler_options"] == {"xla_cpu_enable_fast_min_max": False}
+  assert [r["variant"] for r in rows] == ["base", other], out.stderr
+  assert rows[0]["compiler_options"] == {} and rows[0]["dtype"] == "bfloat16"
+  assert rows[1]["compiler_options"] == {"xla_cpu_enable_fast_min_max": False, "onednn": False}
   assert rows[0]["speedup_vs_first"] == 1.0 and rows[0]["max_abs_diff_vs_first"] == 0.0 and rows[0]["remat"]
   for r in rows:
     assert r["median_step_s"] > 0 and r["speedup_of_medians"] > 0
@@ -176,3 +187,4 @@ def test_ab_meta_step_compares_compile_option_variants_in_one_process(tmp_path, 
   assert ab_meta_step.options("a=1;b=true") == {"a": "1", "b": True}
   with pytest.raises(SystemExit, match="got item 'oops'"):
     ab_meta_step.options("a=1;oops")
+  assert ab_meta_step.options("onednn=false") == {"onednn": False}

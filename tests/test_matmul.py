@@ -1,11 +1,13 @@
 """`mltd_jax.matmul`: narrow products with float32 accumulation in every derivative (XLA:CPU), plain ones otherwise."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mltd_jax import matmul
+from mltd_jax import matmul, onednn
 from mltd_jax.models import layers
 
 BF16 = jnp.bfloat16
@@ -61,11 +63,43 @@ def test_value_gradients_and_hessian_vector_products_of_the_narrow_product(batch
 
 
 def test_the_backward_products_stay_narrow():
-  """The gradient w.r.t. x is the narrow product again (the fast form on XLA:CPU); the weight's is a float32 dot."""
+  """The gradient w.r.t. x is the narrow product again (the fast form on XLA:CPU); the weight's is `tn_matmul`."""
   x, y, _ = _operands()
   grad = lambda x, y: jax.grad(lambda x, y: jnp.sum(matmul.matmul(x.astype(BF16), y) ** 2), (0, 1))(x, y)  # noqa: E731
   prims = _primitives(grad, x, y)
-  assert prims.count("lowp_matmul") == 2 and prims.count("dot_general") == 1
+  assert prims.count("lowp_matmul") == 2 and prims.count("tn_matmul") == 1 and "dot_general" not in prims
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["onednn", "xla"])
+@pytest.mark.parametrize("dtype", [BF16, jnp.float32], ids=["bfloat16", "float32"])
+def test_weight_gradient_product_values_derivatives_and_vmap(kernel, dtype):
+  """`tn_matmul` (a^T c over the token axis): the value within the operands' rounding of the exact product, through
+  the oneDNN kernel and through XLA alike; gradients and forward-over-reverse HVPs equal to reverse-over-reverse
+  (its JVP and transposes agree) and to the reference's; vmap over a leading axis equals one at a time."""
+  if kernel and not onednn.available():
+    pytest.skip("no oneDNN kernel here: " + str(onednn._load()))
+  keys = jax.random.split(jax.random.key(1), 3)
+  a, c = jax.random.normal(keys[0], (3, 40, 6)), jax.random.normal(keys[1], (3, 40, 5))
+  r = (lambda t: t.astype(BF16).astype(jnp.float32)) if dtype == BF16 and kernel else (lambda t: t)  # noqa: E731
+  ref = lambda a, c: jnp.einsum("bkm,bkn->bmn", r(a), r(c), precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+  with contextlib.nullcontext() if kernel else onednn.disabled():
+    f = jax.jit(lambda a, c: matmul.tn_matmul(a, c, dtype))
+    text = f.lower(a, c).as_text()
+    assert (onednn.TARGET in text) == kernel
+    np.testing.assert_allclose(f(a, c), ref(a, c), rtol=1e-5, atol=1e-4)
+    ours = lambda a, c: jnp.sum(jnp.tanh(matmul.tn_matmul(a, c, dtype)) ** 2)  # noqa: E731
+    want = lambda a, c: jnp.sum(jnp.tanh(ref(a, c)) ** 2)  # noqa: E731
+    tol = 2e-2 if dtype == BF16 else 1e-4
+    for got, w in zip(jax.grad(ours, (0, 1))(a, c), jax.grad(want, (0, 1))(a, c)):
+      np.testing.assert_allclose(got, w, rtol=0, atol=tol * float(jnp.abs(w).max()))
+    v = keys[2]
+    v = jax.random.normal(v, c.shape)
+    fwd_rev = jax.jvp(lambda c: jax.grad(ours, 1)(a, c), (c,), (v,))[1]
+    rev_rev = jax.grad(lambda c: jnp.vdot(jax.grad(ours, 1)(a, c), v))(c)
+    np.testing.assert_allclose(rev_rev, fwd_rev, rtol=0, atol=tol * float(jnp.abs(fwd_rev).max()))
+    batched = jax.vmap(lambda a, c: matmul.tn_matmul(a, c, dtype), (0, None))(a, c[0])
+    for i in range(3):
+      np.testing.assert_array_equal(batched[i], matmul.tn_matmul(a[i], c[0], dtype))
 
 
 @pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0), (1, 0)])

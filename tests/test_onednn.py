@@ -1,0 +1,65 @@
+"""`mltd_jax.onednn`: the oneDNN custom call against numpy, its errors, and how it says why it is unavailable."""
+
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mltd_jax import onednn
+
+# The kernel must build wherever the wheels (requirements.txt) and a C++ compiler are: only a machine without a
+# compiler skips, and then the message of `_load` says so.
+needs_kernel = pytest.mark.skipif(
+  shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler to build the kernel"
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_product_matches_numpy(transpose_a, transpose_b, dtype):
+  assert onednn.available(), onednn._load()
+  rng = np.random.default_rng(0)
+  b, m, k, n = (2, 3), 7, 33, 5
+  a = rng.standard_normal((*b, k, m) if transpose_a else (*b, m, k), np.float32)
+  c = rng.standard_normal((*b, n, k) if transpose_b else (*b, k, n), np.float32)
+  a, c = np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)), np.asarray(jnp.asarray(c, dtype).astype(jnp.float32))
+  got = jax.jit(lambda a, c: onednn.product(a, c, transpose_a=transpose_a, transpose_b=transpose_b))(
+    jnp.asarray(a, dtype), jnp.asarray(c, dtype)
+  )
+  want = (np.swapaxes(a, -1, -2) if transpose_a else a) @ (np.swapaxes(c, -1, -2) if transpose_b else c)
+  assert got.dtype == jnp.float32 and got.shape == (*b, m, n)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # the operands are exact in dtype: float32 sums
+
+
+@needs_kernel
+def test_unsupported_operands_are_an_error_naming_the_kernel():
+  assert onednn.available(), onednn._load()
+  x = jnp.ones((4, 3), jnp.float16)
+  with pytest.raises(Exception, match="onednn_matmul: operands must be float32 or bfloat16"):
+    jax.block_until_ready(onednn.product(x, x, transpose_a=True))
+
+
+def test_off_by_environment_and_inside_disabled(monkeypatch):
+  monkeypatch.setenv(onednn.ENV, "0")
+  assert not onednn.available()
+  monkeypatch.delenv(onednn.ENV)
+  with onednn.disabled():
+    assert not onednn.available()
+
+
+def test_build_errors_say_what_is_missing_and_the_fix(monkeypatch, tmp_path):
+  monkeypatch.setattr(sys, "prefix", str(tmp_path))  # an environment without the oneDNN wheels
+  with pytest.raises(onednn.Unavailable, match=r"dnnl\.hpp is missing; pip install onednn-cpu-gomp"):
+    onednn.build(tmp_path / "k.so")
+  monkeypatch.undo()
+  if not (onednn._prefix() / "lib" / "libdnnl.so").is_file():
+    return
+  monkeypatch.setenv("CXX", "false")  # a compiler that fails
+  with pytest.raises(onednn.Unavailable, match="failed"):
+    onednn.build(tmp_path / "k.so")
+  assert list(tmp_path.iterdir()) == []  # no partial file left behind
