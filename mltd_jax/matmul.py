@@ -102,13 +102,19 @@ def _batch(args, dims, *, transpose_y: bool, dtype):
 batching.primitive_batchers[lowp_matmul_p] = _batch
 
 
-def _tn_impl(a, c, *, dtype, kernel: bool):
+def _tn_xla(a, c, *, dtype, kernel: bool):
   """a [*b, K, M], c [*b, K, N] -> a^T c [*b, M, N], operands rounded to ``dtype``, float32 sums and result."""
-  a, c = a.astype(dtype), c.astype(dtype)
-  if kernel:
-    return onednn.product(a, c, transpose_a=True)
+  del kernel
   b = tuple(range(a.ndim - 2))
-  return lax.dot_general(a, c, (((a.ndim - 2,), (c.ndim - 2,)), (b, b)), preferred_element_type=jnp.float32)
+  dims = (((a.ndim - 2,), (c.ndim - 2,)), (b, b))
+  return lax.dot_general(a.astype(dtype), c.astype(dtype), dims, preferred_element_type=jnp.float32)
+
+
+def _tn_cpu(a, c, *, dtype, kernel: bool):
+  """On XLA:CPU: the oneDNN custom call where ``kernel`` (the same value), else XLA's dot."""
+  if not kernel:
+    return _tn_xla(a, c, dtype=dtype, kernel=kernel)
+  return onednn.product(a.astype(dtype), c.astype(dtype), transpose_a=True)
 
 
 def _tn_abstract(a, c, *, dtype, kernel: bool):
@@ -119,9 +125,10 @@ def _tn_abstract(a, c, *, dtype, kernel: bool):
 
 
 tn_matmul_p = Primitive("tn_matmul")
-tn_matmul_p.def_impl(_tn_impl)
+tn_matmul_p.def_impl(_tn_cpu)  # kernel=True is bound only where the default backend is XLA:CPU
 tn_matmul_p.def_abstract_eval(_tn_abstract)
-mlir.register_lowering(tn_matmul_p, mlir.lower_fun(_tn_impl, multiple_results=False))
+mlir.register_lowering(tn_matmul_p, mlir.lower_fun(_tn_xla, multiple_results=False))  # accelerators: XLA's dot
+mlir.register_lowering(tn_matmul_p, mlir.lower_fun(_tn_cpu, multiple_results=False), platform="cpu")
 
 
 def _tn_transpose_a(ct, a, c, *, dtype, kernel: bool):
@@ -153,16 +160,15 @@ batching.primitive_batchers[tn_matmul_p] = _tn_batch
 def tn_matmul(a: jax.Array, c: jax.Array, dtype) -> jax.Array:
   """a [*b, K, M]^T @ c [*b, K, N] -> [*b, M, N] float32: a weight gradient's form (contracting the token axis).
 
-  With the oneDNN kernel (`mltd_jax.onednn`: XLA:CPU), computed by it with operands in ``dtype`` where that is
-  bfloat16 (its AMX kernels) and in float32 otherwise; without the kernel, XLA's float32 dot of the widened operands
-  (Eigen runs this form faster in float32 than in bfloat16). Differentiable at any order (`tn_matmul_p`). Used for
-  the weight gradients of `matmul`'s narrow products only: float32 models keep XLA's own products and their
-  transposes (through the kernel, the float32 second-order step was no faster: 0.97-0.99x of XLA's in paired calls, the
-  custom call's operands materialized where XLA fused them before).
+  For bfloat16 with the oneDNN kernel (`mltd_jax.onednn`: XLA:CPU), computed by it with bfloat16 operands (its AMX
+  kernels); otherwise XLA's float32 dot of the widened operands (Eigen runs this form faster in float32 than in
+  bfloat16). Differentiable at any order (`tn_matmul_p`). Used for the weight gradients of `matmul`'s narrow
+  products only: float32 models keep XLA's own products and transposes (with the kernel in float32 the float32
+  second-order step was no faster: 0.97-0.99x of XLA's in paired calls, the custom call's operands materialized
+  where XLA had fused their producers into the dot).
   """
-  kernel = onednn.available()
-  narrow = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and kernel
-  return tn_matmul_p.bind(a, c, dtype=jnp.dtype(jnp.bfloat16 if narrow else jnp.float32), kernel=kernel)
+  kernel = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and onednn.available()
+  return tn_matmul_p.bind(a, c, dtype=jnp.dtype(jnp.bfloat16 if kernel else jnp.float32), kernel=kernel)
 
 
 def matmul(x: jax.Array, y: jax.Array, *, transpose_y: bool = False) -> jax.Array:

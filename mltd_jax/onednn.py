@@ -1,18 +1,20 @@
 """oneDNN's matmul as an XLA:CPU custom call (XLA FFI), for the products XLA:CPU runs slowly.
 
 XLA:CPU gives its fast matmul library (YNNPACK) only products whose left operand contracts its minor axis. Every
-weight gradient x^T g contracts the token axis, the major one, and goes to Eigen: 132-150 GFLOP/s with bfloat16
-operands (no AMX) against 545-985 through oneDNN on the same 2-core Xeon, and the thin low-rank ones x^T (g V) run
-at 9-15 GFLOP/s against 33-83 (`python benchmarks/xla_cpu_dots.py --part onednn`, README "Changed: oneDNN for the
-transposed products"). `csrc/onednn_matmul.cc` is a custom call computing op(a) @ op(c) with oneDNN's matmul
-primitive (its AMX kernels for bfloat16, AVX-512 ones for float32), float32 sums and result; `mltd_jax.matmul` uses it
-for those products on XLA:CPU.
+weight gradient x^T g contracts the token axis, the major one, and goes to Eigen, without AMX: the bfloat16 model's
+weight gradients (`mltd_jax.matmul`) ran there in float32 at 88-143 GFLOP/s, against 341-465 for oneDNN with
+bfloat16 operands on the same 2-core Xeon, and its thin low-rank ones x^T (g V) at 6-24 against 16-43 (`python
+benchmarks/xla_cpu_dots.py --part onednn`, README "Changed 2026-11-27 (session 11): oneDNN for the weight
+gradients"). `csrc/onednn_matmul.cc` is a custom call computing op(a) @ op(c) with oneDNN's matmul primitive (AMX
+kernels for bfloat16 where the CPU has them), float32 sums and result; `mltd_jax.matmul` uses it for the weight
+gradients of bfloat16 products on XLA:CPU.
 
 The kernel is compiled on first use with the system's C++ compiler against the headers and library of the
-``onednn-devel-cpu-gomp`` / ``onednn-cpu-gomp`` wheels (requirements.txt) and XLA's FFI headers (jaxlib), into
-``$MLTD_JAX_CACHE`` (default ``~/.cache/mltd_jax``), one file per source and jaxlib version. Without a compiler or
-the wheels, or with ``MLTD_JAX_ONEDNN=0`` in the environment, `available` is False (with one warning naming what is
-missing) and `mltd_jax.matmul` lets XLA compute every product, as before.
+``onednn-devel-cpu-gomp`` / ``onednn-cpu-gomp`` wheels in this Python environment (requirements.txt) and XLA's FFI
+headers (jaxlib), into ``$MLTD_JAX_CACHE`` (default ``~/.cache/mltd_jax``), one file per source, environment,
+oneDNN and jaxlib version and compile command. Without a compiler or the wheels, on a CPU without native bfloat16
+arithmetic (oneDNN would emulate it), or with ``MLTD_JAX_ONEDNN=0`` in the environment, `available` is False (with
+one warning saying why) and `mltd_jax.matmul` lets XLA compute every product, as before.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 TARGET = "mltd_onednn_matmul"
 SOURCE = Path(__file__).parent / "csrc" / "onednn_matmul.cc"
@@ -60,31 +63,61 @@ def _prefix() -> Path:
   return prefix
 
 
+def _command(prefix: Path, out: str) -> list[str]:
+  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if not cxx:
+    raise Unavailable(f"oneDNN kernel: no C++ compiler (c++ or g++ on PATH, or $CXX); {_FIX}.")
+  return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type",
+          f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE),
+          f"-L{prefix / 'lib'}", "-ldnnl", f"-Wl,-rpath,{prefix / 'lib'}", "-o", out]  # fmt: skip
+
+
 def library_path() -> Path:
-  """Where the compiled kernel for this source and jaxlib lies (whether built or not)."""
-  tag = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
-  return cache_dir() / f"libmltd_onednn-{tag}.so"
+  """Where the compiled kernel lies (built or not): named by a hash of everything it is built from (the source, this
+  environment, its oneDNN version header, jaxlib's version and the compile command), since it links the
+  environment's ``libdnnl`` by path."""
+  prefix = _prefix()
+  version = prefix / "include" / "oneapi" / "dnnl" / "dnnl_version.h"
+  key = [SOURCE.read_bytes(), str(prefix).encode(), version.read_bytes(), jaxlib.__version__.encode(),
+         " ".join(_command(prefix, "OUT")).encode()]  # fmt: skip
+  digest = hashlib.sha256(b"\0".join(key)).hexdigest()[:16]
+  return cache_dir() / f"libmltd_onednn-{digest}.so"
 
 
 def build(path: Path | None = None) -> Path:
   """Compiles the kernel to ``path`` (default `library_path`), atomically; returns the path. Raises `Unavailable`."""
   path = path or library_path()
   prefix = _prefix()
-  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-  if not cxx:
-    raise Unavailable(f"oneDNN kernel: no C++ compiler (c++ or g++ on PATH, or $CXX); {_FIX}.")
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
   os.close(fd)
-  cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type",
-         f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE),
-         f"-L{prefix / 'lib'}", "-ldnnl", f"-Wl,-rpath,{prefix / 'lib'}", "-o", tmp]  # fmt: skip
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  if done.returncode != 0:
-    os.unlink(tmp)
-    raise Unavailable(f"oneDNN kernel: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}\n{_FIX}.")
-  os.replace(tmp, path)
+  try:
+    cmd = _command(prefix, tmp)
+    try:
+      done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      raise Unavailable(f"oneDNN kernel: {' '.join(cmd)} failed: {e}\n{_FIX}.") from e
+    if done.returncode != 0:
+      raise Unavailable(f"oneDNN kernel: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}\n{_FIX}.")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
   return path
+
+
+# oneDNN's effective CPU ISA (dnnl_cpu_isa_t, dnnl_types.h): bit masks, each ISA containing the ones below it. Native
+# bfloat16 arithmetic: avx512_core_bf16 (0xe7; AMX, 0xfef, contains it) or avx2_vnni_2 (0x1f).
+_BF16_ISAS = (0xE7, 0x1F)
+
+
+def _open(path: Path) -> ctypes.CDLL:
+  lib = ctypes.CDLL(str(path))
+  isa = lib.dnnl_get_effective_cpu_isa()  # found through the kernel's link to libdnnl
+  if not any(isa & bits == bits for bits in _BF16_ISAS):
+    raise Unavailable(f"oneDNN kernel: this CPU has no native bfloat16 arithmetic (oneDNN's ISA {isa:#x}; emulated "
+                      f"it would be slower than XLA); {ENV}=0 silences this.")  # fmt: skip
+  return lib
 
 
 @functools.cache
@@ -94,9 +127,12 @@ def _load() -> str | None:
     path = library_path()
     if not path.is_file():
       build(path)
-    lib = ctypes.cdll.LoadLibrary(str(path))
+    try:
+      lib = _open(path)
+    except OSError:  # a damaged file: build it again once
+      lib = _open(build(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MltdOnednnMatmul), platform="cpu")
-  except (Unavailable, OSError) as e:
+  except Exception as e:  # noqa: BLE001  whatever it is, XLA computes the products; the warning says why
     logging.warning("%s XLA computes those products instead.", e)
     return str(e)
   return None
@@ -104,7 +140,7 @@ def _load() -> str | None:
 
 def available() -> bool:
   """Whether `product` may be used: the default backend is XLA:CPU, the kernel is on (``MLTD_JAX_ONEDNN`` not 0,
-  not inside `disabled`) and it builds and loads (once per process)."""
+  not inside `disabled`), and it builds and loads (once per process) on a CPU with native bfloat16 arithmetic."""
   if not _enabled or os.environ.get(ENV, "1") == "0" or jax.default_backend() != "cpu":
     return False
   return _load() is None

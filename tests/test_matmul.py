@@ -72,34 +72,47 @@ def test_the_backward_products_stay_narrow():
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["onednn", "xla"])
 @pytest.mark.parametrize("dtype", [BF16, jnp.float32], ids=["bfloat16", "float32"])
-def test_weight_gradient_product_values_derivatives_and_vmap(kernel, dtype):
-  """`tn_matmul` (a^T c over the token axis): the value within the operands' rounding of the exact product, through
-  the oneDNN kernel and through XLA alike; gradients and forward-over-reverse HVPs equal to reverse-over-reverse
-  (its JVP and transposes agree) and to the reference's; vmap over a leading axis equals one at a time."""
+def test_weight_gradient_product_values_and_derivatives(kernel, dtype):
+  """`tn_matmul` (a^T c over the token axis): bfloat16 through the oneDNN kernel (operands rounded), float32 and
+  without the kernel XLA's float32 dot; the value within the operands' rounding of the exact product; gradients and
+  forward-over-reverse HVPs equal to reverse-over-reverse (its JVP and transposes agree) and to the reference's."""
   if kernel and not onednn.available():
     pytest.skip("no oneDNN kernel here: " + str(onednn._load()))
   keys = jax.random.split(jax.random.key(1), 3)
   a, c = jax.random.normal(keys[0], (3, 40, 6)), jax.random.normal(keys[1], (3, 40, 5))
-  r = (lambda t: t.astype(BF16).astype(jnp.float32)) if dtype == BF16 and kernel else (lambda t: t)  # noqa: E731
+  narrow = kernel and dtype == BF16
+  r = (lambda t: t.astype(BF16).astype(jnp.float32)) if narrow else (lambda t: t)  # noqa: E731
   ref = lambda a, c: jnp.einsum("bkm,bkn->bmn", r(a), r(c), precision=jax.lax.Precision.HIGHEST)  # noqa: E731
   with contextlib.nullcontext() if kernel else onednn.disabled():
     f = jax.jit(lambda a, c: matmul.tn_matmul(a, c, dtype))
-    text = f.lower(a, c).as_text()
-    assert (onednn.TARGET in text) == kernel
+    assert (onednn.TARGET in f.lower(a, c).as_text()) == narrow
     np.testing.assert_allclose(f(a, c), ref(a, c), rtol=1e-5, atol=1e-4)
     ours = lambda a, c: jnp.sum(jnp.tanh(matmul.tn_matmul(a, c, dtype)) ** 2)  # noqa: E731
     want = lambda a, c: jnp.sum(jnp.tanh(ref(a, c)) ** 2)  # noqa: E731
-    tol = 2e-2 if dtype == BF16 else 1e-4
+    tol = 2e-2 if narrow else 1e-4
     for got, w in zip(jax.grad(ours, (0, 1))(a, c), jax.grad(want, (0, 1))(a, c)):
       np.testing.assert_allclose(got, w, rtol=0, atol=tol * float(jnp.abs(w).max()))
-    v = keys[2]
-    v = jax.random.normal(v, c.shape)
+    v = jax.random.normal(keys[2], c.shape)
     fwd_rev = jax.jvp(lambda c: jax.grad(ours, 1)(a, c), (c,), (v,))[1]
     rev_rev = jax.grad(lambda c: jnp.vdot(jax.grad(ours, 1)(a, c), v))(c)
     np.testing.assert_allclose(rev_rev, fwd_rev, rtol=0, atol=tol * float(jnp.abs(fwd_rev).max()))
-    batched = jax.vmap(lambda a, c: matmul.tn_matmul(a, c, dtype), (0, None))(a, c[0])
-    for i in range(3):
-      np.testing.assert_array_equal(batched[i], matmul.tn_matmul(a[i], c[0], dtype))
+
+
+@pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0), (1, 0)])
+def test_weight_gradient_product_vmap_matches_one_at_a_time(axes):
+  """vmap of `tn_matmul` (through the kernel where it is available): a batched operand against a shared one, both
+  batched, and a batch axis not in front."""
+  keys = jax.random.split(jax.random.key(2), 2)
+  a, c = jax.random.normal(keys[0], (3, 40, 6), BF16), jax.random.normal(keys[1], (3, 40, 5), BF16)
+  args = [a if axes[0] is not None else a[0], c if axes[1] is not None else c[0]]
+  if axes[0] == 1:
+    args[0] = jnp.moveaxis(a, 0, 1)
+  f = lambda a, c: matmul.tn_matmul(a, c, BF16)  # noqa: E731
+  got = jax.vmap(f, axes)(*args)
+  for i in range(3):
+    ai = args[0] if axes[0] is None else jnp.take(args[0], i, axes[0])
+    ci = args[1] if axes[1] is None else args[1][i]
+    np.testing.assert_allclose(got[i], f(ai, ci), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0), (1, 0)])

@@ -8,6 +8,8 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <cstdint>
+#include <cstring>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <string>
@@ -74,9 +76,14 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer c, ffi::Result<ffi::Buffer<ff
   const int64_t kc = transpose_b ? cd[rank - 1] : cd[rank - 2];
   const int64_t n = transpose_b ? cd[rank - 2] : cd[rank - 1];
   const auto od = out->dimensions();
-  if (k != kc || od[rank - 2] != m || od[rank - 1] != n)
-    return ffi::Error::InvalidArgument("onednn_matmul: operand and result shapes disagree");
+  bool agree = k == kc && od[rank - 2] == m && od[rank - 1] == n;
+  for (size_t i = 0; i + 2 < rank; ++i) agree = agree && od[i] == ad[i];
+  if (!agree) return ffi::Error::InvalidArgument("onednn_matmul: operand and result shapes disagree");
   if (b == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {  // an empty sum: oneDNN would leave the result unwritten
+    std::memset(out->untyped_data(), 0, sizeof(float) * b * m * n);
+    return ffi::Error::Success();
+  }
   try {
     const Product& p = Primitive(b, m, k, n, transpose_a, transpose_b, type);
     dnnl::memory am(p.a, Engine(), a.untyped_data());
@@ -85,7 +92,7 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer c, ffi::Result<ffi::Buffer<ff
     dnnl::stream stream(Engine());
     p.prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, cm}, {DNNL_ARG_DST, om}});
     stream.wait();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc: never through XLA's C interface
     return ffi::Error::Internal(std::string("onednn_matmul: ") + e.what());
   }
   return ffi::Error::Success();
