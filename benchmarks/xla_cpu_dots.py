@@ -186,9 +186,10 @@ def bfloat16_rows(a: argparse.Namespace, torch) -> list[dict]:
 
 
 def onednn_rows(a: argparse.Namespace, torch) -> list[dict]:
-  """x^T g (x [k, m], g [k, n], contracting the k tokens) by `mltd_jax.matmul.tn_matmul`: the oneDNN kernel with
-  bfloat16 operands (``onednn_bf16``) and float32 ones (``onednn_f32``), and XLA's float32 dot (``xla_f32``, what
-  the kernel replaces), with torch's bfloat16 x.T @ g; GFLOP/s, and the kernel's largest difference from float32."""
+  """x^T g (x [k, m], g [k, n], contracting the k tokens): `mltd_jax.matmul.tn_matmul` with bfloat16 operands (the
+  oneDNN kernel, ``onednn_bf16``), the kernel on float32 operands (``onednn_f32``, which training does not use), and
+  XLA's float32 dot (``xla_f32``: what `tn_matmul` does without the kernel), with torch's bfloat16 x.T @ g; GFLOP/s,
+  and the float32 kernel's largest difference from the float64 product."""
   from mltd_jax import matmul, onednn
 
   if not onednn.available():
@@ -202,7 +203,10 @@ def onednn_rows(a: argparse.Namespace, torch) -> list[dict]:
     for name, (m, n) in shapes.items():
       x, g = rng.standard_normal((tokens, m), np.float32), rng.standard_normal((tokens, n), np.float32)
       jx, jg = jnp.asarray(x), jnp.asarray(g)
-      on = {dt: jax.jit(lambda p, q, dt=dt: matmul.tn_matmul(p, q, dt)) for dt in (jnp.bfloat16, jnp.float32)}
+      on = {
+        jnp.bfloat16: jax.jit(lambda p, q: matmul.tn_matmul(p, q, jnp.bfloat16)),  # the kernel, as training uses it
+        jnp.float32: jax.jit(lambda p, q: onednn.product(p, q, transpose_a=True)),  # the kernel (training: XLA's)
+      }
       with onednn.disabled():
         off = jax.jit(lambda p, q: matmul.tn_matmul(p, q, jnp.float32)).lower(jx, jg).compile()
       bx, bg = jx.astype(jnp.bfloat16), jg.astype(jnp.bfloat16)

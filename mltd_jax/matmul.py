@@ -9,10 +9,10 @@ the float32 cotangent with the bfloat16 operand, and XLA then runs that backward
 transpose rules that round the cotangent to the narrow dtype for the input's gradient (the product ct op(y)^T: the
 same fast form), and compute the weight's gradient x^T ct with `tn_matmul_p`, a bilinear primitive for that form (a
 product contracting the token axis). XLA:CPU runs it through Eigen (no AMX; float32 faster than bfloat16 there), so
-where the oneDNN custom call is available (`mltd_jax.onednn`) `tn_matmul_p` lowers to it with bfloat16 operands: 341-
-465 GFLOP/s on AMX against XLA's 88-143 in float32 (`benchmarks/xla_cpu_dots.py --part onednn`), the bfloat16
-second-order meta-step 1.12-1.27x faster (README "Changed: oneDNN for the weight gradients"). Both primitives' JVPs
-are themselves, so forward-over-reverse Hessian-vector products (the meta-step's backward) and vmap (tasks) keep
+where the oneDNN custom call is available (`mltd_jax.onednn`) `tn_matmul_p` lowers to it with bfloat16 operands: 463-
+906 GFLOP/s on AMX against XLA's 96-182 in float32 (`benchmarks/xla_cpu_dots.py --part onednn`), the bfloat16
+second-order meta-step 1.24x faster (README "Changed 2026-11-27 (session 11): oneDNN for the weight gradients").
+Both primitives' JVPs are themselves, so forward-over-reverse Hessian-vector products (the meta-step's backward) and vmap (tasks) keep
 the fast forms too.
 
 Only on XLA:CPU (`mixed`): accelerators' narrow products already accumulate in float32 and their backward products

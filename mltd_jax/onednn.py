@@ -2,8 +2,8 @@
 
 XLA:CPU gives its fast matmul library (YNNPACK) only products whose left operand contracts its minor axis. Every
 weight gradient x^T g contracts the token axis, the major one, and goes to Eigen, without AMX: the bfloat16 model's
-weight gradients (`mltd_jax.matmul`) ran there in float32 at 88-143 GFLOP/s, against 341-465 for oneDNN with
-bfloat16 operands on the same 2-core Xeon, and its thin low-rank ones x^T (g V) at 6-24 against 16-43 (`python
+weight gradients (`mltd_jax.matmul`) ran there in float32 at 96-182 GFLOP/s, against 463-906 for oneDNN with
+bfloat16 operands on the same 2-core Xeon, and its thin low-rank ones x^T (g V) at 6-32 against 37-72 (`python
 benchmarks/xla_cpu_dots.py --part onednn`, README "Changed 2026-11-27 (session 11): oneDNN for the weight
 gradients"). `csrc/onednn_matmul.cc` is a custom call computing op(a) @ op(c) with oneDNN's matmul primitive (AMX
 kernels for bfloat16 where the CPU has them), float32 sums and result; `mltd_jax.matmul` uses it for the weight
