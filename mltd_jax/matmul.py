@@ -12,8 +12,8 @@ product contracting the token axis). XLA:CPU runs it through Eigen (no AMX; floa
 where the oneDNN custom call is available (`mltd_jax.onednn`) `tn_matmul_p` lowers to it with bfloat16 operands: 463-
 906 GFLOP/s on AMX against XLA's 96-182 in float32 (`benchmarks/xla_cpu_dots.py --part onednn`), the bfloat16
 second-order meta-step 1.24x faster (README "Changed 2026-11-27 (session 11): oneDNN for the weight gradients").
-Both primitives' JVPs are themselves, so forward-over-reverse Hessian-vector products (the meta-step's backward) and vmap (tasks) keep
-the fast forms too.
+Both primitives' JVPs are themselves, so forward-over-reverse Hessian-vector products (the meta-step's backward)
+and vmap (tasks) keep the fast forms too.
 
 Only on XLA:CPU (`mixed`): accelerators' narrow products already accumulate in float32 and their backward products
 run narrow, so there, as with float32 (or wider) inputs anywhere, `matmul` is exactly ``lax.dot_general`` in x's
