@@ -4,8 +4,9 @@ The machine's speed drifts by 20% or more between minutes, so two separate runs 
 few percent. Here every variant after the first is called right next to the first (first then variant, then the
 other way round), so each pair meets the same minute, and the median of the pairs' ratios resolves a few percent.
 A variant is a set of XLA compile options, given to ``jax.jit(step).lower(...).compile(compiler_options=...)``:
-``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``. One key is ours, not XLA's: ``onednn=false`` traces the step with
-`mltd_jax.onednn` off (XLA computes every product; the default uses the kernel where it is available).
+``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``. Two keys are ours, not XLA's: ``onednn=false`` traces the step with
+`mltd_jax.onednn` off (XLA computes every product; the default uses the kernel where it is available), and
+``task_chunk=N`` replaces ``--task_chunk`` for that variant.
 
   python benchmarks/ab_meta_step.py --order 1 --task_chunk 0 --variant base \\
       --variant xla_cpu_enable_concurrency_optimized_scheduler=true \\
@@ -102,14 +103,18 @@ def main() -> None:
   rng = np.random.default_rng(0)
   batch = meta_batch(rng, a)
   args = (state, batch, jax.random.key(0))
-  compiled = {}
+  compiled, chunks = {}, {}
   for name, opts in variants.items():
     opts = dict(opts)
     kernel = opts.pop("onednn", True)
     if not isinstance(kernel, bool):
       raise SystemExit(f"--variant {name!r}: onednn takes true or false")
+    chunk = opts.pop("task_chunk", a.task_chunk)
+    if not str(chunk).lstrip("-").isdigit():
+      raise SystemExit(f"--variant {name!r}: task_chunk takes an integer")
     # a fresh step per variant: a trace cached for the same function would keep the other variant's products
-    fresh = meta.make_meta_step(gpt2.make_loss(model), tx, inner, a.task_chunk)
+    chunks[name] = int(chunk)
+    fresh = meta.make_meta_step(gpt2.make_loss(model), tx, inner, chunks[name])
     with contextlib.nullcontext() if kernel else onednn.disabled():
       compiled[name] = train.compile_step(jax.jit(fresh), *args, compiler_options=opts or None)
     calls = compiled[name].as_text().count(onednn.TARGET)
@@ -126,7 +131,7 @@ def main() -> None:
     diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(updated[name], updated[first]))
     print(json.dumps({
       "variant": name, "compiler_options": variants[name], "dtype": a.dtype, "order": a.order,
-      "task_chunk": a.task_chunk, "remat": bool(a.remat), "calls": a.calls, "median_step_s": float(f"{median:.4g}"),
+      "task_chunk": chunks[name], "remat": bool(a.remat), "calls": a.calls, "median_step_s": float(f"{median:.4g}"),
       "speedup_vs_first": round(statistics.median(ratios), 3),
       "speedup_range": [round(ratios[0], 3), round(ratios[-1], 3)],
       "speedup_of_medians": round(statistics.median(first_times) / median, 3),

@@ -168,15 +168,17 @@ def test_ab_meta_step_compares_compile_option_variants_in_one_process(tmp_path, 
   """`benchmarks/ab_meta_step.py`: one line per variant (compile options parsed), ratios against the first."""
   script = SCRIPT.parent / "ab_meta_step.py"
   tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--inner=1"]
-  # bfloat16, where the second variant also turns the oneDNN kernel off (it checks its step has no oneDNN calls)
-  other = "xla_cpu_enable_fast_min_max=false;onednn=false"
+  # bfloat16, where the second variant also turns the oneDNN kernel off (it checks its step has no oneDNN calls) and
+  # runs the tasks one at a time (the first: all at once, --task_chunk's default 0)
+  other = "xla_cpu_enable_fast_min_max=false;onednn=false;task_chunk=1"
   variants = ["--variant", "base", "--variant", other, "--calls", "2", "--dtype", "bfloat16"]
   out = subprocess.run([sys.executable, str(script), *tiny, *variants], cwd=tmp_path, capture_output=True, text=True,
                        timeout=900)  # fmt: skip
   rows = [json.loads(line) for line in out.stdout.splitlines()]
   assert [r["variant"] for r in rows] == ["base", other], out.stderr
   assert rows[0]["compiler_options"] == {} and rows[0]["dtype"] == "bfloat16"
-  assert rows[1]["compiler_options"] == {"xla_cpu_enable_fast_min_max": False, "onednn": False}
+  assert rows[1]["compiler_options"] == {"xla_cpu_enable_fast_min_max": False, "onednn": False, "task_chunk": "1"}
+  assert [r["task_chunk"] for r in rows] == [0, 1]
   assert rows[0]["speedup_vs_first"] == 1.0 and rows[0]["max_abs_diff_vs_first"] == 0.0 and rows[0]["remat"]
   for r in rows:
     assert r["median_step_s"] > 0 and r["speedup_of_medians"] > 0
