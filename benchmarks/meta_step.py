@@ -34,6 +34,8 @@ cost analysis of the lowered (not yet optimized) step, of every device together:
 unrolled twin (`InnerLoop.unroll`, tasks vmapped), since XLA counts a loop body once; remat's recomputation is
 included. On an accelerator ``mfu`` is that count per second against the device's peak for ``--dtype`` (the
 compiled GPU program's own count misses its cuBLAS matmuls: 18.5 against 274 GFLOP for the default fwd+bwd).
+Nor does it count custom calls: with ``--dtype bfloat16`` on XLA:CPU the weight gradients through `mltd_jax.onednn`
+are left out (the row says so in ``flops_note``; the float32 step's count is the same arithmetic).
 
 ``--devices 1 2 4`` (or ``1,2,4``) runs the meta-batch's tasks sharded over the first N devices (a ``tasks`` mesh
 axis, `mltd_jax.sharding`, as training does). On CPU the devices are fake
@@ -224,7 +226,7 @@ def run_one(a: argparse.Namespace) -> dict:
   import numpy as np
   import optax
 
-  from mltd_jax import meta, sharding, tams, train
+  from mltd_jax import meta, onednn, sharding, tams, train
   from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
@@ -304,6 +306,8 @@ def run_one(a: argparse.Namespace) -> dict:
   })  # fmt: skip
   if dev.platform == "cpu":
     row["gflops_per_s"] = round(flops / med / 1e9, 1) if flops else None
+    if onednn.TARGET in compiled.as_text():  # XLA's cost analysis has no count for a custom call
+      row["flops_note"] = "flops_per_step and gflops_per_s leave out the oneDNN custom calls (mltd_jax.onednn)"
     if a.devices > 1:
       row["note"] = CPU_NOTE
   elif flops and peak_tflops:

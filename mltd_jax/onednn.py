@@ -12,9 +12,9 @@ gradients of bfloat16 products on XLA:CPU.
 The kernel is compiled on first use with the system's C++ compiler against the headers and library of the
 ``onednn-devel-cpu-gomp`` / ``onednn-cpu-gomp`` wheels in this Python environment (requirements.txt) and XLA's FFI
 headers (jaxlib), into ``$MLTD_JAX_CACHE`` (default ``~/.cache/mltd_jax``), one file per source, environment,
-oneDNN and jaxlib version and compile command. Without a compiler or the wheels, on a CPU without native bfloat16
-arithmetic (oneDNN would emulate it), or with ``MLTD_JAX_ONEDNN=0`` in the environment, `available` is False (with
-one warning saying why) and `mltd_jax.matmul` lets XLA compute every product, as before.
+oneDNN and jaxlib version and compile command. Without a compiler or the wheels, or on a CPU without native bfloat16
+arithmetic (oneDNN would emulate it), `available` is False with one warning saying why; with ``MLTD_JAX_ONEDNN=0``
+in the environment it is False silently. Then `mltd_jax.matmul` lets XLA compute every product, as before.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ import pytest
 
 from mltd_jax import onednn
 
-# The kernel must build and load wherever the wheels (requirements.txt) and a C++ compiler are, on XLA:CPU with it
-# not turned off: only those conditions skip (a CPU without native bfloat16 fails the assertion, with the reason).
+# The kernel must build and load wherever a C++ compiler is, on XLA:CPU with the kernel not turned off: only those
+# conditions skip. Without the oneDNN wheels (requirements.txt) or on a CPU without native bfloat16 the assertion
+# fails, with the reason.
 needs_kernel = pytest.mark.skipif(
   (shutil.which("c++") is None and shutil.which("g++") is None)
   or jax.default_backend() != "cpu"
