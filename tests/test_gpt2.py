@@ -105,6 +105,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tmp_path):
   ref = models.from_pretrained(path)[0].apply({"params": params}, ids)
   assert logits.dtype == jnp.float32
   assert float(jnp.abs(logits - ref).max()) < 0.1
+  if jax.default_backend() == "cpu":  # `matmul.mixed`: every product narrow, attention's two included
+    eqns = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, ids))(params))
+    n_layer = model.config.n_layer
+    assert eqns.count("lowp_matmul[") == 6 * n_layer + 1, "4 dense kernels and 2 attention products per block, LM head"
 
 
 def test_missing_config_names_the_file(tmp_path):

@@ -108,12 +108,20 @@ class Attention(nn.Module):
       kv = {"k": k, "v": v}
     wdt = wide(self.dtype)
     q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)  # [b * h, t or T, hd]
-    scores = jnp.einsum("nqd,nkd->nqk", q, k).astype(wdt) / math.sqrt(head_dim)  # [b * h, t, t or T]
+    # XLA:CPU, bfloat16 (`matmul.mixed`): both products with bfloat16 operands and float32 sums (AMX), like the dense
+    # layers; the softmax stays in float32. Elsewhere the einsums in the compute dtype.
+    narrow = matmul.mixed(self.dtype)
+    if narrow:
+      scores = matmul.matmul(q.astype(self.dtype), k, transpose_y=True)
+    else:
+      scores = jnp.einsum("nqd,nkd->nqk", q, k)
+    scores = scores.astype(wdt) / math.sqrt(head_dim)  # [b * h, t, t or T]
     mask = jnp.broadcast_to(mask, (b, heads, *mask.shape[2:])).reshape(-1, *mask.shape[2:])  # from [b or 1, 1, ..]
     scores = jnp.where(mask, scores, jnp.finfo(wdt).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, heads, *scores.shape[1:])
     probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic).reshape(scores.shape)
-    out = jnp.einsum("nqk,nkd->nqd", probs, v).reshape(b, heads, t, head_dim).transpose(0, 2, 1, 3).reshape(b, t, d)
+    out = matmul.matmul(probs.astype(self.dtype), v) if narrow else jnp.einsum("nqk,nkd->nqd", probs, v)
+    out = out.reshape(b, heads, t, head_dim).transpose(0, 2, 1, 3).reshape(b, t, d)
     out = Dense(d, dtype=self.dtype, weight_init=normal(proj_std), name="c_proj")(out)
     out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
     return out if kv is None else (out, kv)
