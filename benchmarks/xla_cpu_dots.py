@@ -197,18 +197,19 @@ def onednn_rows(a: argparse.Namespace, torch) -> list[dict]:
   t, d, r = a.tokens, a.d, a.rank
   shapes = {"dW (c_fc)": (d, 4 * d), "dW (c_proj)": (4 * d, d), "dE (lm_head)": (a.vocab, d), "dU = x^T (g V)": (d, r),
             "dV^T = (x U)^T g": (r, d)}  # fmt: skip
+  on = {
+    jnp.bfloat16: jax.jit(lambda p, q: matmul.tn_matmul(p, q, jnp.bfloat16)),  # the kernel, as training uses it
+    jnp.float32: jax.jit(lambda p, q: onednn.product(p, q, transpose_a=True)),  # the kernel (training: XLA's)
+  }
+  xla = jax.jit(lambda p, q: matmul.tn_matmul(p, q, jnp.float32))  # compiled with the kernel off, per shape
   rng = np.random.default_rng(0)
   rows = []
   for tokens in (t, t // 4):
     for name, (m, n) in shapes.items():
       x, g = rng.standard_normal((tokens, m), np.float32), rng.standard_normal((tokens, n), np.float32)
       jx, jg = jnp.asarray(x), jnp.asarray(g)
-      on = {
-        jnp.bfloat16: jax.jit(lambda p, q: matmul.tn_matmul(p, q, jnp.bfloat16)),  # the kernel, as training uses it
-        jnp.float32: jax.jit(lambda p, q: onednn.product(p, q, transpose_a=True)),  # the kernel (training: XLA's)
-      }
       with onednn.disabled():
-        off = jax.jit(lambda p, q: matmul.tn_matmul(p, q, jnp.float32)).lower(jx, jg).compile()
+        off = xla.lower(jx, jg).compile()
       bx, bg = jx.astype(jnp.bfloat16), jg.astype(jnp.bfloat16)
       fns = {
         "onednn_bf16": lambda p=bx, q=bg: on[jnp.bfloat16](p, q).block_until_ready(),

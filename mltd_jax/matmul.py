@@ -86,6 +86,11 @@ def _transpose_y(ct, x, y, *, transpose_y: bool, dtype):
 ad.defbilinear(lowp_matmul_p, _transpose_x, _transpose_y)
 
 
+def _front(x: jax.Array, axis: int | None, size: int) -> jax.Array:
+  """vmap's batch axis of ``x`` moved to the front, or ``x`` broadcast along a new front axis where it has none."""
+  return jnp.broadcast_to(x, (size, *x.shape)) if axis is None else jnp.moveaxis(x, axis, 0)
+
+
 def _batch(args, dims, *, transpose_y: bool, dtype):
   """vmap: a batched x against one unbatched 2-D y folds into its rows; otherwise one more leading batch axis."""
   (x, y), (bx, by) = args, dims
@@ -95,8 +100,7 @@ def _batch(args, dims, *, transpose_y: bool, dtype):
     out = bind(x.reshape(-1, x.shape[-1]), y)
     return out.reshape(*x.shape[:-1], out.shape[-1]), 0
   size = x.shape[bx] if bx is not None else y.shape[by]
-  front = lambda a, d: jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)  # noqa: E731
-  return bind(front(x, bx), front(y, by)), 0
+  return bind(_front(x, bx, size), _front(y, by, size)), 0
 
 
 batching.primitive_batchers[lowp_matmul_p] = _batch
@@ -150,8 +154,7 @@ def _tn_batch(args, dims, *, dtype, kernel: bool):
   """vmap: one more leading batch axis (an unbatched operand broadcast)."""
   (a, c), (ba, bc) = args, dims
   size = a.shape[ba] if ba is not None else c.shape[bc]
-  front = lambda x, d: jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)  # noqa: E731
-  return tn_matmul_p.bind(front(a, ba), front(c, bc), dtype=dtype, kernel=kernel), 0
+  return tn_matmul_p.bind(_front(a, ba, size), _front(c, bc, size), dtype=dtype, kernel=kernel), 0
 
 
 batching.primitive_batchers[tn_matmul_p] = _tn_batch

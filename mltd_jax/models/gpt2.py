@@ -3,8 +3,8 @@
 Parameter names are transformers' (``transformer/h/0/attn/c_attn/weight`` ...), kernels [in, out] like GPT-2's
 Conv1D, so a state dict maps onto the param tree by its key names. Parameters are float32; activations are
 computed in ``dtype`` (bfloat16 on accelerators), while layer norms, attention softmax and logits stay in float32.
-On XLA:CPU a bfloat16 ``dtype`` rounds the dense layers' and the LM head's operands only, their products summed and
-returned in float32 (`mltd_jax.matmul`: AMX), so activations and attention stay float32 there.
+On XLA:CPU a bfloat16 ``dtype`` rounds only the operands of the products (dense layers, attention's two, the LM
+head), summed and returned in float32 (`mltd_jax.matmul`: AMX), so activations and the softmax stay float32 there.
 Every attention and MLP projection is a `layers.Dense`, so the TARP difference (the ``'tarp'`` collection) reaches
 them without this file knowing about it. A model built with TAMS cells (``tams`` set by `mltd_jax.tams.attach`)
 expands every block's MLP sublayer with a cell that reads the same normalized input, ``x + mlp(h) + cell(h)`` with
@@ -108,19 +108,14 @@ class Attention(nn.Module):
       kv = {"k": k, "v": v}
     wdt = wide(self.dtype)
     q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)  # [b * h, t or T, hd]
-    # XLA:CPU, bfloat16 (`matmul.mixed`): both products with bfloat16 operands and float32 sums (AMX), like the dense
-    # layers; the softmax stays in float32. Elsewhere the einsums in the compute dtype.
-    narrow = matmul.mixed(self.dtype)
-    if narrow:
-      scores = matmul.matmul(q.astype(self.dtype), k, transpose_y=True)
-    else:
-      scores = jnp.einsum("nqd,nkd->nqk", q, k)
-    scores = scores.astype(wdt) / math.sqrt(head_dim)  # [b * h, t, t or T]
+    # Both products in the compute dtype (`matmul`: on XLA:CPU with bfloat16, bfloat16 operands summed in float32,
+    # AMX, like the dense layers; elsewhere a plain dot); the softmax in float32.
+    scores = matmul.matmul(q.astype(self.dtype), k, transpose_y=True).astype(wdt) / math.sqrt(head_dim)  # [b*h, t, T]
     mask = jnp.broadcast_to(mask, (b, heads, *mask.shape[2:])).reshape(-1, *mask.shape[2:])  # from [b or 1, 1, ..]
     scores = jnp.where(mask, scores, jnp.finfo(wdt).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, heads, *scores.shape[1:])
     probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic).reshape(scores.shape)
-    out = matmul.matmul(probs.astype(self.dtype), v) if narrow else jnp.einsum("nqk,nkd->nqd", probs, v)
+    out = matmul.matmul(probs.astype(self.dtype), v)  # [b * h, t, hd]
     out = out.reshape(b, heads, t, head_dim).transpose(0, 2, 1, 3).reshape(b, t, d)
     out = Dense(d, dtype=self.dtype, weight_init=normal(proj_std), name="c_proj")(out)
     out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
