@@ -42,6 +42,23 @@ def test_product_matches_numpy(transpose_a, transpose_b, dtype):
 
 
 @needs_kernel
+def test_products_in_flight_at_once_do_not_share_a_scratchpad():
+  """XLA:CPU runs independent thunks concurrently: each product needs its own scratch memory (oneDNN's default mode
+  shares one, and these products came out wrong, relative errors above 1)."""
+  assert onednn.available(), onednn._load()
+  rng = np.random.default_rng(0)
+  shapes = [((508, 4096), (508, 256)), ((508, 256), (508, 1024)), ((508, 1024), (508, 256)), ((508, 256), (508, 8))]
+  xs = [jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s, _ in shapes * 3]
+  gs = [jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for _, s in shapes * 3]
+  # x * 1 and g * 1: each call's operands are made in the same program, so nothing orders the products
+  f = jax.jit(lambda xs, gs: [onednn.product(x * 1, g * 1, transpose_a=True) for x, g in zip(xs, gs)])
+  want = [np.asarray(x, np.float32).T @ np.asarray(g, np.float32) for x, g in zip(xs, gs)]
+  for _ in range(10):
+    for got, w in zip(f(xs, gs), want):
+      np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-3)
+
+
+@needs_kernel
 def test_unsupported_operands_are_an_error_naming_the_kernel():
   assert onednn.available(), onednn._load()
   x = jnp.ones((4, 3), jnp.float16)

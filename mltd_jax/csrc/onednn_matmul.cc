@@ -11,9 +11,11 @@
 #include <cstring>
 #include <exception>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -30,11 +32,14 @@ dnnl::engine& Engine() {
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int>;
 
 struct Product {
-  dnnl::memory::desc a, c, out;
+  dnnl::memory::desc a, c, out, scratch;
   dnnl::matmul prim;
 };
 
-// One primitive per shape, made once (oneDNN picks and JIT-compiles its kernel when a primitive is made).
+// One primitive per shape, made once (oneDNN picks and JIT-compiles its kernel when a primitive is made). Its
+// scratchpad is ours (scratchpad_mode::user, a buffer per calling thread): in oneDNN's default mode every primitive
+// shares one global scratchpad, and XLA:CPU runs independent thunks concurrently, so two products in flight at once
+// overwrote each other's partial sums (tests/test_onednn.py's concurrent test failed that way).
 const Product& Primitive(int64_t b, int64_t m, int64_t k, int64_t n, bool ta, bool tb, dt type) {
   static std::mutex mutex;
   static std::map<Key, Product> cache;
@@ -46,8 +51,23 @@ const Product& Primitive(int64_t b, int64_t m, int64_t k, int64_t n, bool ta, bo
   dnnl::memory::desc a({b, m, k}, type, ta ? dims{m * k, 1, m} : dims{m * k, k, 1});
   dnnl::memory::desc c({b, k, n}, type, tb ? dims{k * n, 1, k} : dims{k * n, n, 1});
   dnnl::memory::desc out({b, m, n}, dt::f32, dims{m * n, n, 1});
-  dnnl::matmul prim(dnnl::matmul::primitive_desc(Engine(), a, c, out));
-  return cache.emplace(key, Product{a, c, out, prim}).first->second;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::matmul::primitive_desc pd(Engine(), a, c, out, attr);
+  return cache.emplace(key, Product{a, c, out, pd.scratchpad_desc(), dnnl::matmul(pd)}).first->second;
+}
+
+// This thread's scratchpad, at least `bytes` long and 64-byte aligned; grown, never shrunk.
+void* Scratch(size_t bytes) {
+  constexpr size_t kAlign = 64;
+  thread_local std::unique_ptr<char[]> buffer;
+  thread_local size_t size = 0;
+  if (bytes > size) {
+    buffer.reset(new char[bytes + kAlign]);
+    size = bytes;
+  }
+  const auto base = reinterpret_cast<std::uintptr_t>(buffer.get());
+  return reinterpret_cast<void*>((base + kAlign - 1) / kAlign * kAlign);
 }
 
 ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer c, ffi::Result<ffi::Buffer<ffi::F32>> out, bool transpose_a,
@@ -89,8 +109,11 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer c, ffi::Result<ffi::Buffer<ff
     dnnl::memory am(p.a, Engine(), a.untyped_data());
     dnnl::memory cm(p.c, Engine(), c.untyped_data());
     dnnl::memory om(p.out, Engine(), out->untyped_data());
+    std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, cm}, {DNNL_ARG_DST, om}};
+    if (const size_t bytes = p.scratch.get_size(); bytes > 0)
+      args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(p.scratch, Engine(), Scratch(bytes)));
     dnnl::stream stream(Engine());
-    p.prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, cm}, {DNNL_ARG_DST, om}});
+    p.prim.execute(stream, args);
     stream.wait();
   } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc: never through XLA's C interface
     return ffi::Error::Internal(std::string("onednn_matmul: ") + e.what());
