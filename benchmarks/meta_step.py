@@ -78,7 +78,7 @@ FIELDS = dict(
   rank=8,
   steps=5,
   tarp="bilinear",
-  task_chunk=-1,  # as config.meta.task_chunk (0 = all vmapped); -1: `_task_chunk`'s choice per order
+  task_chunk=-1,  # as config.meta.task_chunk (0 = all vmapped); -1: `_task_chunk`'s choice per order and dtype
   support_chunks=1,
   dtype="float32",
 )
@@ -205,11 +205,15 @@ def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], ke
 
 
 def _task_chunk(a: argparse.Namespace) -> int:
-  """``--task_chunk``, or with -1 the measured better choice for ``--order`` at the peer's shapes on CPU: second
-  order one task at a time (peak memory at or under the peer's; two or four at once was slower and larger), first
-  order all tasks vmapped (it keeps no inner-loop residuals: 4,844-5,134 tokens/s against 4,466-4,502 one at a
-  time, the same peak memory)."""
-  return a.task_chunk if a.task_chunk >= 0 else (1 if a.order == 2 else 0)
+  """``--task_chunk``, or with -1 the measured better choice at the peer's shapes on CPU: second order one task at a
+  time (peak memory at or under the peer's; two or four at once slower and larger), first order in float32 one task
+  at a time too, in bfloat16 all tasks vmapped. In-process A/Bs of session 12 (6 pairs of calls each, lines in
+  experiments/results/size_one_axes_ab_cpu.jsonl), once one task at a time stopped vmapping over a batch of one
+  (`meta.map_tasks`): first order, one at a time against vmapped, float32 1.09x [1.06-1.14], bfloat16 0.85x
+  [0.69-0.88]; second order, vmapped against one at a time, bfloat16 0.93x, float32 0.87x."""
+  if a.task_chunk >= 0:
+    return a.task_chunk
+  return 1 if a.order == 2 or a.dtype == "float32" else 0
 
 
 def _adapt_step(loss_fn, regex: str, lr: float):

@@ -1,6 +1,6 @@
 """The meta-step's matrix products on XLA:CPU one at a time: how fast, and through which kernel (issue #11's limit).
 
-Three parts, each one JSON line per shape, calls of the implementations in turn (the machine's speed drifts between
+Parts, each one JSON line per shape, calls of the implementations in turn (the machine's speed drifts between
 minutes, so only same-minute ratios are read), medians over ``--calls``:
 
 * ``matmul``: the dense products of the peer's model at its shapes, [tokens, d_in] @ [d_in, d_out] for the attention
@@ -21,12 +21,19 @@ minutes, so only same-minute ratios are read), medians over ``--calls``:
   `mltd_jax.matmul.tn_matmul` computes it through the oneDNN custom call (`mltd_jax.onednn`, bfloat16 and float32
   operands) and without it (XLA's float32 dot of the widened operands: Eigen), beside torch's (issue #11, session 11).
 
+* ``reduce`` (not by default): the attention softmax backward's reduction, sum(P * dP) over the keys of [heads x
+  shots, query, key] arrays, with 0, 1 and 2 leading axes of size 1 in front (what a vmap over a batch of one, or
+  over one group, adds), through YNNPACK (XLA:CPU's default for a reduction) and through XLA's own loops (compiled
+  with ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``: YNNPACK for dots only), beside
+  torch's; milliseconds (issue #11, session 12: YNNPACK's reductions slow down several-fold behind axes of size 1).
+
 ``--threads`` sets torch's threads; XLA and numpy use the machine's cores (2 on the project's CPU machines).
 
   python benchmarks/xla_cpu_dots.py --calls 100      # the peer's shapes: 2,032 tokens, d 256, vocab 4096, rank 8
   python benchmarks/xla_cpu_dots.py --part transposed --calls 200
   python benchmarks/xla_cpu_dots.py --part bfloat16 --calls 60   # bfloat16 operands: AMX through YNNPACK, or not
   python benchmarks/xla_cpu_dots.py --part onednn --calls 60     # x^T g through the oneDNN custom call, or XLA
+  python benchmarks/xla_cpu_dots.py --part reduce --calls 100    # a reduction behind axes of size 1, or not
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 # The compile options under which explicit transposes stay transposes (XLA folds them into the dot otherwise).
 KEEP_TRANSPOSES = {"xla_disable_hlo_passes": "transpose-folding,algsimp"}
+# The compile options under which XLA:CPU gives YNNPACK dots only (its default: dots and reductions).
+NO_YNN_REDUCE = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def kernels(compiled) -> list[str]:
@@ -229,12 +238,41 @@ def onednn_rows(a: argparse.Namespace, torch) -> list[dict]:
   return rows
 
 
+def reduce_rows(a: argparse.Namespace, torch) -> list[dict]:
+  """sum(p * q, -1) over [*ones, heads x shots, seq - 1, seq - 1] (the attention softmax backward's reduction at one
+  task's shapes), with 0, 1 and 2 leading axes of size 1: milliseconds through YNNPACK (``ynnpack_ms``, XLA:CPU's
+  default), through XLA's own loops (``xla_ms``) and torch's; ``kernel``: what XLA chose by default."""
+  rows_of, seq = a.heads * a.shots, a.seq - 1
+  rng = np.random.default_rng(0)
+  f = jax.jit(lambda p, q: jnp.sum(p * q, axis=-1))
+  rows = []
+  for ones in (0, 1, 2):
+    shape = (1,) * ones + (rows_of, seq, seq)
+    x, y = rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32)
+    jx, jy = jnp.asarray(x), jnp.asarray(y)
+    ynn, own = f.lower(jx, jy).compile(), f.lower(jx, jy).compile(compiler_options=NO_YNN_REDUCE)
+    fns = {
+      "ynnpack": lambda c=ynn, p=jx, q=jy: c(p, q).block_until_ready(),
+      "xla": lambda c=own, p=jx, q=jy: c(p, q).block_until_ready(),
+    }
+    if torch is not None:
+      fns["torch"] = lambda p=torch.from_numpy(x), q=torch.from_numpy(y): (p * q).sum(-1)
+    sec = timed(fns, a.calls)
+    error = float(np.max(np.abs(np.asarray(ynn(jx, jy)) - np.asarray(own(jx, jy)))))
+    row = {"part": "reduce", "shape": list(shape), "leading_ones": ones, "kernel": "ynnpack" if "__ynn_fusion"
+           in ynn.as_text() else "xla", "max_abs_diff": _sig(error)}  # fmt: skip
+    row.update({f"{impl}_ms": _sig(1e3 * s) for impl, s in sec.items()})
+    rows.append(row)
+  return rows
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parts = {"matmul": matmul_rows, "transposed": transposed_rows, "bfloat16": bfloat16_rows, "onednn": onednn_rows}
+  parts = {"matmul": matmul_rows, "transposed": transposed_rows, "bfloat16": bfloat16_rows, "onednn": onednn_rows,
+           "reduce": reduce_rows}  # fmt: skip
   p.add_argument("--part", nargs="+", default=["matmul", "transposed"], choices=tuple(parts))
   p.add_argument("--tokens", type=int, default=2032, help="rows of a product: 4 x 4 sequences of 127 tokens")
-  for k, v in dict(d=256, vocab=4096, rank=8, calls=60, threads=2).items():
+  for k, v in dict(d=256, vocab=4096, rank=8, heads=4, shots=4, seq=128, calls=60, threads=2).items():
     p.add_argument(f"--{k}", type=int, default=v)
   a = p.parse_args()
   torch = _torch(a.threads)

@@ -139,13 +139,18 @@ def test_xla_cpu_dots_prints_a_line_per_product_with_its_kernel(tmp_path):
   transposed product written with explicit transposes equals the one JAX emits."""
   pytest.importorskip("torch")
   script = SCRIPT.parent / "xla_cpu_dots.py"
-  tiny = ["--tokens=32", "--d=16", "--vocab=64", "--rank=8", "--calls=2", "--part", "matmul", "transposed", "bfloat16"]
+  tiny = ["--tokens=32", "--d=16", "--vocab=64", "--rank=8", "--heads=2", "--shots=4", "--seq=8", "--calls=2"]
+  tiny += ["--part", "matmul", "transposed", "bfloat16"]
   kernel = (shutil.which("c++") or shutil.which("g++")) and os.environ.get("MLTD_JAX_ONEDNN", "1") != "0"
-  out = subprocess.run([sys.executable, str(script), *tiny, *(["onednn"] if kernel else [])], cwd=tmp_path,
+  out = subprocess.run([sys.executable, str(script), *tiny, *(["onednn"] if kernel else []), "reduce"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=900)  # fmt: skip
   rows = [json.loads(line) for line in out.stdout.splitlines()]
-  parts = ["matmul"] * 6 + ["transposed"] * 3 + ["bfloat16"] * 5 + ["onednn"] * (10 if kernel else 0)
+  parts = ["matmul"] * 6 + ["transposed"] * 3 + ["bfloat16"] * 5 + ["onednn"] * (10 if kernel else 0) + ["reduce"] * 3
   assert [r["part"] for r in rows] == parts, out.stderr
+  for ones, r in enumerate(rows[-3:]):  # the softmax backward's reduction behind 0, 1, 2 axes of size 1
+    assert r["shape"] == [1] * ones + [2 * 4, 7, 7] and r["leading_ones"] == ones and r["max_abs_diff"] < 1e-5
+    assert r["kernel"] in ("ynnpack", "xla") and min(r[f"{k}_ms"] for k in ("ynnpack", "xla", "torch")) > 0
+  rows = rows[:-3]
   for r in rows[14:]:  # x^T g through the kernel (both dtypes) and XLA, at 32 and 8 tokens
     assert r["tokens"] in (32, 8) and r["f32_max_abs_diff"] < 1e-4
     assert min(r[f"{k}_gflops"] for k in ("onednn_bf16", "onednn_f32", "xla_f32", "torch_bf16")) > 0

@@ -196,8 +196,28 @@ def test_task_chunks_give_the_same_meta_gradient():
   grad = lambda chunk: jax.jit(  # noqa: E731
     jax.grad(lambda v: meta.meta_loss(loss_fn, v, batch, inner(), key, task_chunk=chunk)[0])
   )(variables)
-  for a, b in zip(jax.tree.leaves(grad(0)), jax.tree.leaves(grad(2))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  vmapped = jax.tree.leaves(grad(0))
+  for chunk in (1, 2):
+    for a, b in zip(vmapped, jax.tree.leaves(grad(chunk))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_one_task_at_a_time_adds_no_axis_of_size_one():
+  """task_chunk 1 maps task by task: no vmap over a batch of one (on XLA:CPU a leading axis of size 1 on the step's
+  arrays made YNNPACK's reductions several times slower), and one group of tasks is not vmapped either."""
+
+  def shapes(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield from (v.aval.shape for v in eqn.outvars)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, tuple) else (param,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            yield from shapes(sub.jaxpr)
+
+  x = jnp.ones((4, 16, 8))
+  jaxpr = jax.make_jaxpr(lambda x: meta.map_tasks(lambda t: jnp.sum(t * t, axis=-1).sum(), x, 1))(x)
+  seen = list(shapes(jaxpr.jaxpr))
+  assert (16,) in seen and not [s for s in seen if s[:1] == (1,)], seen
 
 
 def test_support_chunks_give_the_same_meta_gradient_with_unequal_token_counts():
