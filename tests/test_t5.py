@@ -285,6 +285,12 @@ def test_dtype_policy_remat_and_dropout():
   half = ours(t5.T5ForConditionalGeneration(cfg, jnp.bfloat16), params, src, src_mask, dec, dec_mask)
   assert half.dtype == np.float32 and all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   assert np.abs(half - base).max() < 0.1
+  if jax.default_backend() == "cpu":  # `matmul.mixed`: every product narrow, attention's two included
+    half_model = t5.T5ForConditionalGeneration(cfg, jnp.bfloat16)
+    eqns = str(jax.make_jaxpr(lambda p: half_model.apply({"params": p}, src, dec, src_mask, dec_mask))(params))
+    attentions = cfg.num_layers + 2 * cfg.num_decoder_layers  # encoder self; decoder self and cross
+    want = len(models.dense_paths(model)) + 2 * attentions + 1  # every projection, q k^T and P v, the tied LM head
+    assert eqns.count("lowp_matmul[") == want and "dot_general[" not in eqns
   remat = t5.T5ForConditionalGeneration(cfg, remat=True)  # the same layers and parameters under jax.checkpoint
   assert models.dense_paths(remat) == models.dense_paths(model)
   assert jax.tree.structure(jax.eval_shape(remat.init_params, jax.random.key(0))) == jax.tree.structure(params)

@@ -31,6 +31,7 @@ from mltd_jax.models.layers import (
   LayerNorm,
   ffn_cell,
   fold_for_decoding,
+  heads_first,
   normal,
   remat_policy,
   wide,
@@ -72,16 +73,6 @@ class GPT2Config:
     return self.n_inner or 4 * self.n_embd
 
 
-def _heads_first(x: jax.Array) -> jax.Array:
-  """[b, t, h, hd] -> [b * h, t, hd]: one batch axis, each head's rows contiguous.
-
-  With (batch, head) as a single batch dimension XLA:CPU's batched matmuls need fewer relayouts: forward+backward
-  of one layer's attention at the peer's shapes (4 x 4 sequences of 127 tokens, 4 heads of 64) took 12.0 ms against
-  15.5 ms with the batch and head axes apart (README, issue #11).
-  """
-  return x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])
-
-
 class Attention(nn.Module):
   """Causal multi-head self-attention; ``c_attn`` makes q, k, v in one [d, 3d] projection, as in GPT-2.
 
@@ -107,7 +98,7 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, index, 0, 0))
       kv = {"k": k, "v": v}
     wdt = wide(self.dtype)
-    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)  # [b * h, t or T, hd]
+    q, k, v = heads_first(q), heads_first(k), heads_first(v)  # [b * h, t or T, hd]
     # Both products in the compute dtype (`matmul`: on XLA:CPU with bfloat16, bfloat16 operands summed in float32,
     # AMX, like the dense layers; elsewhere a plain dot); the softmax in float32.
     scores = matmul.matmul(q.astype(self.dtype), k, transpose_y=True).astype(wdt) / math.sqrt(head_dim)  # [b*h, t, T]

@@ -52,6 +52,16 @@ def wide(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def heads_first(x: jax.Array) -> jax.Array:
+  """[b, t, h, hd] -> [b * h, t, hd]: one batch axis, each head's rows contiguous (attention's two products).
+
+  With (batch, head) as a single batch dimension XLA:CPU's batched matmuls need fewer relayouts: forward+backward
+  of one GPT-2 layer's attention at the peer's shapes (4 x 4 sequences of 127 tokens, 4 heads of 64) took 12.0 ms
+  against 15.5 ms with the batch and head axes apart (README, issue #11).
+  """
+  return x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])
+
+
 class Dense(nn.Module):
   """y = x W + b, W stored as ``weight`` [in, out] (the layout of GPT-2's Conv1D), plus the TARP difference."""
 

@@ -48,6 +48,7 @@ from mltd_jax.models.layers import (
   RMSNorm,
   ffn_cell,
   fold_for_decoding,
+  heads_first,
   normal,
   remat_policy,
   wide,
@@ -184,7 +185,11 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
     tk = k.shape[1]
     wdt = wide(self.dtype)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(wdt)  # no 1/sqrt(d_kv): T5 does not scale
+    # Both products in the compute dtype (`matmul`: on XLA:CPU with bfloat16, bfloat16 operands summed in float32,
+    # like the dense layers; elsewhere a plain dot), over one (batch x head) axis; the softmax in float32.
+    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)  # [b * h, q or k, dk]
+    scores = matmul.matmul(qh.astype(self.dtype), kh, transpose_y=True).astype(wdt)  # no 1/sqrt(d_kv) in T5
+    scores = scores.reshape(b, heads, tq, tk)
     if self.relative_bias:
       bias = self.position_bias(tq, tk, 0 if index is None else index)
     if bias is not None:
@@ -192,7 +197,8 @@ class Attention(nn.Module):
     scores = jnp.where(mask, scores, jnp.finfo(wdt).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, tq, heads * dk)
+    out = matmul.matmul(probs.reshape(b * heads, tq, tk).astype(self.dtype), vh)  # [b * h, q, dk]
+    out = out.reshape(b, heads, tq, dk).transpose(0, 2, 1, 3).reshape(b, tq, heads * dk)
     return dense(cfg.d_model, (heads * dk) ** -0.5, "o")(out), bias, {"k": k, "v": v}
 
   def position_bias(self, q_len: int, k_len: int, q_offset=0) -> jax.Array:
