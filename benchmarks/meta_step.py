@@ -386,6 +386,8 @@ def main() -> None:
   p.add_argument("--hugepages", type=int, default=1, choices=(0, 1), help=hugepages_help)
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args()
+  if a.dtype not in ("float32", "bfloat16"):  # the peer's autocast, the peak table and `_task_chunk` read the name
+    raise SystemExit(f"--dtype: float32 or bfloat16, got {a.dtype!r}")
   devices = _device_counts(a.devices)
   if a.child:
     a.mode, a.inner, a.order, a.remat, a.devices, a.backward = (

@@ -23,9 +23,10 @@ minutes, so only same-minute ratios are read), medians over ``--calls``:
 
 * ``reduce`` (not by default): the attention softmax backward's reduction, sum(P * dP) over the keys of [heads x
   shots, query, key] arrays, with 0, 1 and 2 leading axes of size 1 in front (what a vmap over a batch of one, or
-  over one group, adds), through YNNPACK (XLA:CPU's default for a reduction) and through XLA's own loops (compiled
-  with ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``: YNNPACK for dots only), beside
-  torch's; milliseconds (issue #11, session 12: YNNPACK's reductions slow down several-fold behind axes of size 1).
+  over one group, adds), through YNNPACK (XLA:CPU's default for a reduction at these shapes) and through XLA's own
+  loops (compiled with ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``: YNNPACK for
+  dots only), beside torch's; milliseconds (issue #11, session 12: YNNPACK's reductions slow down several-fold
+  behind axes of size 1).
 
 ``--threads`` sets torch's threads; XLA and numpy use the machine's cores (2 on the project's CPU machines).
 
@@ -240,8 +241,9 @@ def onednn_rows(a: argparse.Namespace, torch) -> list[dict]:
 
 def reduce_rows(a: argparse.Namespace, torch) -> list[dict]:
   """sum(p * q, -1) over [*ones, heads x shots, seq - 1, seq - 1] (the attention softmax backward's reduction at one
-  task's shapes), with 0, 1 and 2 leading axes of size 1: milliseconds through YNNPACK (``ynnpack_ms``, XLA:CPU's
-  default), through XLA's own loops (``xla_ms``) and torch's; ``kernel``: what XLA chose by default."""
+  task's shapes), with 0, 1 and 2 leading axes of size 1: milliseconds as XLA:CPU compiles it by default
+  (``ynnpack_ms``: through YNNPACK at the default shapes; ``kernel`` says which), compiled with `NO_YNN_REDUCE`
+  (``xla_ms``: XLA's own loops, ``kernel_without_ynn_reduce``) and torch's."""
   rows_of, seq = a.heads * a.shots, a.seq - 1
   rng = np.random.default_rng(0)
   f = jax.jit(lambda p, q: jnp.sum(p * q, axis=-1))
@@ -259,8 +261,9 @@ def reduce_rows(a: argparse.Namespace, torch) -> list[dict]:
       fns["torch"] = lambda p=torch.from_numpy(x), q=torch.from_numpy(y): (p * q).sum(-1)
     sec = timed(fns, a.calls)
     error = float(np.max(np.abs(np.asarray(ynn(jx, jy)) - np.asarray(own(jx, jy)))))
-    row = {"part": "reduce", "shape": list(shape), "leading_ones": ones, "kernel": "ynnpack" if "__ynn_fusion"
-           in ynn.as_text() else "xla", "max_abs_diff": _sig(error)}  # fmt: skip
+    kernel = {c: "ynnpack" if "__ynn_fusion" in c.as_text() else "xla" for c in (ynn, own)}
+    row = {"part": "reduce", "shape": list(shape), "leading_ones": ones, "kernel": kernel[ynn],
+           "kernel_without_ynn_reduce": kernel[own], "max_abs_diff": _sig(error)}  # fmt: skip
     row.update({f"{impl}_ms": _sig(1e3 * s) for impl, s in sec.items()})
     rows.append(row)
   return rows

@@ -382,8 +382,8 @@ def map_tasks(one: Callable, tasks: Any, task_chunk: int, task_groups: int = 1) 
   def mapped(group):
     # One task at a time without a vmap over a batch of one, and one group without a vmap over one group: axes of
     # size 1 would lead every array of the step, and XLA:CPU's YNNPACK reductions run several times slower on such
-    # shapes ([1, 16, 127, 127] 0.95 ms against 0.16 ms for [16, 127, 127], benchmarks/xla_cpu_dots.py --part
-    # reduce).
+    # shapes ([1, 16, 127, 127] 0.96-0.98 ms against 0.15 ms for [16, 127, 127], benchmarks/xla_cpu_dots.py
+    # --part reduce).
     return jax.lax.map(one, group) if task_chunk == 1 else jax.lax.map(one, group, batch_size=task_chunk)
 
   if task_groups == 1:
