@@ -86,6 +86,8 @@ def test_adapt_and_score_columns():
   np.testing.assert_allclose(zero, np.repeat(zero[:, :1], 5, axis=1), rtol=1e-6)
   chunked = evaluate.make_scorer(loss_fn, inner, query_chunks=2)(variables, arrays, keys, 0.5)  # same means
   np.testing.assert_allclose(jax.device_get(chunked)["query"], result["query"], rtol=1e-5)
+  alone = scorer(variables, jax.tree.map(lambda x: x[1:2], arrays), keys[1:2], 0.5)  # one task: not vmapped
+  np.testing.assert_allclose(jax.device_get(alone)["query"], result["query"][1:2], rtol=1e-5)
 
 
 def eval_config(**kw):
