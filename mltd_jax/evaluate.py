@@ -102,16 +102,12 @@ def make_scorer(
   loss_fn: meta.LossFn, inner: meta.InnerLoop, query_chunks: int = 1, prepare: meta.Prepare | None = None
 ) -> Callable:
   """Jitted ``(variables, tasks, keys, lr) -> {metric: [num_tasks, K + 1]}``, one key per task; ``lr`` is traced
-  (a learning-rate search compiles once); ``prepare`` goes to `adapt_and_score`. Tasks are vmapped, but a single
-  task is scored as it is: a vmap over one task puts an axis of size 1 in front of every array, which slows
-  XLA:CPU's reductions several-fold (`meta.map_tasks`)."""
-  one = lambda v, task, rng, lr: adapt_and_score(loss_fn, v, task, inner, rng, lr, query_chunks, prepare)  # noqa: E731
+  (a learning-rate search compiles once); ``prepare`` goes to `adapt_and_score`. Tasks are vmapped by
+  `meta.map_tasks` (a single task without a vmap over it)."""
 
   def scorer(variables, tasks, keys, lr):
-    if meta.leading_dim(tasks) == 1:
-      out = one(variables, jax.tree.map(lambda x: x[0], tasks), keys[0], lr)
-      return jax.tree.map(lambda x: x[None], out)
-    return jax.vmap(one, in_axes=(None, 0, 0, None))(variables, tasks, keys, lr)
+    one = lambda t: adapt_and_score(loss_fn, variables, t[0], inner, t[1], lr, query_chunks, prepare)  # noqa: E731
+    return meta.map_tasks(one, (tasks, keys), task_chunk=0)
 
   return jax.jit(scorer)
 

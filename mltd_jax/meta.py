@@ -365,25 +365,27 @@ def task_loss(
   return mean_loss(loss_fn(adapted, task["query"], k_query))
 
 
-def map_tasks(one: Callable, tasks: Any, task_chunk: int, task_groups: int = 1) -> jax.Array:
-  """``one`` over the leading (task) axis of ``tasks``: vmapped, or ``task_chunk`` at a time with `jax.lax.map`.
+def map_tasks(one: Callable, tasks: Any, task_chunk: int, task_groups: int = 1) -> Any:
+  """``one`` over the leading (task) axis of ``tasks``: vmapped, or ``task_chunk`` at a time with `jax.lax.map`;
+  its outputs stacked along a leading task axis (with ``task_groups`` > 1, ``one`` must return a scalar).
 
   With ``task_groups`` > 1 the axis is split into that many contiguous groups first, vmapped over the groups and
   mapped inside each: when the task axis is sharded over that many devices, each device maps over its own tasks
   (a plain `lax.map` over a sharded axis would gather every task onto every device). Same result in any case.
   """
   tasks = jax.tree.map(jnp.asarray, tasks)  # numpy leaves would reach `sgd_adapt`'s custom_vjp as raw constants
+  n = leading_dim(tasks)
+  # Never a vmap over one task, one at a time or over one group: axes of size 1 would lead every array of the step,
+  # and XLA:CPU's YNNPACK reductions run several times slower on such shapes ([1, 16, 127, 127] 0.96-0.98 ms against
+  # 0.15 ms for [16, 127, 127], benchmarks/xla_cpu_dots.py --part reduce).
+  if n == 1 and task_groups == 1:
+    return jax.tree.map(lambda x: x[None], one(jax.tree.map(lambda x: x[0], tasks)))
   if not task_chunk:
     return jax.vmap(one)(tasks)
-  n = leading_dim(tasks)
   if n % task_groups:
     raise ValueError(f"{n} tasks cannot be split into {task_groups} equal groups (devices of the tasks axis).")
 
   def mapped(group):
-    # One task at a time without a vmap over a batch of one, and one group without a vmap over one group: axes of
-    # size 1 would lead every array of the step, and XLA:CPU's YNNPACK reductions run several times slower on such
-    # shapes ([1, 16, 127, 127] 0.96-0.98 ms against 0.15 ms for [16, 127, 127], benchmarks/xla_cpu_dots.py
-    # --part reduce).
     return jax.lax.map(one, group) if task_chunk == 1 else jax.lax.map(one, group, batch_size=task_chunk)
 
   if task_groups == 1:

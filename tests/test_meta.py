@@ -204,7 +204,8 @@ def test_task_chunks_give_the_same_meta_gradient():
 
 def test_one_task_at_a_time_adds_no_axis_of_size_one():
   """task_chunk 1 maps task by task: no vmap over a batch of one (on XLA:CPU a leading axis of size 1 on the step's
-  arrays made YNNPACK's reductions several times slower), and one group of tasks is not vmapped either."""
+  arrays made YNNPACK's reductions several times slower), one group of tasks is not vmapped either, and neither is
+  a single task."""
 
   def shapes(jaxpr):
     for eqn in jaxpr.eqns:
@@ -218,6 +219,9 @@ def test_one_task_at_a_time_adds_no_axis_of_size_one():
   jaxpr = jax.make_jaxpr(lambda x: meta.map_tasks(lambda t: jnp.sum(t * t, axis=-1).sum(), x, 1))(x)
   seen = list(shapes(jaxpr.jaxpr))
   assert (16,) in seen and not [s for s in seen if s[:1] == (1,)], seen
+  one_task = jax.make_jaxpr(lambda x: meta.map_tasks(lambda t: jnp.sum(t * t, axis=-1).sum(), x, 0))(x[:1])
+  seen = list(shapes(one_task.jaxpr))  # a single task, even where tasks are vmapped: only its result gets the axis
+  assert (16,) in seen and not [s for s in seen if len(s) > 1 and s[0] == 1], seen
 
 
 def test_support_chunks_give_the_same_meta_gradient_with_unequal_token_counts():
