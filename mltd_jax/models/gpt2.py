@@ -32,6 +32,7 @@ from mltd_jax.models.layers import (
   ffn_cell,
   fold_for_decoding,
   heads_first,
+  heads_last,
   normal,
   remat_policy,
   wide,
@@ -106,8 +107,7 @@ class Attention(nn.Module):
     scores = jnp.where(mask, scores, jnp.finfo(wdt).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, heads, *scores.shape[1:])
     probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic).reshape(scores.shape)
-    out = matmul.matmul(probs.astype(self.dtype), v)  # [b * h, t, hd]
-    out = out.reshape(b, heads, t, head_dim).transpose(0, 2, 1, 3).reshape(b, t, d)
+    out = heads_last(matmul.matmul(probs.astype(self.dtype), v), b)  # [b * h, t, hd] -> [b, t, d]
     out = Dense(d, dtype=self.dtype, weight_init=normal(proj_std), name="c_proj")(out)
     out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
     return out if kv is None else (out, kv)

@@ -62,6 +62,12 @@ def heads_first(x: jax.Array) -> jax.Array:
   return x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])
 
 
+def heads_last(x: jax.Array, batch: int) -> jax.Array:
+  """[b * h, t, hd] -> [b, t, h * hd]: `heads_first`'s inverse, the heads joined again for the output projection."""
+  _, t, hd = x.shape
+  return x.reshape(batch, -1, t, hd).transpose(0, 2, 1, 3).reshape(batch, t, -1)
+
+
 class Dense(nn.Module):
   """y = x W + b, W stored as ``weight`` [in, out] (the layout of GPT-2's Conv1D), plus the TARP difference."""
 

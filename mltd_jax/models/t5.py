@@ -49,6 +49,7 @@ from mltd_jax.models.layers import (
   ffn_cell,
   fold_for_decoding,
   heads_first,
+  heads_last,
   normal,
   remat_policy,
   wide,
@@ -197,8 +198,7 @@ class Attention(nn.Module):
     scores = jnp.where(mask, scores, jnp.finfo(wdt).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic)
-    out = matmul.matmul(probs.reshape(b * heads, tq, tk).astype(self.dtype), vh)  # [b * h, q, dk]
-    out = out.reshape(b, heads, tq, dk).transpose(0, 2, 1, 3).reshape(b, tq, heads * dk)
+    out = heads_last(matmul.matmul(probs.reshape(b * heads, tq, tk).astype(self.dtype), vh), b)  # [b, q, h * dk]
     return dense(cfg.d_model, (heads * dk) ** -0.5, "o")(out), bias, {"k": k, "v": v}
 
   def position_bias(self, q_len: int, k_len: int, q_offset=0) -> jax.Array:
