@@ -78,7 +78,7 @@ FIELDS = dict(
   rank=8,
   steps=5,
   tarp="bilinear",
-  task_chunk=-1,  # as config.meta.task_chunk (0 = all vmapped); -1: `_task_chunk`'s choice per order and dtype
+  task_chunk=-1,  # as config.meta.task_chunk (0 = all vmapped); -1: `_task_chunk`'s choice (one at a time)
   support_chunks=1,
   dtype="float32",
 )
@@ -205,15 +205,16 @@ def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], ke
 
 
 def _task_chunk(a: argparse.Namespace) -> int:
-  """``--task_chunk``, or with -1 the measured better choice at the peer's shapes on CPU: second order one task at a
-  time (peak memory at or under the peer's; two or four at once slower and larger), first order in float32 one task
-  at a time too, in bfloat16 all tasks vmapped. In-process A/Bs of session 12 (6 pairs of calls each, lines in
-  experiments/results/size_one_axes_ab_cpu.jsonl), once one task at a time stopped vmapping over a batch of one
-  (`meta.map_tasks`): first order, one at a time against vmapped, float32 1.09x [1.06-1.14], bfloat16 0.85x
-  [0.69-0.88]; second order, vmapped against one at a time, bfloat16 0.93x, float32 0.87x."""
+  """``--task_chunk``, or with -1 the measured better choice at the peer's shapes on CPU: one task at a time, for
+  both orders and dtypes (peak memory at or under the peer's; two or four at once slower and larger). In-process
+  A/Bs since each chunk's gradient is taken inside the task loop (`meta.meta_value_and_grad`, session 13; lines in
+  experiments/results/session13_cpu.jsonl): bfloat16 first order, one at a time against all vmapped 1.04x
+  [1.02-1.07], two at a time 1.03x; bfloat16 second order, two at a time 0.89x and all vmapped 0.87x against one at a
+  time. Session 12 (size_one_axes_ab_cpu.jsonl): float32 first order one at a time 1.09x [1.06-1.14] against
+  vmapped, float32 second order vmapped 0.87x."""
   if a.task_chunk >= 0:
     return a.task_chunk
-  return 1 if a.order == 2 or a.dtype == "float32" else 0
+  return 1
 
 
 def _adapt_step(loss_fn, regex: str, lr: float):
