@@ -206,7 +206,7 @@ def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], ke
 
 def _task_chunk(a: argparse.Namespace) -> int:
   """``--task_chunk``, or with -1 the measured better choice at the peer's shapes on CPU: one task at a time, for
-  both orders and dtypes (peak memory at or under the peer's; two or four at once slower and larger). In-process
+  both orders and dtypes (two or four at once slower, and larger; the second order's peak under the peer's). In-process
   A/Bs since each chunk's gradient is taken inside the task loop (`meta.meta_value_and_grad`, session 13; lines in
   experiments/results/session13_cpu.jsonl): bfloat16 first order, one at a time against all vmapped 1.04x
   [1.02-1.07], two at a time 1.03x; bfloat16 second order, two at a time 0.89x and all vmapped 0.87x against one at a

@@ -410,8 +410,9 @@ def meta_loss(
   """Mean query loss over the tasks of a meta-batch (leading task axis), and the per-task losses.
 
   Each task gets its own key. Tasks are vmapped; with ``task_chunk`` > 0 only that many at a time (the chunks run
-  one after another), which bounds memory at the cost of parallelism. The result is the same. ``prepare`` and
-  ``step`` go to `task_loss`.
+  one after another). The result is the same. ``prepare`` and ``step`` go to `task_loss`. To differentiate it, use
+  `meta_value_and_grad`: the gradient of this mapped mean keeps every chunk's residuals until the map's backward, so
+  chunks bound its memory only there.
   With ``task_chunk`` and ``task_groups`` > 1 (the devices of a sharded task axis), each group of tasks
   (a device's share) is mapped over separately, so sharded tasks stay on their devices.
   """
@@ -447,16 +448,18 @@ def meta_value_and_grad(
   mean is the mean of the tasks' gradients). So a chunk's backward runs right after its forward and only one chunk's
   residuals are alive, where the gradient of the mapped mean keeps every chunk's residuals (its query pass and what
   the inner loop keeps) until the backward of the whole map. Measured at the peer's shapes, one task at a time:
-  XLA's temporaries 564 -> 187 MiB (float32) and 539 -> 158 MiB (bfloat16), the second-order step 1.02x and 1.09x
-  as fast (README, issue #11, session 13). With ``task_chunk`` 0 (all tasks vmapped) it is one value_and_grad.
-  With ``task_groups`` > 1 each group (a device's share of a sharded task axis) loops over its own tasks, vmapped
-  over the groups, and the groups' gradients are summed.
+  XLA's temporaries 564 -> 187 MiB (float32) and 539 -> 158 MiB (bfloat16), the second-order step 1.03x and 1.07x
+  as fast (README, issue #11, session 13). With ``task_chunk`` 0 (all tasks vmapped, whatever ``task_groups``, as
+  in `meta_loss`) it is one value_and_grad. With ``task_chunk`` > 0 and ``task_groups`` > 1 each group (a device's
+  share of a sharded task axis) loops over its own tasks, vmapped over the groups, and the groups' gradients are
+  summed.
   """
   n = leading_dim(batch)
-  if n % task_groups:
+  if task_chunk and n % task_groups:
     raise ValueError(f"{n} tasks cannot be split into {task_groups} equal groups (devices of the tasks axis).")
   tasks = jax.tree.map(jnp.asarray, (batch, jax.random.split(rng, n)))  # task i's key as in `meta_loss`
-  size = n // task_groups
+  groups = task_groups if task_chunk else 1
+  size = n // groups
   chunk = min(task_chunk or size, size)
 
   def total(v, some):  # (sum of the tasks' query losses, each task's) over a chunk [c, ...]; one task unvmapped
@@ -478,12 +481,12 @@ def meta_value_and_grad(
       per_task = jnp.concatenate([per_task, rest])
     return acc, per_task
 
-  if task_groups == 1 and chunk == n:  # every task in one chunk: no loop
+  if groups == 1 and chunk == n:  # every task in one chunk: no loop
     (_, per_task), g = jax.value_and_grad(total, has_aux=True)(variables, tasks)
-  elif task_groups == 1:
+  elif groups == 1:
     g, per_task = group(tasks)
   else:
-    grouped = jax.tree.map(lambda x: x.reshape(task_groups, size, *x.shape[1:]), tasks)
+    grouped = jax.tree.map(lambda x: x.reshape(groups, size, *x.shape[1:]), tasks)
     g, per_task = jax.vmap(group)(grouped)
     g, per_task = jax.tree.map(lambda x: x.sum(0), g), per_task.reshape(n)
   return (per_task.mean(), per_task), jax.tree.map(lambda x: (x / n).astype(x.dtype), g)
@@ -504,7 +507,7 @@ def make_meta_step(
   reaches every variable: the base model and the fast variables' initialization (and, through ``prepare``, e.g.
   TAMS' controller). ``prepare`` runs once per task before its inner loop and gets ``state.step`` (for schedules
   such as TAMS' temperature).
-  ``task_groups``: see `meta_loss` (`train.meta_train` passes the size of the mesh's tasks axis).
+  ``task_groups``: see `meta_value_and_grad` (`train.meta_train` passes the size of the mesh's tasks axis).
   """
 
   def step(state: "TrainState", batch: dict, rng: jax.Array) -> tuple["TrainState", dict]:

@@ -92,9 +92,9 @@ def test_rounds_summary_gives_the_median_and_range_of_each_ratio():
   assert (summary["dtype"], summary["peer_dtype"]) == ("bfloat16", "float32")
 
 
-def test_task_chunk_default_follows_order_and_dtype():
-  """``--task_chunk -1``: the measured better layout per order and dtype (second order and float32 first order one
-  task at a time, bfloat16 first order vmapped); an explicit value is kept; an unknown ``--dtype`` is refused."""
+def test_task_chunk_default_is_one_task_at_a_time():
+  """``--task_chunk -1``: the measured better layout, one task at a time for both orders and dtypes (since session
+  13); an explicit value is kept; an unknown ``--dtype`` is refused."""
   sys.path.insert(0, str(SCRIPT.parent))
   import argparse
 
@@ -103,7 +103,7 @@ def test_task_chunk_default_follows_order_and_dtype():
   def pick(order: int, dtype: str, chunk: int = -1) -> int:
     return meta_step._task_chunk(argparse.Namespace(order=order, dtype=dtype, task_chunk=chunk))
 
-  assert [pick(2, "float32"), pick(2, "bfloat16"), pick(1, "float32"), pick(1, "bfloat16")] == [1, 1, 1, 0]
+  assert [pick(2, "float32"), pick(2, "bfloat16"), pick(1, "float32"), pick(1, "bfloat16")] == [1, 1, 1, 1]
   assert pick(1, "float32", 2) == 2 and pick(2, "bfloat16", 0) == 0
   out = subprocess.run([sys.executable, str(SCRIPT), "--dtype=f4"], capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and "--dtype: float32 or bfloat16, got 'f4'" in out.stderr
