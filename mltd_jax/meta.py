@@ -416,10 +416,15 @@ def meta_loss(
   With ``task_chunk`` and ``task_groups`` > 1 (the devices of a sharded task axis), each group of tasks
   (a device's share) is mapped over separately, so sharded tasks stay on their devices.
   """
-  keys = jax.random.split(rng, leading_dim(batch))
-  one = lambda args: task_loss(loss_fn, variables, args[0], inner, args[1], prepare, step)  # noqa: E731
-  per_task = map_tasks(one, (batch, keys), task_chunk, task_groups)
+  tasks = (batch, jax.random.split(rng, leading_dim(batch)))
+  per_task = _task_losses(loss_fn, variables, tasks, inner, prepare, step, task_chunk, task_groups)
   return per_task.mean(), per_task
+
+
+def _task_losses(loss_fn, variables, tasks, inner, prepare, step, task_chunk=0, task_groups=1) -> jax.Array:
+  """Each task's query loss [n] for ``tasks`` = (batch, one key per task), mapped by `map_tasks`."""
+  one = lambda args: task_loss(loss_fn, variables, args[0], inner, args[1], prepare, step)  # noqa: E731
+  return map_tasks(one, tasks, task_chunk, task_groups)
 
 
 def _apply(state: "TrainState", tx: optax.GradientTransformation, grads) -> TrainState:
@@ -463,8 +468,7 @@ def meta_value_and_grad(
   chunk = min(task_chunk or size, size)
 
   def total(v, some):  # (sum of the tasks' query losses, each task's) over a chunk [c, ...]; one task unvmapped
-    one = lambda args: task_loss(loss_fn, v, args[0], inner, args[1], prepare, step)  # noqa: E731
-    per_task = map_tasks(one, some, task_chunk=0)
+    per_task = _task_losses(loss_fn, v, some, inner, prepare, step)
     return per_task.sum(), per_task
 
   def body(acc, some):
