@@ -1,16 +1,25 @@
 """Where the meta-step's time goes: each part of an exact second-order SGD inner step, timed and FLOP-counted alone.
 
 At the peer's shapes (GPT-2 4 layers, d 256, vocab 4096, rank-8 bilinear TARP, 4 tasks x 4 shots x 128 tokens),
-one JSON line per part with its seconds per call, XLA's FLOP count and GFLOP/s:
+one JSON line per part with its seconds per call, XLA's FLOP count and GFLOP/s (the count of the lowered program
+with the tasks vmapped, whatever ``--tasks_as``: XLA counts a loop body once; with ``--dtype bfloat16`` on XLA:CPU
+the products through `mltd_jax.onednn` are not counted):
   * ``forward``: the support loss;  ``grad_fast``: its gradient w.r.t. the difference (one inner step's work);
   * ``grad_full``: w.r.t. every variable (the query pass);  ``hvp``: one forward-over-reverse Hessian-vector
     product (the hand-derived backward of one inner step, `mltd_jax.meta.sgd_adapt`);
   * ``hvp_rev``: the same product by reverse-over-reverse (`jax.grad` of <grad, v>);
+  * ``linearize``: one inner step's gradient w.r.t. the difference computed by `jax.linearize` of the full gradient
+    under `jax.checkpoint` with ``dots_saveable`` (`mltd_jax.models.layers.remat_policy`'s, which also keeps the
+    TARP layers' and the narrow products' outputs), returning the linearization's residuals (every product's output
+    the HVP needs), and ``hvp_saved``: the HVP from those residuals (its tangent pass only, no primal recomputed):
+    the split a backward that keeps each inner step's products would make of ``grad_fast`` + ``hvp`` (its line's
+    ``max_abs_diff_vs_hvp`` compares the two products);
   * ``fwdbwd``: a plain forward+backward over the same tokens as one task batch (no task axis).
 Each part runs over the tasks vmapped (``--tasks_as vmap``) or one task after another (``map``).
 
   python benchmarks/meta_parts.py
-  python benchmarks/meta_parts.py --tasks_as map
+  python benchmarks/meta_parts.py --tasks_as map   # as the meta-step runs its tasks (one at a time)
+  python benchmarks/meta_parts.py --tasks_as map --dtype bfloat16
   python benchmarks/meta_parts.py --parts grad_fast hvp --profile /tmp/parts_trace   # + time by kind of XLA op
 
 ``--profile DIR`` records a `jax.profiler` trace of each part's timed calls (``DIR/<part>``, Perfetto JSON next to
@@ -89,8 +98,10 @@ def main() -> None:
   for k, v in dict(layers=4, d=256, heads=4, vocab=4096, seq=128, tasks=4, shots=4, rank=8, steps=5).items():
     p.add_argument(f"--{k}", type=int, default=v)
   p.add_argument("--tarp", default="bilinear")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's compute dtype")
   p.add_argument("--tasks_as", default="vmap", choices=("vmap", "map"))
-  p.add_argument("--parts", nargs="*", default=["forward", "grad_fast", "grad_full", "hvp", "hvp_rev", "fwdbwd"])
+  parts = ["forward", "grad_fast", "grad_full", "hvp", "hvp_rev", "linearize", "hvp_saved", "fwdbwd"]
+  p.add_argument("--parts", nargs="*", default=parts, choices=parts)
   p.add_argument("--profile", type=Path, default=None, help="directory for jax.profiler traces (one per part)")
   a = p.parse_args()
 
@@ -100,9 +111,9 @@ def main() -> None:
   from meta_step import _flops, _model  # benchmarks/meta_step.py (this script's directory): the same model
 
   from mltd_jax import meta
-  from mltd_jax.models import gpt2
+  from mltd_jax.models import gpt2, layers
 
-  model, variables, _ = _model(argparse.Namespace(**vars(a), dtype="float32", tams=False))
+  model, variables, _ = _model(argparse.Namespace(**vars(a), tams=False))
   variables["tarp"] = jax.tree.map(lambda x: x + 0.01, variables["tarp"])  # V != 0: every term of the products is live
   fast, slow = meta.split(variables, "^tarp/")
   loss_fn = gpt2.make_loss(model)
@@ -123,31 +134,47 @@ def main() -> None:
     )  # noqa: E731,E501
     return jax.grad(inner, argnums=(0, 1))(s, f)
 
+  def linearize(s, f, b):  # (the fast gradient, the linearization of the full gradient: a jax Partial of residuals)
+    saved = jax.checkpoint(lambda f_: full(s, f_, b), policy=layers.remat_policy("dots_saveable"))
+    (_, g), lin = jax.linearize(saved, f)
+    return g, lin
+
   per_task = {
     "forward": loss,
     "grad_fast": lambda s, f, b: jax.grad(loss, 1)(s, f, b),
     "grad_full": full,
     "hvp": hvp,
     "hvp_rev": hvp_rev,
+    "linearize": linearize,
+    "hvp_saved": lambda s, f, lin: lin(f),  # ``lin``: `linearize`'s residuals of one task (in place of the batch)
   }
+  vmapped = {name: jax.vmap(g, in_axes=(None, None, 0)) for name, g in per_task.items()}
+  lins, check = None, {}
+  if "hvp_saved" in a.parts:  # its input, and its check: the same product as ``hvp``
+    lins = jax.jit(vmapped["linearize"])(slow, fast, batch)[1]
+    products = jax.jit(vmapped["hvp"])(slow, fast, batch), jax.jit(vmapped["hvp_saved"])(slow, fast, lins)
+    pairs = zip(*map(jax.tree.leaves, products))
+    check = {"max_abs_diff_vs_hvp": max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)}
   for name in a.parts:
     if name == "fwdbwd":
       fn = jax.jit(lambda s, f, b: jax.grad(lambda s_: loss(s_, f, jax.tree.map(lambda x: x.reshape(-1, a.seq), b)))(s))
     elif a.tasks_as == "vmap":
-      fn = jax.jit(jax.vmap(per_task[name], in_axes=(None, None, 0)))
+      fn = jax.jit(vmapped[name])
     else:
       fn = jax.jit(lambda s, f, b, g=per_task[name]: jax.lax.map(lambda x: g(s, f, x), b))
+    data = lins if name == "hvp_saved" else batch
     t0 = time.perf_counter()
-    compiled = fn.lower(slow, fast, batch).compile()
+    compiled = fn.lower(slow, fast, data).compile()
     compile_s = time.perf_counter() - t0
     trace = a.profile / name if a.profile else None
-    med, per_op = time_calls(compiled, (slow, fast, batch), a.steps, trace)
+    med, per_op = time_calls(compiled, (slow, fast, data), a.steps, trace)
     extra = {"profile_ms": op_kinds(per_op)} if per_op is not None else {}
-    flops = _flops(compiled)
+    # counted on the vmapped twin (the same arithmetic): XLA counts a loop body once, so lax.map's is one task's
+    flops = _flops(fn.lower(slow, fast, data) if name == "fwdbwd" else jax.jit(vmapped[name]).lower(slow, fast, data))
     print(json.dumps({
       "part": name, "tasks_as": a.tasks_as if name != "fwdbwd" else "one batch", "seconds": round(med, 4),
-      "gflop": round(flops / 1e9, 2), "gflop_per_s": round(flops / med / 1e9, 1), "compile_s": round(compile_s, 2),
-      "tokens": int(ids.size), **extra,
+      "gflop": float(f"{flops / 1e9:.5g}"), "gflop_per_s": round(flops / med / 1e9, 1), "compile_s": round(compile_s, 2),
+      "tokens": int(ids.size), "dtype": a.dtype, **(check if name == "hvp_saved" else {}), **extra,
     }), flush=True)  # fmt: skip
 
 

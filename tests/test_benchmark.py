@@ -65,6 +65,21 @@ def test_profile_meta_step_prints_time_by_kind_of_op(tmp_path):
   assert row["ms_by_kind"]["matmuls"] > 0 and len(row["top"]) == 3
 
 
+def test_meta_parts_hvp_from_saved_products_is_the_same_product_with_fewer_flops(tmp_path):
+  """`benchmarks/meta_parts.py`: a line per part; ``hvp_saved`` (the HVP from the linearization's saved products)
+  equals ``hvp`` and counts fewer FLOPs; one task at a time is counted as every task (not one loop body)."""
+  script = SCRIPT.parent / "meta_parts.py"
+  tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=1", "--rank=2"]
+  parts = ["grad_fast", "hvp", "linearize", "hvp_saved"]
+  rows = {}
+  for tasks_as in ("map", "vmap"):
+    cmd = [sys.executable, str(script), *tiny, "--steps=1", f"--tasks_as={tasks_as}", "--parts", *parts]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    rows[tasks_as] = {r["part"]: r for r in map(json.loads, out.stdout.splitlines())} or out.stderr
+  assert list(rows["map"]) == parts, rows["map"]
+  assert rows["map"]["hvp_saved"]["max_abs_diff_vs_hvp"] < 1e-6
+  assert rows["map"]["hvp_saved"]["gflop"] < rows["map"]["hvp"]["gflop"]
+  assert all(rows["map"][p]["gflop"] == rows["vmap"][p]["gflop"] for p in parts)
 def test_rounds_summary_gives_the_median_and_range_of_each_ratio():
   """``--rounds R``: one line per setting with the median, min and max over the rounds (no subprocess here)."""
   sys.path.insert(0, str(SCRIPT.parent))
