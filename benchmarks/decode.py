@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,7 @@ def main() -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         times.append(time.perf_counter() - t0)
-      med = sorted(times)[len(times) // 2]
+      med = statistics.median(times)
       if kind == "none":
         baseline[beams] = med
       row = {

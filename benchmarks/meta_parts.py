@@ -33,6 +33,7 @@ import argparse
 import collections
 import gzip
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ def time_calls(compiled, args: tuple, steps: int, trace_dir: Path | None = None)
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
-  median = sorted(times)[len(times) // 2]
+  median = statistics.median(times)
   if trace_dir is None:
     return median, None
   with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
