@@ -120,8 +120,8 @@ def main() -> None:
     calls = compiled[name].as_text().count(onednn.TARGET)
     if calls and not kernel:
       raise SystemExit(f"--variant {name!r}: {calls} oneDNN calls in the compiled step with the kernel off")
-    if kernel and not calls and a.dtype == "bfloat16" and onednn.available():
-      raise SystemExit(f"--variant {name!r}: no oneDNN calls in the bfloat16 step although the kernel is available")
+    if kernel and not calls and a.dtype in ("bfloat16", "float32") and onednn.available():
+      raise SystemExit(f"--variant {name!r}: no oneDNN calls in the {a.dtype} step although the kernel is available")
   updated = {name: jax.tree.leaves(c(*args)[0].variables) for name, c in compiled.items()}
   pairs = paired_times(compiled, args, a.calls)
   first = a.variant[0]

@@ -2,8 +2,8 @@
 
 At the peer's shapes (GPT-2 4 layers, d 256, vocab 4096, rank-8 bilinear TARP, 4 tasks x 4 shots x 128 tokens),
 one JSON line per part with its seconds per call, XLA's FLOP count and GFLOP/s (the count of the lowered program
-with the tasks vmapped, whatever ``--tasks_as``: XLA counts a loop body once; with ``--dtype bfloat16`` on XLA:CPU
-the products through `mltd_jax.onednn` are not counted):
+with the tasks vmapped, whatever ``--tasks_as``: XLA counts a loop body once; with `mltd_jax.onednn` off, so that its
+products count as the XLA dots they replace):
   * ``forward``: the support loss;  ``grad_fast``: its gradient w.r.t. the difference (one inner step's work);
   * ``grad_full``: w.r.t. every variable (the query pass);  ``hvp``: one forward-over-reverse Hessian-vector
     product (the hand-derived backward of one inner step, `mltd_jax.meta.sgd_adapt`);
@@ -109,7 +109,7 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from meta_step import _flops, _model  # benchmarks/meta_step.py (this script's directory): the same model
+  from meta_step import _count, _model  # benchmarks/meta_step.py (this script's directory): the same model
 
   from mltd_jax import meta
   from mltd_jax.models import gpt2, layers
@@ -150,6 +150,9 @@ def main() -> None:
     "hvp_saved": lambda s, f, lin: lin(f),  # ``lin``: `linearize`'s residuals of one task (in place of the batch)
   }
   vmapped = {name: jax.vmap(g, in_axes=(None, None, 0)) for name, g in per_task.items()}
+  def fwdbwd(s, f, b):  # the tasks' sequences as one batch, every slow variable's gradient
+    return jax.grad(lambda s_: loss(s_, f, jax.tree.map(lambda x: x.reshape(-1, a.seq), b)))(s)
+
   lins, check = None, {}
   if "hvp_saved" in a.parts:  # its input, and its check: the same product as ``hvp``
     lins = jax.jit(vmapped["linearize"])(slow, fast, batch)[1]
@@ -158,7 +161,7 @@ def main() -> None:
     check = {"max_abs_diff_vs_hvp": max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)}
   for name in a.parts:
     if name == "fwdbwd":
-      fn = jax.jit(lambda s, f, b: jax.grad(lambda s_: loss(s_, f, jax.tree.map(lambda x: x.reshape(-1, a.seq), b)))(s))
+      fn = jax.jit(fwdbwd)
     elif a.tasks_as == "vmap":
       fn = jax.jit(vmapped[name])
     else:
@@ -171,11 +174,11 @@ def main() -> None:
     med, per_op = time_calls(compiled, (slow, fast, data), a.steps, trace)
     extra = {"profile_ms": op_kinds(per_op)} if per_op is not None else {}
     # counted on the vmapped twin (the same arithmetic): XLA counts a loop body once, so lax.map's is one task's
-    flops = _flops(fn.lower(slow, fast, data) if name == "fwdbwd" else jax.jit(vmapped[name]).lower(slow, fast, data))
+    flops = _count(fwdbwd if name == "fwdbwd" else vmapped[name], slow, fast, data)
     print(json.dumps({
       "part": name, "tasks_as": a.tasks_as if name != "fwdbwd" else "one batch", "seconds": round(med, 4),
-      "gflop": float(f"{flops / 1e9:.5g}"), "gflop_per_s": round(flops / med / 1e9, 1), "compile_s": round(compile_s, 2),
-      "tokens": int(ids.size), "dtype": a.dtype, **(check if name == "hvp_saved" else {}), **extra,
+      "gflop": float(f"{flops / 1e9:.5g}"), "gflop_per_s": round(flops / med / 1e9, 1),
+      "compile_s": round(compile_s, 2), "tokens": int(ids.size), "dtype": a.dtype, **(check if name == "hvp_saved" else {}), **extra,
     }), flush=True)  # fmt: skip
 
 

@@ -34,8 +34,8 @@ cost analysis of the lowered (not yet optimized) step, of every device together:
 unrolled twin (`InnerLoop.unroll`, tasks vmapped), since XLA counts a loop body once; remat's recomputation is
 included. On an accelerator ``mfu`` is that count per second against the device's peak for ``--dtype`` (the
 compiled GPU program's own count misses its cuBLAS matmuls: 18.5 against 274 GFLOP for the default fwd+bwd).
-Nor does it count custom calls: with ``--dtype bfloat16`` on XLA:CPU the weight gradients through `mltd_jax.onednn`
-are left out (the row says so in ``flops_note``; the float32 step's count is the same arithmetic).
+Nor does it count custom calls, so every count is taken on a step traced afresh with `mltd_jax.onednn` off: the weight
+gradients the kernel computes on XLA:CPU are counted as the XLA dots they replace (the same arithmetic).
 
 ``--devices 1 2 4`` (or ``1,2,4``) runs the meta-batch's tasks sharded over the first N devices (a ``tasks`` mesh
 axis, `mltd_jax.sharding`, as training does). On CPU the devices are fake
@@ -104,6 +104,17 @@ def _flops(program) -> float | None:
   cost = program.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def _count(fn: Callable, *args) -> float | None:
+  """`_flops` of ``fn(*args)`` traced afresh (its own jit: no trace shared with the timed step) with the oneDNN kernel
+  off, since XLA's cost analysis has no count for a custom call: the kernel's products count as XLA's dots."""
+  import jax
+
+  from mltd_jax import onednn
+
+  with onednn.disabled():
+    return _flops(jax.jit(lambda *xs: fn(*xs)).lower(*args))
 
 
 def _peak_mb(devices) -> tuple[str, float]:
@@ -231,7 +242,7 @@ def run_one(a: argparse.Namespace) -> dict:
   import numpy as np
   import optax
 
-  from mltd_jax import meta, onednn, sharding, tams, train
+  from mltd_jax import meta, sharding, tams, train
   from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
@@ -267,7 +278,7 @@ def run_one(a: argparse.Namespace) -> dict:
     step = train.jit_step(step_fn, shardings)
     # FLOPs: an unrolled twin, tasks vmapped, one support slice (the same arithmetic, no loop for XLA to count once)
     twin = meta.make_meta_step(loss_fn, tx, dataclasses.replace(inner, unroll=True, support_chunks=1), 0, prepare)
-    flops = _flops(jax.jit(twin).lower(state, batch(), key))
+    flops = _count(twin, state, batch(), key)
     state = sharding.put_global(state, shardings.state)
     med, compile_s, compiled, m = _run(step, state, lambda: sharding.put_local(batch(), shardings.batch), key, a.steps)
     row.update(order=a.order, remat=bool(a.remat), backward=a.backward, inner=a.inner)
@@ -277,7 +288,7 @@ def run_one(a: argparse.Namespace) -> dict:
     step = jax.jit(meta.make_train_step(loss_fn, tx), donate_argnums=0)
     state = TrainState.create({"params": variables["params"]}, tx)
     n = a.tasks * (a.inner + 1) * a.shots
-    flops = _flops(step.lower(state, lm(n, a.seq), key))
+    flops = _count(meta.make_train_step(loss_fn, tx), state, lm(n, a.seq), key)
     med, compile_s, compiled, m = _run(step, state, lambda: lm(n, a.seq), key, a.steps)
     row.update(inner=a.inner, loss=round(float(m["loss"]), 4))
   else:  # adapt: one TARP adaptation step against one full fine-tuning step, same model and batch
@@ -285,7 +296,7 @@ def run_one(a: argparse.Namespace) -> dict:
     batch = lambda: lm(a.tasks * a.shots, a.seq)  # noqa: E731
     regexes = {"full": "^params/", "tarp": "^tarp/"}
     steps = {name: jax.jit(_adapt_step(loss_fn, regex, 1e-3)) for name, regex in regexes.items()}
-    flops = _flops(steps["tarp"].lower(variables, batch(), key))
+    flops = _count(_adapt_step(loss_fn, regexes["tarp"], 1e-3), variables, batch(), key)
     timed = _alternate(steps, variables, batch, key, a.steps)
     (full, _, _), (ours, compile_s, compiled) = timed["full"], timed["tarp"]
     med, full_s = statistics.median(ours), statistics.median(full)
@@ -311,8 +322,6 @@ def run_one(a: argparse.Namespace) -> dict:
   })  # fmt: skip
   if dev.platform == "cpu":
     row["gflops_per_s"] = round(flops / med / 1e9, 1) if flops else None
-    if onednn.TARGET in compiled.as_text():  # XLA's cost analysis has no count for a custom call
-      row["flops_note"] = "flops_per_step and gflops_per_s leave out the oneDNN custom calls (mltd_jax.onednn)"
     if a.devices > 1:
       row["note"] = CPU_NOTE
   elif flops and peak_tflops:

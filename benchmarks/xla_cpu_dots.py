@@ -197,9 +197,9 @@ def bfloat16_rows(a: argparse.Namespace, torch) -> list[dict]:
 
 def onednn_rows(a: argparse.Namespace, torch) -> list[dict]:
   """x^T g (x [k, m], g [k, n], contracting the k tokens): `mltd_jax.matmul.tn_matmul` with bfloat16 operands (the
-  oneDNN kernel, ``onednn_bf16``), the kernel on float32 operands (``onednn_f32``, which training does not use), and
-  XLA's float32 dot (``xla_f32``: what `tn_matmul` does without the kernel), with torch's bfloat16 x.T @ g; GFLOP/s,
-  and the float32 kernel's largest difference from the float64 product."""
+  oneDNN kernel, ``onednn_bf16``), the kernel on float32 operands (``onednn_f32``, as float32 training uses it since
+  session 14), and XLA's float32 dot (``xla_f32``: what `tn_matmul` does without the kernel), with torch's bfloat16
+  x.T @ g; GFLOP/s, and the float32 kernel's largest difference from the float64 product."""
   from mltd_jax import matmul, onednn
 
   if not onednn.available():
@@ -209,7 +209,7 @@ def onednn_rows(a: argparse.Namespace, torch) -> list[dict]:
             "dV^T = (x U)^T g": (r, d)}  # fmt: skip
   on = {
     jnp.bfloat16: jax.jit(lambda p, q: matmul.tn_matmul(p, q, jnp.bfloat16)),  # the kernel, as training uses it
-    jnp.float32: jax.jit(lambda p, q: onednn.product(p, q, transpose_a=True)),  # the kernel (training: XLA's)
+    jnp.float32: jax.jit(lambda p, q: onednn.product(p, q, transpose_a=True)),  # the kernel, as float32 training
   }
   xla = jax.jit(lambda p, q: matmul.tn_matmul(p, q, jnp.float32))  # compiled with the kernel off, per shape
   rng = np.random.default_rng(0)

@@ -15,10 +15,17 @@ second-order meta-step 1.24x faster (README "Changed 2026-11-27 (session 11): on
 Both primitives' JVPs are themselves, so forward-over-reverse Hessian-vector products (the meta-step's backward)
 and vmap (tasks) keep the fast forms too.
 
-Only on XLA:CPU (`mixed`): accelerators' narrow products already accumulate in float32 and their backward products
-run narrow, so there, as with float32 (or wider) inputs anywhere, `matmul` is exactly ``lax.dot_general`` in x's
-dtype, as before: the finite-difference and reference tests, all in float32, and the accelerator measurements see
-the same program.
+Float32 on XLA:CPU with the kernel (`kernel_float32`): `matmul` binds `lowp_matmul_p` in float32 too (its forward
+and input-gradient products are XLA's float32 dot, as ``lax.dot_general``), only so that its weight gradients reach
+the kernel through `tn_matmul_p` in float32, where XLA:CPU runs that form through Eigen: 88 GFLOP/s on one core for
+the meta-step's Hessian-vector product against 135 for its other products (YNNPACK). The float32 second-order
+meta-step at the peer's shapes 1.15x faster [1.13-1.18], first order 1.10x [1.08-1.11] (in-process A/B, README
+"Changed 2026-11-27 (session 14)"). The values are float32 products summed in another order (updated variables
+within 1.1e-5 of XLA's after one Adam step).
+
+Only on XLA:CPU (`mixed`, `kernel_float32`): accelerators' narrow products already accumulate in float32 and their
+backward products run narrow, so there, as with float64 inputs anywhere (and float32 without the kernel), `matmul`
+is exactly ``lax.dot_general`` in x's dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +44,18 @@ def mixed(dtype) -> bool:
   (bfloat16, float16) on XLA:CPU (the default backend, when traced)."""
   dtype = jnp.dtype(dtype)
   return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4 and jax.default_backend() == "cpu"
+
+
+def kernel_float32(dtype) -> bool:
+  """True where `matmul` multiplies float32 inputs with `lowp_matmul_p` in float32: on XLA:CPU with the oneDNN kernel
+  (`onednn.available`), so that the weight gradients run on it (`tn_matmul`)."""
+  return jnp.dtype(dtype) == jnp.dtype(jnp.float32) and jax.default_backend() == "cpu" and onednn.available()
+
+
+def primitive(dtype) -> bool:
+  """Whether `matmul` binds `lowp_matmul_p` for ``dtype`` inputs (`mixed` or `kernel_float32`), else
+  ``lax.dot_general``."""
+  return mixed(dtype) or kernel_float32(dtype)
 
 
 def result_dtype(dtype):
@@ -163,15 +182,15 @@ batching.primitive_batchers[tn_matmul_p] = _tn_batch
 def tn_matmul(a: jax.Array, c: jax.Array, dtype) -> jax.Array:
   """a [*b, K, M]^T @ c [*b, K, N] -> [*b, M, N] float32: a weight gradient's form (contracting the token axis).
 
-  For bfloat16 with the oneDNN kernel (`mltd_jax.onednn`: XLA:CPU), computed by it with bfloat16 operands (its AMX
-  kernels); otherwise XLA's float32 dot of the widened operands (Eigen runs this form faster in float32 than in
-  bfloat16). Differentiable at any order (`tn_matmul_p`). Used for the weight gradients of `matmul`'s narrow
-  products only: float32 models keep XLA's own products and transposes (with the kernel in float32 the float32
-  second-order step was no faster: 0.97-0.99x of XLA's in paired calls, the custom call's operands materialized
-  where XLA had fused their producers into the dot).
+  For bfloat16 or float32 with the oneDNN kernel (`mltd_jax.onednn`: XLA:CPU), computed by it with operands of that
+  dtype (AMX kernels for bfloat16); otherwise XLA's float32 dot of the widened operands (Eigen runs this form faster
+  in float32 than in bfloat16). Differentiable at any order (`tn_matmul_p`). Used for the weight gradients of the
+  products `matmul` binds to `lowp_matmul_p` (`primitive`). With float32 the kernel was no faster in session 11
+  (0.97-0.99x of XLA's, all four tasks vmapped), and 1.15x since one task at a time (module docstring).
   """
-  kernel = jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and onednn.available()
-  return tn_matmul_p.bind(a, c, dtype=jnp.dtype(jnp.bfloat16 if kernel else jnp.float32), kernel=kernel)
+  dtype = jnp.dtype(dtype)
+  kernel = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) and onednn.available()
+  return tn_matmul_p.bind(a, c, dtype=dtype if kernel else jnp.dtype(jnp.float32), kernel=kernel)
 
 
 def matmul(x: jax.Array, y: jax.Array, *, transpose_y: bool = False) -> jax.Array:
@@ -179,9 +198,10 @@ def matmul(x: jax.Array, y: jax.Array, *, transpose_y: bool = False) -> jax.Arra
 
   Computed in x's dtype: where `mixed` (bfloat16 or float16 on XLA:CPU) both operands are rounded to it and the
   products summed in float32 by `lowp_matmul_p` (every derivative alike), and the result is float32 (cast it where
-  the compute dtype is wanted); otherwise a plain ``lax.dot_general`` in x's dtype, the result in x's dtype.
+  the compute dtype is wanted); where `kernel_float32`, the same primitive in float32 (the weight gradients on the
+  oneDNN kernel); otherwise a plain ``lax.dot_general`` in x's dtype, the result in x's dtype.
   """
-  if not mixed(x.dtype):
+  if not primitive(x.dtype):
     return lax.dot_general(x, y.astype(x.dtype), _dimension_numbers(x.ndim - 2, transpose_y))
   return lowp_matmul_p.bind(x, y, transpose_y=transpose_y, dtype=jnp.dtype(x.dtype))
 

@@ -32,10 +32,14 @@ def _primitives(f, *args) -> list[str]:
 
 
 def test_float32_is_the_plain_dot_and_narrow_is_the_primitive_on_cpu():
+  """Without the oneDNN kernel float32 is XLA's dot (with it, `test_float32_weight_gradients_on_the_kernel`)."""
   x, y, _ = _operands()
-  assert _primitives(lambda x, y: matmul.matmul(x, y), x, y) == ["dot_general"]
-  np.testing.assert_array_equal(matmul.matmul(x, y), x @ y)
+  with onednn.disabled():
+    assert _primitives(lambda x, y: matmul.matmul(x, y), x, y) == ["dot_general"]
+    np.testing.assert_array_equal(matmul.matmul(x, y), x @ y)
+    assert not matmul.kernel_float32(jnp.float32) and not matmul.primitive(jnp.float32)
   assert matmul.mixed(BF16) and matmul.mixed(jnp.float16) and not matmul.mixed(jnp.float32)
+  assert not matmul.kernel_float32(BF16) and not matmul.kernel_float32(jnp.float64)
   xb = x.astype(BF16)
   assert _primitives(lambda x, y: matmul.matmul(x, y), xb, y) == ["lowp_matmul"]
   assert matmul.matmul(xb, y).dtype == jnp.float32
@@ -62,6 +66,30 @@ def test_value_gradients_and_hessian_vector_products_of_the_narrow_product(batch
   np.testing.assert_allclose(rev_rev, fwd_rev(ours), rtol=0, atol=3e-2 * float(jnp.abs(want).max()))
 
 
+def test_float32_weight_gradients_on_the_kernel():
+  """Float32 on XLA:CPU with the kernel: `matmul` binds the primitive in float32, its forward and input gradient XLA's
+  float32 dot, its weight gradient `tn_matmul` on the kernel; values and gradients equal the plain dot's to float32
+  rounding (summed in another order), and so do forward-over-reverse HVPs."""
+  if not onednn.available():
+    pytest.skip("no oneDNN kernel here: " + str(onednn._load()))
+  x, y, v = _operands((3,))
+  assert matmul.kernel_float32(jnp.float32) and matmul.primitive(jnp.float32)
+  loss = lambda x, y: jnp.sum(jnp.tanh(matmul.matmul(x, y)) ** 2)  # noqa: E731
+  grad = lambda x, y: jax.grad(loss, (0, 1))(x, y)  # noqa: E731
+  prims = _primitives(grad, x, y)
+  assert prims.count("lowp_matmul") == 2 and prims.count("tn_matmul") == 1 and "dot_general" not in prims
+  assert onednn.TARGET in jax.jit(grad).lower(x, y).as_text()
+  with onednn.disabled():
+    want_value, want_grad = matmul.matmul(x, y), jax.jit(lambda x, y: jax.grad(loss, (0, 1))(x, y))(x, y)
+    want_hvp = jax.jvp(lambda y: jax.grad(loss, 1)(x, y), (y,), (v,))[1]
+  assert matmul.matmul(x, y).dtype == jnp.float32
+  np.testing.assert_allclose(matmul.matmul(x, y), want_value, rtol=1e-6, atol=1e-6)
+  for got, want in zip(jax.jit(grad)(x, y), want_grad):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  got_hvp = jax.jvp(lambda y: jax.grad(loss, 1)(x, y), (y,), (v,))[1]
+  np.testing.assert_allclose(got_hvp, want_hvp, rtol=1e-5, atol=1e-5 * float(jnp.abs(want_hvp).max()))
+
+
 def test_the_backward_products_stay_narrow():
   """The gradient w.r.t. x is the narrow product again (the fast form on XLA:CPU); the weight's is `tn_matmul`."""
   x, y, _ = _operands()
@@ -73,8 +101,8 @@ def test_the_backward_products_stay_narrow():
 @pytest.mark.parametrize("kernel", [True, False], ids=["onednn", "xla"])
 @pytest.mark.parametrize("dtype", [BF16, jnp.float32], ids=["bfloat16", "float32"])
 def test_weight_gradient_product_values_and_derivatives(kernel, dtype):
-  """`tn_matmul` (a^T c over the token axis): bfloat16 through the oneDNN kernel (operands rounded), float32 and
-  without the kernel XLA's float32 dot; the value within the operands' rounding of the exact product; gradients and
+  """`tn_matmul` (a^T c over the token axis): through the oneDNN kernel in bfloat16 (operands rounded) and float32,
+  without it XLA's float32 dot; the value within the operands' rounding of the exact product; gradients and
   forward-over-reverse HVPs equal to reverse-over-reverse (its JVP and transposes agree) and to the reference's."""
   if kernel and not onednn.available():
     pytest.skip("no oneDNN kernel here: " + str(onednn._load()))
@@ -85,7 +113,7 @@ def test_weight_gradient_product_values_and_derivatives(kernel, dtype):
   ref = lambda a, c: jnp.einsum("bkm,bkn->bmn", r(a), r(c), precision=jax.lax.Precision.HIGHEST)  # noqa: E731
   with contextlib.nullcontext() if kernel else onednn.disabled():
     f = jax.jit(lambda a, c: matmul.tn_matmul(a, c, dtype))
-    assert (onednn.TARGET in f.lower(a, c).as_text()) == narrow
+    assert (onednn.TARGET in f.lower(a, c).as_text()) == kernel
     np.testing.assert_allclose(f(a, c), ref(a, c), rtol=1e-5, atol=1e-4)
     ours = lambda a, c: jnp.sum(jnp.tanh(matmul.tn_matmul(a, c, dtype)) ** 2)  # noqa: E731
     want = lambda a, c: jnp.sum(jnp.tanh(ref(a, c)) ** 2)  # noqa: E731

@@ -130,8 +130,9 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x [..., features] @ weight^T -> [..., num] in float32: on XLA:CPU a narrow compute dtype's inputs (x and the
-    table rounded to it) summed in float32 (`mltd_jax.matmul.mixed`), otherwise float32 (or wider) throughout."""
-    if matmul.mixed(self.dtype):
+    table rounded to it) summed in float32 (`mltd_jax.matmul.mixed`), otherwise float32 (or wider) throughout, by
+    `mltd_jax.matmul.matmul` where it binds its primitive (`matmul.primitive`: the table's gradient on oneDNN)."""
+    if matmul.primitive(self.dtype):
       y = matmul.matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.weight, transpose_y=True)
       return y.reshape(*x.shape[:-1], self.num)
     dt = wide(self.dtype)
