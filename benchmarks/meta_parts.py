@@ -111,7 +111,7 @@ def main() -> None:
   import numpy as np
   from meta_step import _count, _model  # benchmarks/meta_step.py (this script's directory): the same model
 
-  from mltd_jax import meta
+  from mltd_jax import meta, onednn
   from mltd_jax.models import gpt2, layers
 
   model, variables, _ = _model(argparse.Namespace(**vars(a), tams=False))
@@ -150,12 +150,15 @@ def main() -> None:
     "hvp_saved": lambda s, f, lin: lin(f),  # ``lin``: `linearize`'s residuals of one task (in place of the batch)
   }
   vmapped = {name: jax.vmap(g, in_axes=(None, None, 0)) for name, g in per_task.items()}
+
   def fwdbwd(s, f, b):  # the tasks' sequences as one batch, every slow variable's gradient
     return jax.grad(lambda s_: loss(s_, f, jax.tree.map(lambda x: x.reshape(-1, a.seq), b)))(s)
 
-  lins, check = None, {}
+  lins, lins_off, check = None, None, {}
   if "hvp_saved" in a.parts:  # its input, and its check: the same product as ``hvp``
     lins = jax.jit(vmapped["linearize"])(slow, fast, batch)[1]
+    with onednn.disabled():  # for its FLOP count: the linearization holds the products' kernels as traced
+      lins_off = jax.jit(lambda *xs: vmapped["linearize"](*xs))(slow, fast, batch)[1]
     products = jax.jit(vmapped["hvp"])(slow, fast, batch), jax.jit(vmapped["hvp_saved"])(slow, fast, lins)
     pairs = zip(*map(jax.tree.leaves, products))
     check = {"max_abs_diff_vs_hvp": max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)}
@@ -174,11 +177,12 @@ def main() -> None:
     med, per_op = time_calls(compiled, (slow, fast, data), a.steps, trace)
     extra = {"profile_ms": op_kinds(per_op)} if per_op is not None else {}
     # counted on the vmapped twin (the same arithmetic): XLA counts a loop body once, so lax.map's is one task's
-    flops = _count(fwdbwd if name == "fwdbwd" else vmapped[name], slow, fast, data)
+    flops = _count(fwdbwd if name == "fwdbwd" else vmapped[name], slow, fast, lins_off if name == "hvp_saved" else data)
     print(json.dumps({
       "part": name, "tasks_as": a.tasks_as if name != "fwdbwd" else "one batch", "seconds": round(med, 4),
       "gflop": float(f"{flops / 1e9:.5g}"), "gflop_per_s": round(flops / med / 1e9, 1),
-      "compile_s": round(compile_s, 2), "tokens": int(ids.size), "dtype": a.dtype, **(check if name == "hvp_saved" else {}), **extra,
+      "compile_s": round(compile_s, 2), "tokens": int(ids.size), "dtype": a.dtype,
+      **(check if name == "hvp_saved" else {}), **extra,
     }), flush=True)  # fmt: skip
 
 

@@ -114,7 +114,11 @@ def _count(fn: Callable, *args) -> float | None:
   from mltd_jax import onednn
 
   with onednn.disabled():
-    return _flops(jax.jit(lambda *xs: fn(*xs)).lower(*args))
+    lowered = jax.jit(lambda *xs: fn(*xs)).lower(*args)
+  if onednn.TARGET in lowered.as_text():  # e.g. a closure over a function traced with the kernel on
+    raise RuntimeError("meta_step._count: the program to count still calls the oneDNN kernel; trace its inputs too "
+                       "with the kernel off (onednn.disabled())")
+  return _flops(lowered)
 
 
 def _peak_mb(devices) -> tuple[str, float]:
@@ -242,7 +246,7 @@ def run_one(a: argparse.Namespace) -> dict:
   import numpy as np
   import optax
 
-  from mltd_jax import meta, sharding, tams, train
+  from mltd_jax import meta, onednn, sharding, tams, train
   from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
@@ -304,6 +308,8 @@ def run_one(a: argparse.Namespace) -> dict:
     row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
     row.update(tarp_speedup=round(statistics.median(ratios), 3))
     row.update(tarp_speedup_range=[round(ratios[0], 3), round(ratios[-1], 3)])
+  if onednn.available() and a.dtype in ("float32", "bfloat16") and onednn.TARGET not in compiled.as_text():
+    raise SystemExit(f"--mode {a.mode}: the timed step has no oneDNN call although the kernel is available here")
   mem = compiled.memory_analysis()
   dev = available[0]
   peak_name, peak = _peak_mb(available[: a.devices])

@@ -2,7 +2,8 @@
 
 The meta-step of `benchmarks/meta_step.py` (the peer's shapes, tasks one after another unless ``--task_chunk`` says
 otherwise, a fresh support batch per inner step) is compiled once and traced over ``--steps`` calls. One JSON line:
-seconds per step, XLA's FLOP count (loop bodies counted once), milliseconds per step by kind of XLA:CPU thunk
+seconds per step, XLA's FLOP count of the compiled step (loop bodies counted once; the oneDNN custom calls, the
+weight gradients on XLA:CPU, not counted), milliseconds per step by kind of XLA:CPU thunk
 (`meta_parts.thunk_ms` and `op_kinds`: matmul fusions, transposing copies, other fusions; summed over the threads),
 and the ``--top`` costliest thunks with their output shape and the JAX operation they came from.
 

@@ -19,7 +19,7 @@ Float32 on XLA:CPU with the kernel (`kernel_float32`): `matmul` binds `lowp_matm
 and input-gradient products are XLA's float32 dot, as ``lax.dot_general``), only so that its weight gradients reach
 the kernel through `tn_matmul_p` in float32, where XLA:CPU runs that form through Eigen: 88 GFLOP/s on one core for
 the meta-step's Hessian-vector product against 135 for its other products (YNNPACK). The float32 second-order
-meta-step at the peer's shapes 1.15x faster [1.13-1.18], first order 1.10x [1.08-1.11] (in-process A/B, README
+meta-step at the peer's shapes 1.13x faster [1.10-1.17], first order 1.10x [1.08-1.11] (in-process A/Bs, README
 "Changed 2026-11-27 (session 14)"). The values are float32 products summed in another order (updated variables
 within 1.1e-5 of XLA's after one Adam step).
 
@@ -40,8 +40,9 @@ from mltd_jax import onednn
 
 
 def mixed(dtype) -> bool:
-  """True where `matmul` multiplies ``dtype`` inputs with `lowp_matmul_p`: a floating dtype narrower than float32
-  (bfloat16, float16) on XLA:CPU (the default backend, when traced)."""
+  """True where `matmul` multiplies ``dtype`` inputs as narrow products summed in float32 (`lowp_matmul_p`, result
+  float32): a floating dtype narrower than float32 (bfloat16, float16) on XLA:CPU (the default backend, when
+  traced). `primitive` says where `matmul` binds the primitive at all (float32 too, `kernel_float32`)."""
   dtype = jnp.dtype(dtype)
   return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4 and jax.default_backend() == "cpu"
 
@@ -186,7 +187,7 @@ def tn_matmul(a: jax.Array, c: jax.Array, dtype) -> jax.Array:
   dtype (AMX kernels for bfloat16); otherwise XLA's float32 dot of the widened operands (Eigen runs this form faster
   in float32 than in bfloat16). Differentiable at any order (`tn_matmul_p`). Used for the weight gradients of the
   products `matmul` binds to `lowp_matmul_p` (`primitive`). With float32 the kernel was no faster in session 11
-  (0.97-0.99x of XLA's, all four tasks vmapped), and 1.15x since one task at a time (module docstring).
+  (0.97-0.99x of XLA's, all four tasks vmapped), and 1.13x since one task at a time (module docstring).
   """
   dtype = jnp.dtype(dtype)
   kernel = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) and onednn.available()
@@ -207,8 +208,9 @@ def matmul(x: jax.Array, y: jax.Array, *, transpose_y: bool = False) -> jax.Arra
 
 
 def saveable(batched: bool = True):
-  """A remat policy saving the narrow products' outputs (with ``batched`` False, only those without batch axes):
-  `jax.checkpoint_policies.dots_saveable` and its kin recognise only ``dot_general`` (`layers.remat_policy`)."""
+  """A remat policy saving the outputs of the products `matmul` binds to its primitive (narrow ones, and float32
+  ones where `kernel_float32`; with ``batched`` False, only those without batch axes): `jax.checkpoint_policies`'
+  ``dots_saveable`` and its kin recognise only ``dot_general`` (`layers.remat_policy`)."""
 
   def policy(prim, *avals, **params) -> bool:
     return prim is lowp_matmul_p and (batched or avals[0].ndim == 2)

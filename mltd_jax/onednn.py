@@ -7,14 +7,17 @@ bfloat16 operands on the same 2-core Xeon, and its thin low-rank ones x^T (g V) 
 benchmarks/xla_cpu_dots.py --part onednn`, README "Changed 2026-11-27 (session 11): oneDNN for the weight
 gradients"). `csrc/onednn_matmul.cc` is a custom call computing op(a) @ op(c) with oneDNN's matmul primitive (AMX
 kernels for bfloat16 where the CPU has them), float32 sums and result; `mltd_jax.matmul` uses it for the weight
-gradients of bfloat16 products on XLA:CPU.
+gradients of bfloat16 and (since session 14) float32 products on XLA:CPU.
 
 The kernel is compiled on first use with the system's C++ compiler against the headers and library of the
 ``onednn-devel-cpu-gomp`` / ``onednn-cpu-gomp`` wheels in this Python environment (requirements.txt) and XLA's FFI
 headers (jaxlib), into ``$MLTD_JAX_CACHE`` (default ``~/.cache/mltd_jax``), one file per source, environment,
 oneDNN and jaxlib version and compile command. Without a compiler or the wheels, or on a CPU without native bfloat16
-arithmetic (oneDNN would emulate it), `available` is False with one warning saying why; with ``MLTD_JAX_ONEDNN=0``
-in the environment it is False silently. Then `mltd_jax.matmul` lets XLA compute every product, as before.
+arithmetic (oneDNN would emulate bfloat16; float32 then keeps XLA's products too, a conservative choice: the float32
+gain was measured on an AMX Xeon only), `available` is False with one warning saying why; with ``MLTD_JAX_ONEDNN=0``
+in the environment it is False silently. It is False too where the process has more than one device: the custom call
+has no partitioning rule, so under a mesh XLA would gather its operands onto every device (each would compute every
+task's weight gradients). Then `mltd_jax.matmul` lets XLA compute every product, as before.
 """
 
 from __future__ import annotations
@@ -139,9 +142,10 @@ def _load() -> str | None:
 
 
 def available() -> bool:
-  """Whether `product` may be used: the default backend is XLA:CPU, the kernel is on (``MLTD_JAX_ONEDNN`` not 0,
-  not inside `disabled`), and it builds and loads (once per process) on a CPU with native bfloat16 arithmetic."""
-  if not _enabled or os.environ.get(ENV, "1") == "0" or jax.default_backend() != "cpu":
+  """Whether `product` may be used: the default backend is XLA:CPU with one device (the call has no partitioning
+  rule), the kernel is on (``MLTD_JAX_ONEDNN`` not 0, not inside `disabled`), and it builds and loads (once per
+  process) on a CPU with native bfloat16 arithmetic."""
+  if not _enabled or os.environ.get(ENV, "1") == "0" or jax.default_backend() != "cpu" or jax.device_count() != 1:
     return False
   return _load() is None
 

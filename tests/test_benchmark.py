@@ -80,6 +80,8 @@ def test_meta_parts_hvp_from_saved_products_is_the_same_product_with_fewer_flops
   assert rows["map"]["hvp_saved"]["max_abs_diff_vs_hvp"] < 1e-6
   assert rows["map"]["hvp_saved"]["gflop"] < rows["map"]["hvp"]["gflop"]
   assert all(rows["map"][p]["gflop"] == rows["vmap"][p]["gflop"] for p in parts)
+
+
 def test_rounds_summary_gives_the_median_and_range_of_each_ratio():
   """``--rounds R``: one line per setting with the median, min and max over the rounds (no subprocess here)."""
   sys.path.insert(0, str(SCRIPT.parent))

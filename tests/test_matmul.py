@@ -83,7 +83,7 @@ def test_float32_weight_gradients_on_the_kernel():
     want_value, want_grad = matmul.matmul(x, y), jax.jit(lambda x, y: jax.grad(loss, (0, 1))(x, y))(x, y)
     want_hvp = jax.jvp(lambda y: jax.grad(loss, 1)(x, y), (y,), (v,))[1]
   assert matmul.matmul(x, y).dtype == jnp.float32
-  np.testing.assert_allclose(matmul.matmul(x, y), want_value, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(matmul.matmul(x, y), want_value)  # the same XLA dot
   for got, want in zip(jax.jit(grad)(x, y), want_grad):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
   got_hvp = jax.jvp(lambda y: jax.grad(loss, 1)(x, y), (y,), (v,))[1]
@@ -126,16 +126,17 @@ def test_weight_gradient_product_values_and_derivatives(kernel, dtype):
     np.testing.assert_allclose(rev_rev, fwd_rev, rtol=0, atol=tol * float(jnp.abs(fwd_rev).max()))
 
 
+@pytest.mark.parametrize("dtype", [BF16, jnp.float32], ids=["bfloat16", "float32"])
 @pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0), (1, 0)])
-def test_weight_gradient_product_vmap_matches_one_at_a_time(axes):
+def test_weight_gradient_product_vmap_matches_one_at_a_time(axes, dtype):
   """vmap of `tn_matmul` (through the kernel where it is available): a batched operand against a shared one, both
   batched, and a batch axis not in front."""
   keys = jax.random.split(jax.random.key(2), 2)
-  a, c = jax.random.normal(keys[0], (3, 40, 6), BF16), jax.random.normal(keys[1], (3, 40, 5), BF16)
+  a, c = jax.random.normal(keys[0], (3, 40, 6), dtype), jax.random.normal(keys[1], (3, 40, 5), dtype)
   args = [a if axes[0] is not None else a[0], c if axes[1] is not None else c[0]]
   if axes[0] == 1:
     args[0] = jnp.moveaxis(a, 0, 1)
-  f = lambda a, c: matmul.tn_matmul(a, c, BF16)  # noqa: E731
+  f = lambda a, c: matmul.tn_matmul(a, c, dtype)  # noqa: E731
   got = jax.vmap(f, axes)(*args)
   for i in range(3):
     ai = args[0] if axes[0] is None else jnp.take(args[0], i, axes[0])
@@ -143,11 +144,13 @@ def test_weight_gradient_product_vmap_matches_one_at_a_time(axes):
     np.testing.assert_allclose(got[i], f(ai, ci), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [BF16, jnp.float32], ids=["bfloat16", "float32"])
 @pytest.mark.parametrize("axes", [(0, None), (None, 0), (0, 0), (1, 0)])
-def test_vmap_matches_one_example_at_a_time(axes):
-  """Tasks vmapped: a batched x against a shared 2-D y folds into rows; a batched y adds a batch axis."""
+def test_vmap_matches_one_example_at_a_time(axes, dtype):
+  """Tasks vmapped: a batched x against a shared 2-D y folds into rows; a batched y adds a batch axis (float32: the
+  primitive where `matmul.kernel_float32`, else XLA's dot)."""
   x, y, _ = _operands((3,))
-  x, y = x.astype(BF16), y.astype(BF16)
+  x, y = x.astype(dtype), y.astype(dtype)
   args = [x if axes[0] is not None else x[0], y if axes[1] is not None else y[0]]
   if axes[0] == 1:
     args[0] = jnp.moveaxis(x, 0, 1)
@@ -159,11 +162,14 @@ def test_vmap_matches_one_example_at_a_time(axes):
     np.testing.assert_array_equal(got[i], f(xi, yi))
 
 
-def test_dot_saving_remat_policies_keep_the_narrow_products():
+@pytest.mark.parametrize("dtype", [BF16, jnp.float32], ids=["bfloat16", "float32"])
+def test_dot_saving_remat_policies_keep_the_narrow_products(dtype):
   """`layers.remat_policy('dots_saveable')` saves the primitive's outputs ('dots_with_no_batch_dims_saveable': 2-D
-  only), as it saves ``dot_general``'s."""
+  only), as it saves ``dot_general``'s: bfloat16's, and float32's where it binds the primitive (`kernel_float32`)."""
+  if not matmul.primitive(dtype):
+    pytest.skip(f"{jnp.dtype(dtype)} products are XLA's dot here (no oneDNN kernel)")
   x, y, _ = _operands()
-  f = lambda x, y: jnp.sum(jnp.sin(matmul.matmul(x.astype(BF16), y)))  # noqa: E731
+  f = lambda x, y: jnp.sum(jnp.sin(matmul.matmul(x.astype(dtype), y)))  # noqa: E731
   for name, saved in [("dots_saveable", True), ("nothing_saveable", False)]:
     g = jax.checkpoint(f, policy=layers.remat_policy(name))
     # the forward's product, once more when not saved (remat's recomputation), and the x gradient's

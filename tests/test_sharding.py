@@ -26,7 +26,7 @@ BF16_RTOL = 2e-2  # bfloat16 compute vs float32: relative error of the meta-loss
 SCRIPT = r'''
 import json, logging, socket, sys, time
 import jax, jax.numpy as jnp, numpy as np, optax
-from mltd_jax import checkpoint, evaluate, meta, models, sharding, tarp, train
+from mltd_jax import checkpoint, evaluate, meta, models, onednn, sharding, tarp, train
 from mltd_jax.models import gpt2
 from mltd_jax.state import TrainState
 from tests.helpers import lm_batch, tiny_gpt2
@@ -42,6 +42,7 @@ with socket.socket() as s:  # a free port for a one-process jax.distributed "clu
 explicit = dict(sharding.DEFAULT, coordinator_address=f"localhost:{port}", num_processes=1, process_id=0)
 out["distributed"] = sharding.initialize_distributed(explicit)
 out["process_count"], out["devices"] = jax.process_count(), len(jax.devices())
+out["onednn_available"] = onednn.available()  # off with several devices: the custom call has no partitioning rule
 
 INNER = meta.InnerLoop(steps=2, lr=0.5)
 TX = optax.sgd(1.0, momentum=0.9)  # after one step its trace is the meta-gradient; it has a param-shaped state
@@ -209,6 +210,7 @@ def report(tmp_path_factory):
 
 def test_four_devices_match_one_and_tasks_are_sharded(report):
   assert report["process_count"] == 1 and report["devices"] == 4 and report["distributed"] is True
+  assert report["onednn_available"] is False  # `onednn.available`: one device per process only
   one, four = report["one"], report["four"]
   assert one["describe"].startswith("1 devices, axes tasks=1") and four["describe"].startswith(
     "4 devices, axes tasks=4"
