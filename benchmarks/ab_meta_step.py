@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meta_step import FIELDS, _model, meta_batch  # noqa: E402  this directory's script (no jax at import)
+from meta_step import FIELDS, _model, lacks_kernel, meta_batch  # noqa: E402  this directory's script (no jax at import)
 
 
 def options(variant: str) -> dict[str, str | bool]:
@@ -120,7 +120,7 @@ def main() -> None:
     calls = compiled[name].as_text().count(onednn.TARGET)
     if calls and not kernel:
       raise SystemExit(f"--variant {name!r}: {calls} oneDNN calls in the compiled step with the kernel off")
-    if kernel and not calls and a.dtype in ("bfloat16", "float32") and onednn.available():
+    if kernel and lacks_kernel(compiled[name], a.dtype):
       raise SystemExit(f"--variant {name!r}: no oneDNN calls in the {a.dtype} step although the kernel is available")
   updated = {name: jax.tree.leaves(c(*args)[0].variables) for name, c in compiled.items()}
   pairs = paired_times(compiled, args, a.calls)

@@ -121,6 +121,14 @@ def _count(fn: Callable, *args) -> float | None:
   return _flops(lowered)
 
 
+def lacks_kernel(compiled, dtype: str) -> bool:
+  """Whether the compiled step has no oneDNN call although the kernel is available here for ``dtype`` (float32 and
+  bfloat16 weight gradients): e.g. a trace shared with one made with the kernel off."""
+  from mltd_jax import onednn
+
+  return onednn.available() and dtype in ("float32", "bfloat16") and onednn.TARGET not in compiled.as_text()
+
+
 def _peak_mb(devices) -> tuple[str, float]:
   """("peak_device_mb", the largest peak over ``devices``) on accelerators, else ("peak_rss_mb", process peak)."""
   stats = [d.memory_stats() for d in devices] if devices[0].platform != "cpu" else []
@@ -246,7 +254,7 @@ def run_one(a: argparse.Namespace) -> dict:
   import numpy as np
   import optax
 
-  from mltd_jax import meta, onednn, sharding, tams, train
+  from mltd_jax import meta, sharding, tams, train
   from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
@@ -308,7 +316,7 @@ def run_one(a: argparse.Namespace) -> dict:
     row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
     row.update(tarp_speedup=round(statistics.median(ratios), 3))
     row.update(tarp_speedup_range=[round(ratios[0], 3), round(ratios[-1], 3)])
-  if onednn.available() and a.dtype in ("float32", "bfloat16") and onednn.TARGET not in compiled.as_text():
+  if lacks_kernel(compiled, a.dtype):
     raise SystemExit(f"--mode {a.mode}: the timed step has no oneDNN call although the kernel is available here")
   mem = compiled.memory_analysis()
   dev = available[0]

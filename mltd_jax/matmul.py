@@ -50,7 +50,7 @@ def mixed(dtype) -> bool:
 def kernel_float32(dtype) -> bool:
   """True where `matmul` multiplies float32 inputs with `lowp_matmul_p` in float32: on XLA:CPU with the oneDNN kernel
   (`onednn.available`), so that the weight gradients run on it (`tn_matmul`)."""
-  return jnp.dtype(dtype) == jnp.dtype(jnp.float32) and jax.default_backend() == "cpu" and onednn.available()
+  return jnp.dtype(dtype) == jnp.dtype(jnp.float32) and onednn.available()  # available: XLA:CPU only
 
 
 def primitive(dtype) -> bool:

@@ -383,16 +383,21 @@ def map_tasks(one: Callable, tasks: Any, task_chunk: int, task_groups: int = 1) 
     return jax.tree.map(lambda x: x[None], one(jax.tree.map(lambda x: x[0], tasks)))
   if not task_chunk:
     return jax.vmap(one)(tasks)
-  if n % task_groups:
-    raise ValueError(f"{n} tasks cannot be split into {task_groups} equal groups (devices of the tasks axis).")
 
   def mapped(group):
     return jax.lax.map(one, group) if task_chunk == 1 else jax.lax.map(one, group, batch_size=task_chunk)
 
   if task_groups == 1:
     return mapped(tasks)
-  grouped = jax.tree.map(lambda x: x.reshape(task_groups, n // task_groups, *x.shape[1:]), tasks)
-  return jax.vmap(mapped)(grouped).reshape(n)  # [groups, n / groups] -> [n]
+  return jax.vmap(mapped)(_grouped(tasks, task_groups)).reshape(n)  # [groups, n / groups] -> [n]
+
+
+def _grouped(tasks: Any, groups: int) -> Any:
+  """[n, ...] -> [groups, n / groups, ...]: contiguous groups of tasks (the devices' shares of a sharded task axis)."""
+  n = leading_dim(tasks)
+  if n % groups:
+    raise ValueError(f"{n} tasks cannot be split into {groups} equal groups (devices of the tasks axis).")
+  return jax.tree.map(lambda x: x.reshape(groups, n // groups, *x.shape[1:]), tasks)
 
 
 def meta_loss(
@@ -460,8 +465,6 @@ def meta_value_and_grad(
   summed.
   """
   n = leading_dim(batch)
-  if task_chunk and n % task_groups:
-    raise ValueError(f"{n} tasks cannot be split into {task_groups} equal groups (devices of the tasks axis).")
   tasks = jax.tree.map(jnp.asarray, (batch, jax.random.split(rng, n)))  # task i's key as in `meta_loss`
   groups = task_groups if task_chunk else 1
   size = n // groups
@@ -490,8 +493,7 @@ def meta_value_and_grad(
   elif groups == 1:
     g, per_task = group(tasks)
   else:
-    grouped = jax.tree.map(lambda x: x.reshape(groups, size, *x.shape[1:]), tasks)
-    g, per_task = jax.vmap(group)(grouped)
+    g, per_task = jax.vmap(group)(_grouped(tasks, groups))
     g, per_task = jax.tree.map(lambda x: x.sum(0), g), per_task.reshape(n)
   return (per_task.mean(), per_task), jax.tree.map(lambda x: (x / n).astype(x.dtype), g)
 
