@@ -15,13 +15,16 @@ second-order meta-step 1.24x faster (README "Changed 2026-11-27 (session 11): on
 Both primitives' JVPs are themselves, so forward-over-reverse Hessian-vector products (the meta-step's backward)
 and vmap (tasks) keep the fast forms too.
 
-Float32 on XLA:CPU with the kernel (`kernel_float32`): `matmul` binds `lowp_matmul_p` in float32 too (its forward
-and input-gradient products are XLA's float32 dot, as ``lax.dot_general``), only so that its weight gradients reach
-the kernel through `tn_matmul_p` in float32, where XLA:CPU runs that form through Eigen: 88 GFLOP/s on one core for
-the meta-step's Hessian-vector product against 135 for its other products (YNNPACK). The float32 second-order
-meta-step at the peer's shapes 1.13x faster [1.10-1.17], first order 1.10x [1.08-1.11] (in-process A/Bs, README
-"Changed 2026-11-27 (session 14)"). The values are float32 products summed in another order (updated variables
-within 1.1e-5 of XLA's after one Adam step).
+Float32 on XLA:CPU with the kernel (`kernel_float32`): `matmul` binds `lowp_matmul_p` in float32 too, with
+``kernel=True``, so that every float32 product runs on the kernel: the weight gradients through `tn_matmul_p`, which
+XLA:CPU runs through Eigen (88 GFLOP/s on one core for the meta-step's Hessian-vector product against 135 for its
+other products, YNNPACK): the float32 second-order meta-step at the peer's shapes 1.13x faster [1.10-1.17], first
+order 1.10x [1.08-1.11] (in-process A/Bs, README "Changed 2026-11-27 (session 14)"); and since session 15 the
+forward-form products too, once the kernel cut its products into pieces for XLA's own pool threads instead of
+running oneDNN's OpenMP threads beside them: 1.04x more [1.01-1.07] (README "Changed 2026-11-27 (session 15)";
+with OpenMP threads the same routing had been 0.84-0.86x). The values are float32 products summed in another order
+(updated variables within 1.4e-5 of XLA's after one Adam step). Narrow dtypes keep XLA's forward-form products
+(YNNPACK on AMX).
 
 Only on XLA:CPU (`mixed`, `kernel_float32`): accelerators' narrow products already accumulate in float32 and their
 backward products run narrow, so there, as with float64 inputs anywhere (and float32 without the kernel), `matmul`
@@ -71,13 +74,21 @@ def _dimension_numbers(batch: int, transpose_y: bool):
   return ((batch + 1,), (batch + 1 if transpose_y else batch,)), (b, b)
 
 
-def _impl(x, y, *, transpose_y: bool, dtype):
+def _impl(x, y, *, transpose_y: bool, dtype, kernel: bool):
+  del kernel
   dims = _dimension_numbers(x.ndim - 2, transpose_y)
   return lax.dot_general(x.astype(dtype), y.astype(dtype), dims, preferred_element_type=jnp.float32)
 
 
-def _abstract(x, y, *, transpose_y: bool, dtype):
-  del dtype
+def _impl_cpu(x, y, *, transpose_y: bool, dtype, kernel: bool):
+  """On XLA:CPU: the oneDNN custom call where ``kernel`` (float32 products, `kernel_float32`), else XLA's dot."""
+  if not kernel:
+    return _impl(x, y, transpose_y=transpose_y, dtype=dtype, kernel=kernel)
+  return onednn.product(x.astype(dtype), y.astype(dtype), transpose_b=transpose_y)
+
+
+def _abstract(x, y, *, transpose_y: bool, dtype, kernel: bool):
+  del dtype, kernel
   if x.ndim < 2 or y.ndim != x.ndim or x.shape[:-2] != y.shape[:-2]:
     raise ValueError(f"lowp_matmul: x {x.shape} and y {y.shape} need equal leading (batch) axes and 2 more each.")
   n, k = (y.shape[-2], y.shape[-1]) if transpose_y else (y.shape[-1], y.shape[-2])
@@ -87,18 +98,20 @@ def _abstract(x, y, *, transpose_y: bool, dtype):
 
 
 lowp_matmul_p = Primitive("lowp_matmul")
-lowp_matmul_p.def_impl(_impl)
+lowp_matmul_p.def_impl(_impl_cpu)  # kernel=True is bound only where the default backend is XLA:CPU
 lowp_matmul_p.def_abstract_eval(_abstract)
-mlir.register_lowering(lowp_matmul_p, mlir.lower_fun(_impl, multiple_results=False))
+mlir.register_lowering(lowp_matmul_p, mlir.lower_fun(_impl, multiple_results=False))  # accelerators: XLA's dot
+mlir.register_lowering(lowp_matmul_p, mlir.lower_fun(_impl_cpu, multiple_results=False), platform="cpu")
 
 
-def _transpose_x(ct, x, y, *, transpose_y: bool, dtype):
+def _transpose_x(ct, x, y, *, transpose_y: bool, dtype, kernel: bool):
   """d x = ct op(y)^T: the narrow product again (ct rounded to ``dtype``), in x's dtype."""
-  return lowp_matmul_p.bind(ct, y, transpose_y=not transpose_y, dtype=dtype).astype(x.aval.dtype)
+  return lowp_matmul_p.bind(ct, y, transpose_y=not transpose_y, dtype=dtype, kernel=kernel).astype(x.aval.dtype)
 
 
-def _transpose_y(ct, x, y, *, transpose_y: bool, dtype):
+def _transpose_y(ct, x, y, *, transpose_y: bool, dtype, kernel: bool):
   """d y = x^T ct (or ct^T x for y [.., N, K]): a product contracting the token axis (`tn_matmul_p`), in y's dtype."""
+  del kernel
   a, c = (ct, x) if transpose_y else (x, ct)
   return tn_matmul(a, c, dtype).astype(y.aval.dtype)
 
@@ -111,10 +124,10 @@ def _front(x: jax.Array, axis: int | None, size: int) -> jax.Array:
   return jnp.broadcast_to(x, (size, *x.shape)) if axis is None else jnp.moveaxis(x, axis, 0)
 
 
-def _batch(args, dims, *, transpose_y: bool, dtype):
+def _batch(args, dims, *, transpose_y: bool, dtype, kernel: bool):
   """vmap: a batched x against one unbatched 2-D y folds into its rows; otherwise one more leading batch axis."""
   (x, y), (bx, by) = args, dims
-  bind = lambda x, y: lowp_matmul_p.bind(x, y, transpose_y=transpose_y, dtype=dtype)  # noqa: E731
+  bind = lambda x, y: lowp_matmul_p.bind(x, y, transpose_y=transpose_y, dtype=dtype, kernel=kernel)  # noqa: E731
   if by is None and y.ndim == 2:
     x = jnp.moveaxis(x, bx, 0)  # [B, M, K]
     out = bind(x.reshape(-1, x.shape[-1]), y)
@@ -155,16 +168,22 @@ mlir.register_lowering(tn_matmul_p, mlir.lower_fun(_tn_xla, multiple_results=Fal
 mlir.register_lowering(tn_matmul_p, mlir.lower_fun(_tn_cpu, multiple_results=False), platform="cpu")
 
 
+def _forward_kernel(dtype, kernel: bool) -> bool:
+  """Whether a forward-form product derived from a `tn_matmul_p` on the kernel goes to it too: float32 only (narrow
+  forward-form products stay XLA's, which runs them on AMX)."""
+  return kernel and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+
+
 def _tn_transpose_a(ct, a, c, *, dtype, kernel: bool):
   """d a = c ct^T [*b, K, M]: a product of the forward's form (`lowp_matmul_p`)."""
-  del kernel
-  return lowp_matmul_p.bind(c, ct, transpose_y=True, dtype=dtype).astype(a.aval.dtype)
+  bound = lowp_matmul_p.bind(c, ct, transpose_y=True, dtype=dtype, kernel=_forward_kernel(dtype, kernel))
+  return bound.astype(a.aval.dtype)
 
 
 def _tn_transpose_c(ct, a, c, *, dtype, kernel: bool):
   """d c = a ct [*b, K, N]: a product of the forward's form."""
-  del kernel
-  return lowp_matmul_p.bind(a, ct, transpose_y=False, dtype=dtype).astype(c.aval.dtype)
+  bound = lowp_matmul_p.bind(a, ct, transpose_y=False, dtype=dtype, kernel=_forward_kernel(dtype, kernel))
+  return bound.astype(c.aval.dtype)
 
 
 ad.defbilinear(tn_matmul_p, _tn_transpose_a, _tn_transpose_c)
@@ -187,7 +206,8 @@ def tn_matmul(a: jax.Array, c: jax.Array, dtype) -> jax.Array:
   dtype (AMX kernels for bfloat16); otherwise XLA's float32 dot of the widened operands (Eigen runs this form faster
   in float32 than in bfloat16). Differentiable at any order (`tn_matmul_p`). Used for the weight gradients of the
   products `matmul` binds to `lowp_matmul_p` (`primitive`). With float32 the kernel was no faster in session 11
-  (0.97-0.99x of XLA's, all four tasks vmapped), and 1.13x since one task at a time (module docstring).
+  (0.97-0.99x of XLA's, all four tasks vmapped), and 1.13x since one task at a time (module docstring). Its
+  derivatives' forward-form products go to the kernel too where it is float32 (`_forward_kernel`).
   """
   dtype = jnp.dtype(dtype)
   kernel = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) and onednn.available()
@@ -199,12 +219,13 @@ def matmul(x: jax.Array, y: jax.Array, *, transpose_y: bool = False) -> jax.Arra
 
   Computed in x's dtype: where `mixed` (bfloat16 or float16 on XLA:CPU) both operands are rounded to it and the
   products summed in float32 by `lowp_matmul_p` (every derivative alike), and the result is float32 (cast it where
-  the compute dtype is wanted); where `kernel_float32`, the same primitive in float32 (the weight gradients on the
-  oneDNN kernel); otherwise a plain ``lax.dot_general`` in x's dtype, the result in x's dtype.
+  the compute dtype is wanted); where `kernel_float32`, the same primitive in float32 (every product, and every
+  derivative's, on the oneDNN kernel); otherwise a plain ``lax.dot_general`` in x's dtype, the result in x's dtype.
   """
   if not primitive(x.dtype):
     return lax.dot_general(x, y.astype(x.dtype), _dimension_numbers(x.ndim - 2, transpose_y))
-  return lowp_matmul_p.bind(x, y, transpose_y=transpose_y, dtype=jnp.dtype(x.dtype))
+  dtype = jnp.dtype(x.dtype)
+  return lowp_matmul_p.bind(x, y, transpose_y=transpose_y, dtype=dtype, kernel=kernel_float32(dtype))
 
 
 def saveable(batched: bool = True):

@@ -32,7 +32,7 @@ def _primitives(f, *args) -> list[str]:
 
 
 def test_float32_is_the_plain_dot_and_narrow_is_the_primitive_on_cpu():
-  """Without the oneDNN kernel float32 is XLA's dot (with it, `test_float32_weight_gradients_on_the_kernel`)."""
+  """Without the oneDNN kernel float32 is XLA's dot (with it, `test_float32_products_on_the_kernel`)."""
   x, y, _ = _operands()
   with onednn.disabled():
     assert _primitives(lambda x, y: matmul.matmul(x, y), x, y) == ["dot_general"]
@@ -66,10 +66,10 @@ def test_value_gradients_and_hessian_vector_products_of_the_narrow_product(batch
   np.testing.assert_allclose(rev_rev, fwd_rev(ours), rtol=0, atol=3e-2 * float(jnp.abs(want).max()))
 
 
-def test_float32_weight_gradients_on_the_kernel():
-  """Float32 on XLA:CPU with the kernel: `matmul` binds the primitive in float32, its forward and input gradient XLA's
-  float32 dot, its weight gradient `tn_matmul` on the kernel; values and gradients equal the plain dot's to float32
-  rounding (summed in another order), and so do forward-over-reverse HVPs."""
+def test_float32_products_on_the_kernel():
+  """Float32 on XLA:CPU with the kernel: `matmul` binds the primitive in float32 and every product runs on the kernel
+  (forward, input gradient, weight gradient `tn_matmul`, and their derivatives); values and gradients equal the
+  plain dot's to float32 rounding (summed in another order), and so do forward-over-reverse HVPs."""
   if not onednn.available():
     pytest.skip("no oneDNN kernel here: " + str(onednn._load()))
   x, y, v = _operands((3,))
@@ -78,12 +78,15 @@ def test_float32_weight_gradients_on_the_kernel():
   grad = lambda x, y: jax.grad(loss, (0, 1))(x, y)  # noqa: E731
   prims = _primitives(grad, x, y)
   assert prims.count("lowp_matmul") == 2 and prims.count("tn_matmul") == 1 and "dot_general" not in prims
-  assert onednn.TARGET in jax.jit(grad).lower(x, y).as_text()
+  text = jax.jit(grad).lower(x, y).as_text()
+  assert text.count(onednn.TARGET) == 3 and "dot_general" not in text  # forward, input and weight gradients
+  hvp_text = jax.jit(lambda y: jax.jvp(lambda y: jax.grad(loss, 1)(x, y), (y,), (v,))[1]).lower(y).as_text()
+  assert onednn.TARGET in hvp_text and "dot_general" not in hvp_text
   with onednn.disabled():
     want_value, want_grad = matmul.matmul(x, y), jax.jit(lambda x, y: jax.grad(loss, (0, 1))(x, y))(x, y)
     want_hvp = jax.jvp(lambda y: jax.grad(loss, 1)(x, y), (y,), (v,))[1]
   assert matmul.matmul(x, y).dtype == jnp.float32
-  np.testing.assert_array_equal(matmul.matmul(x, y), want_value)  # the same XLA dot
+  np.testing.assert_allclose(matmul.matmul(x, y), want_value, rtol=1e-5, atol=1e-5 * float(jnp.abs(want_value).max()))
   for got, want in zip(jax.jit(grad)(x, y), want_grad):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
   got_hvp = jax.jvp(lambda y: jax.grad(loss, 1)(x, y), (y,), (v,))[1]

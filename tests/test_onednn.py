@@ -42,6 +42,30 @@ def test_product_matches_numpy(transpose_a, transpose_b, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+  "b,m,k,n",
+  [((), 508, 256, 72), ((), 40, 256, 508), ((16,), 127, 64, 127), ((3,), 100, 96, 100)],
+  ids=["rows", "columns", "batch", "batch-uneven"],
+)
+@pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_products_cut_into_pieces_match_numpy(b, m, k, n, transpose_a, transpose_b, dtype):
+  """Products of 4 MFLOP or more are cut into pieces for XLA's pool threads (rows of the result where it has more
+  rows than columns, else columns, or batch entries); leading dimensions and offsets of every piece are right."""
+  assert onednn.available(), onednn._load()
+  assert 2 * np.prod(b, dtype=int) * m * k * n >= 4e6  # above the kernel's kMinSplitFlops
+  rng = np.random.default_rng(1)
+  a = rng.standard_normal((*b, k, m) if transpose_a else (*b, m, k), np.float32)
+  c = rng.standard_normal((*b, n, k) if transpose_b else (*b, k, n), np.float32)
+  a, c = np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)), np.asarray(jnp.asarray(c, dtype).astype(jnp.float32))
+  got = jax.jit(lambda a, c: onednn.product(a, c, transpose_a=transpose_a, transpose_b=transpose_b))(
+    jnp.asarray(a, dtype), jnp.asarray(c, dtype)
+  )
+  want = (np.swapaxes(a, -1, -2) if transpose_a else a) @ (np.swapaxes(c, -1, -2) if transpose_b else c)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+
+
+@needs_kernel
 def test_products_in_flight_at_once_do_not_share_a_scratchpad():
   """XLA:CPU runs independent thunks concurrently: each product needs its own scratch memory (oneDNN's default mode
   shares one, and these products came out wrong, relative errors above 1)."""
