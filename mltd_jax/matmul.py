@@ -23,7 +23,7 @@ order 1.10x [1.08-1.11] (in-process A/Bs, README "Changed 2026-11-27 (session 14
 forward-form products too, once the kernel cut its products into pieces for XLA's own pool threads instead of
 running oneDNN's OpenMP threads beside them: 1.04x more [1.01-1.07] (README "Changed 2026-11-27 (session 15)";
 with OpenMP threads the same routing had been 0.84-0.86x). The values are float32 products summed in another order
-(updated variables within 1.4e-5 of XLA's after one Adam step). Narrow dtypes keep XLA's forward-form products
+(updated variables within 1.1e-5 of XLA's after one Adam step). Narrow dtypes keep XLA's forward-form products
 (YNNPACK on AMX).
 
 Only on XLA:CPU (`mixed`, `kernel_float32`): accelerators' narrow products already accumulate in float32 and their
@@ -52,7 +52,7 @@ def mixed(dtype) -> bool:
 
 def kernel_float32(dtype) -> bool:
   """True where `matmul` multiplies float32 inputs with `lowp_matmul_p` in float32: on XLA:CPU with the oneDNN kernel
-  (`onednn.available`), so that the weight gradients run on it (`tn_matmul`)."""
+  (`onednn.available`), so that every float32 product runs on it (``kernel=True``; weight gradients: `tn_matmul`)."""
   return jnp.dtype(dtype) == jnp.dtype(jnp.float32) and onednn.available()  # available: XLA:CPU only
 
 

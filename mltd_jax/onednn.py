@@ -74,7 +74,7 @@ def _command(prefix: Path, out: str) -> list[str]:
     raise Unavailable(f"oneDNN kernel: no C++ compiler (c++ or g++ on PATH, or $CXX); {_FIX}.")
   return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type",
           f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE),
-          f"-L{prefix / 'lib'}", "-ldnnl", f"-Wl,-rpath,{prefix / 'lib'}", "-o", out]  # fmt: skip
+          f"-L{prefix / 'lib'}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{prefix / 'lib'}", "-o", out]  # fmt: skip
 
 
 def library_path() -> Path:

@@ -99,6 +99,13 @@ def test_the_backward_products_stay_narrow():
   grad = lambda x, y: jax.grad(lambda x, y: jnp.sum(matmul.matmul(x.astype(BF16), y) ** 2), (0, 1))(x, y)  # noqa: E731
   prims = _primitives(grad, x, y)
   assert prims.count("lowp_matmul") == 2 and prims.count("tn_matmul") == 1 and "dot_general" not in prims
+  # bfloat16's forward-form products stay XLA's (AMX: kernel=False), in the HVP's tangent products too
+  v = jnp.ones_like(y)
+  hvp = lambda x, y: jax.jvp(lambda y: grad(x, y)[1], (y,), (v,))[1]  # noqa: E731
+  for f in (grad, hvp):
+    eqns = [e for e in jax.make_jaxpr(f)(x, y).eqns if str(e.primitive) in ("lowp_matmul", "tn_matmul")]
+    assert eqns and all(not e.params["kernel"] for e in eqns if str(e.primitive) == "lowp_matmul")
+    assert all(e.params["kernel"] == onednn.available() for e in eqns if str(e.primitive) == "tn_matmul")
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["onednn", "xla"])

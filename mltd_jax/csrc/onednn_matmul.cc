@@ -32,7 +32,8 @@
 namespace ffi = xla::ffi;
 using dt = dnnl::memory::data_type;
 
-extern "C" void omp_set_num_threads(int);  // libgomp's, which libdnnl links
+extern "C" void omp_set_num_threads(int);  // libgomp's (onednn.py links it)
+extern "C" int omp_get_max_threads();
 
 namespace {
 
@@ -49,8 +50,9 @@ struct Product {
   dnnl::matmul prim;
 };
 
-// One primitive per shape and leading dimensions (a piece of a product keeps its whole's), made once (oneDNN picks and JIT-compiles its kernel when a primitive is made). Its
-// scratchpad is ours (scratchpad_mode::user, a buffer per calling thread): in oneDNN's default mode every primitive
+// One primitive per shape and leading dimensions (a piece of a product keeps its whole's), made once (oneDNN
+// picks and JIT-compiles its kernel when a primitive is made). Its scratchpad is ours (scratchpad_mode::user, a
+// buffer per calling thread): in oneDNN's default mode every primitive
 // shares one global scratchpad, and XLA:CPU runs independent thunks concurrently, so two products in flight at once
 // overwrote each other's partial sums (tests/test_onednn.py's concurrent test failed that way).
 const Product& Primitive(int64_t b, int64_t m, int64_t k, int64_t n, bool ta, bool tb, dt type, int64_t lda,
@@ -85,7 +87,9 @@ void* Scratch(size_t bytes) {
 }
 
 // Below this many FLOPs a product runs whole on the calling thread (a piece would cost more than it saves).
-constexpr double kMinSplitFlops = 1e6;  // 1.03-1.07x over 4e6 in the meta-step (README)
+// A piece has at least this many FLOPs (so products below twice it run whole on the calling thread): 1.03x and
+// 1.07x over pieces of at least 2 MFLOP in two A/Bs of the float32 meta-step on 2 cores (README, session 15).
+constexpr double kMinPieceFlops = 0.5e6;
 
 // One product cut into `pieces`, taken by whichever threads come (the caller and the pool's): `next` hands out
 // pieces, `done` counts finished ones. Shared (std::shared_ptr) since a pool task may start after the call returned.
@@ -134,23 +138,31 @@ struct Job {
     }
   }
 
+  // Takes pieces until none is left; oneDNN runs each on this thread alone (its OpenMP team size, restored after).
   void Work() {
-    thread_local const bool single = (omp_set_num_threads(1), true);  // oneDNN on this thread alone, from now on
-    (void)single;
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(1);
     for (int i; (i = next.fetch_add(1, std::memory_order_relaxed)) < pieces;) {
       try {
         Piece(i);
       } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc: reported by the caller
-        std::lock_guard<std::mutex> lock(mutex);
-        error = e.what();
+        Fail(e.what());
+      } catch (...) {
+        Fail("unknown exception");
       }
       done.fetch_add(1, std::memory_order_release);
     }
+    omp_set_num_threads(before);
+  }
+
+  void Fail(const char* what) {
+    std::lock_guard<std::mutex> lock(mutex);
+    error = what;
   }
 };
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer c, ffi::Result<ffi::Buffer<ffi::F32>> out, bool transpose_a,
-                  bool transpose_b) {
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer c, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                  bool transpose_a, bool transpose_b) {
   const auto ad = a.dimensions(), cd = c.dimensions();
   const size_t rank = ad.size();
   if (rank < 2 || cd.size() != rank || out->dimensions().size() != rank)
@@ -183,10 +195,16 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer c, ffi:
     std::memset(out->untyped_data(), 0, sizeof(float) * b * m * n);
     return ffi::Error::Success();
   }
-  auto job = std::make_shared<Job>(b, m, k, n, transpose_a, transpose_b, type, a.untyped_data(), c.untyped_data(),
-                                   out->untyped_data());
+  std::shared_ptr<Job> job;
+  try {
+    job = std::make_shared<Job>(b, m, k, n, transpose_a, transpose_b, type, a.untyped_data(), c.untyped_data(),
+                                out->untyped_data());
+  } catch (const std::exception& e) {  // never through XLA's C interface
+    return ffi::Error::Internal(std::string("onednn_matmul: ") + e.what());
+  }
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t wanted = 2.0 * b * m * n * k < kMinSplitFlops ? 1 : threads;
+  const double flops = 2.0 * b * m * n * k;
+  const int64_t wanted = std::clamp<int64_t>(static_cast<int64_t>(flops / kMinPieceFlops), 1, threads);
   if (b > 1) {
     job->step = (b + wanted - 1) / wanted;
     job->pieces = static_cast<int>((b + job->step - 1) / job->step);
@@ -196,7 +214,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer c, ffi:
     job->step = ((length + wanted - 1) / wanted + 15) / 16 * 16;  // whole 16-wide blocks of the kernels
     job->pieces = static_cast<int>((length + job->step - 1) / job->step);
   }
-  for (int t = 1; t < job->pieces; ++t) pool.Schedule([job] { job->Work(); });
+  try {
+    for (int t = 1; t < job->pieces; ++t) pool.Schedule([job] { job->Work(); });
+  } catch (...) {  // a task not scheduled (std::bad_alloc): the caller takes its pieces
+  }
   job->Work();
   while (job->done.load(std::memory_order_acquire) < job->pieces) std::this_thread::yield();
   if (!job->error.empty()) return ffi::Error::Internal("onednn_matmul: " + job->error);
