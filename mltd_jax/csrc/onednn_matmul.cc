@@ -86,7 +86,6 @@ void* Scratch(size_t bytes) {
   return reinterpret_cast<void*>((base + kAlign - 1) / kAlign * kAlign);
 }
 
-// Below this many FLOPs a product runs whole on the calling thread (a piece would cost more than it saves).
 // A piece has at least this many FLOPs (so products below twice it run whole on the calling thread): 1.03x and
 // 1.07x over pieces of at least 2 MFLOP in two A/Bs of the float32 meta-step on 2 cores (README, session 15).
 constexpr double kMinPieceFlops = 0.5e6;
