@@ -22,14 +22,10 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-@needs_kernel
-@pytest.mark.parametrize("transpose_a", [False, True])
-@pytest.mark.parametrize("transpose_b", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_product_matches_numpy(transpose_a, transpose_b, dtype):
-  assert onednn.available(), onednn._load()
-  rng = np.random.default_rng(0)
-  b, m, k, n = (2, 3), 7, 33, 5
+def _product_and_numpy(b, m, k, n, transpose_a, transpose_b, dtype, seed):
+  """`onednn.product` of random operands of ``dtype`` (a [*b, M, K] or [*b, K, M], c [*b, K, N] or [*b, N, K]) and
+  numpy's float32 product of the same (rounded) operands."""
+  rng = np.random.default_rng(seed)
   a = rng.standard_normal((*b, k, m) if transpose_a else (*b, m, k), np.float32)
   c = rng.standard_normal((*b, n, k) if transpose_b else (*b, k, n), np.float32)
   a, c = np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)), np.asarray(jnp.asarray(c, dtype).astype(jnp.float32))
@@ -37,6 +33,17 @@ def test_product_matches_numpy(transpose_a, transpose_b, dtype):
     jnp.asarray(a, dtype), jnp.asarray(c, dtype)
   )
   want = (np.swapaxes(a, -1, -2) if transpose_a else a) @ (np.swapaxes(c, -1, -2) if transpose_b else c)
+  return got, want
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_product_matches_numpy(transpose_a, transpose_b, dtype):
+  assert onednn.available(), onednn._load()
+  b, m, n = (2, 3), 7, 5
+  got, want = _product_and_numpy(b, m, 33, n, transpose_a, transpose_b, dtype, seed=0)
   assert got.dtype == jnp.float32 and got.shape == (*b, m, n)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # the operands are exact in dtype: float32 sums
 
@@ -55,15 +62,8 @@ def test_products_cut_into_pieces_match_numpy(b, m, k, n, transpose_a, transpose
   pool has a thread per core: on one core nothing is cut (CI's machines have 2; 5 batch entries cut unevenly for 2,
   3 or 4 threads)."""
   assert onednn.available(), onednn._load()
-  assert 2 * np.prod(b, dtype=int) * m * k * n >= 1e6  # above the kernel's kMinSplitFlops
-  rng = np.random.default_rng(1)
-  a = rng.standard_normal((*b, k, m) if transpose_a else (*b, m, k), np.float32)
-  c = rng.standard_normal((*b, n, k) if transpose_b else (*b, k, n), np.float32)
-  a, c = np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)), np.asarray(jnp.asarray(c, dtype).astype(jnp.float32))
-  got = jax.jit(lambda a, c: onednn.product(a, c, transpose_a=transpose_a, transpose_b=transpose_b))(
-    jnp.asarray(a, dtype), jnp.asarray(c, dtype)
-  )
-  want = (np.swapaxes(a, -1, -2) if transpose_a else a) @ (np.swapaxes(c, -1, -2) if transpose_b else c)
+  assert 2 * np.prod(b, dtype=int) * m * k * n >= 1e6  # two pieces of the kernel's kMinPieceFlops (0.5e6) or more
+  got, want = _product_and_numpy(b, m, k, n, transpose_a, transpose_b, dtype, seed=1)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
 
 
