@@ -42,20 +42,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def thunk_ms(trace_dir: Path, calls: int) -> collections.Counter:
-  """Milliseconds per call of each XLA:CPU thunk (by HLO instruction name) in the Perfetto trace under
-  ``trace_dir`` (``calls`` calls), without the executor's and Python's own events."""
+def thunk_events(trace_dir: Path) -> list[tuple[str, float, float]]:
+  """(name, start µs, milliseconds) of every XLA:CPU thunk (by HLO instruction name) in the Perfetto trace under
+  ``trace_dir``, in the trace's order, without the executor's and Python's own events."""
   paths = sorted(trace_dir.glob("**/perfetto_trace.json.gz"))
   if not paths:
     raise SystemExit(f"no perfetto_trace.json.gz under {trace_dir}: did jax.profiler write the trace?")
   events = json.load(gzip.open(paths[-1]))
   events = events["traceEvents"] if isinstance(events, dict) else events
+  skip = ("ThunkExecutor", "$", "SlinkyThreadPool", "Common", "Pjit")
+  return [
+    (e["name"], e.get("ts", 0), e.get("dur", 0) / 1000)
+    for e in events
+    if e.get("ph") == "X" and not e.get("name", "").startswith(skip)
+  ]
+
+
+def thunk_ms(trace_dir: Path, calls: int) -> collections.Counter:
+  """Milliseconds per call of each XLA:CPU thunk (by HLO instruction name) in the trace under ``trace_dir`` (``calls``
+  calls; `thunk_events`)."""
   per_op: collections.Counter = collections.Counter()
-  for e in events:
-    name = e.get("name", "")
-    if e.get("ph") == "X" and not name.startswith(("ThunkExecutor", "$", "SlinkyThreadPool", "Common", "Pjit")):
-      per_op[name] += e.get("dur", 0) / 1000 / calls
+  for name, _, ms in thunk_events(trace_dir):
+    per_op[name] += ms / calls
   return per_op
+
+
+def thunk_runs(trace_dir: Path, calls: int) -> collections.Counter:
+  """How many times per call each XLA:CPU thunk ran (a loop body's thunks once per iteration)."""
+  runs = collections.Counter(name for name, _, _ in thunk_events(trace_dir))
+  return collections.Counter({name: n / calls for name, n in runs.items()})
 
 
 def op_kinds(per_op: collections.Counter) -> dict[str, float]:

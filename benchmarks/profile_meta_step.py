@@ -11,13 +11,24 @@ and the ``--top`` costliest thunks with their output shape and the JAX operation
   python benchmarks/profile_meta_step.py --order 1 --task_chunk 0    # tasks vmapped (0) instead of one at a time
   python benchmarks/profile_meta_step.py --order 2 --inner 1 --trace /tmp/meta_trace
   python benchmarks/profile_meta_step.py --order 2 --dtype bfloat16    # products in bfloat16 (mltd_jax.matmul)
+  taskset -c 0 python benchmarks/profile_meta_step.py --order 2 --floor  # one core: the products alone (below)
+
+``--floor`` adds ``products``: the step's products on the oneDNN kernel (`mltd_jax.onednn`; every float32 product on
+XLA:CPU), how many ran per step, their GFLOP, their thunk time in the step, and the time the same products take
+alone, one call per product shape timed by the profiler on fresh operands of that shape: ``alone_cold_ms`` with the
+operands pushed out of the core's caches first (numpy writes 64 MiB between calls), as a product meets them in the
+step, and ``alone_hot_ms`` on the operands of the call just before. Summed over the step's calls, these say how long
+the products alone would take at the rates the kernel reaches by itself; ``rest_ms`` is the step's other thunks.
+Thunk times are summed over threads: on one core (``taskset -c 0``) they add up to the step's time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -36,12 +47,14 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=10)
   p.add_argument("--trace", type=Path, default=None, help="directory for the trace (default: a temporary one)")
+  p.add_argument("--floor", action="store_true", help="time the step's kernel products alone too (``products``)")
+  p.add_argument("--floor_calls", type=int, default=11, help="cold and hot calls per product shape with --floor")
   a = p.parse_args()
 
   import jax
   import numpy as np
   import optax
-  from meta_parts import op_kinds, time_calls  # this directory's scripts
+  from meta_parts import op_kinds, thunk_runs, time_calls  # this directory's scripts
 
   from mltd_jax import meta
   from mltd_jax.models import gpt2
@@ -64,12 +77,95 @@ def main() -> None:
     if m:
       origin = re.search(r'op_name="([^"]*)"', line)
       hlo[m.group(1)] = (m.group(2), origin.group(1)[-100:] if origin else "")
-  print(json.dumps({
+  row = {
     "order": a.order, "inner": a.inner, "dtype": a.dtype, "seconds": round(seconds, 4),
     "flops_loops_once": _flops(compiled),
     "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op),
     "top": [[name, round(ms, 1), *hlo.get(name, ("?", ""))] for name, ms in per_op.most_common(a.top)],
-  }), flush=True)  # fmt: skip
+  }  # fmt: skip
+  if a.floor:
+    row.update(floor(compiled.as_text(), per_op, thunk_runs(trace, a.steps), a.floor_calls, a.top))
+  print(json.dumps(row), flush=True)
+
+
+def kernel_products(hlo_text: str) -> dict[str, tuple]:
+  """The oneDNN custom calls of a compiled program: instruction name -> (shape of a, shape of c, transpose_a,
+  transpose_b, operand dtype), read from each call's operand layout constraints and backend config."""
+  from mltd_jax import onednn
+
+  out = {}
+  for line in hlo_text.splitlines():
+    if f'custom_call_target="{onednn.TARGET}"' not in line:
+      continue
+    name = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+    operands = re.search(r"operand_layout_constraints=\{(\w+)\[([\d,]*)\](?:\{[\d,]*\})?, (\w+)\[([\d,]*)\]", line)
+    flags = re.search(r"transpose_a = (true|false), transpose_b = (true|false)", line)
+    if not (name and operands and flags):
+      raise ValueError(f"a {onednn.TARGET} custom call this script cannot read (its HLO changed?): {line[:300]}")
+    shape = lambda dims: tuple(int(d) for d in dims.split(",") if d)  # noqa: E731
+    dtype = {"f32": "float32", "bf16": "bfloat16"}[operands.group(1)]
+    out[name.group(1)] = (shape(operands.group(2)), shape(operands.group(4)), flags.group(1) == "true",
+                          flags.group(2) == "true", dtype)  # fmt: skip
+  return out
+
+
+def product_flops(a_shape: tuple, c_shape: tuple, ta: bool, tb: bool) -> int:
+  m, k = (a_shape[-1], a_shape[-2]) if ta else (a_shape[-2], a_shape[-1])
+  return 2 * math.prod(a_shape[:-2]) * m * k * (c_shape[-2] if tb else c_shape[-1])
+
+
+def alone_ms(a_shape: tuple, c_shape: tuple, ta: bool, tb: bool, dtype: str, calls: int) -> tuple[float, float]:
+  """Median thunk milliseconds of one kernel product alone: right after numpy wrote 64 MiB (its operands out of the
+  core's caches) and right after the same call (hot)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from meta_parts import thunk_events
+
+  from mltd_jax import onednn
+
+  rng = np.random.default_rng(0)
+  a, c = (jnp.asarray(rng.standard_normal(s, np.float32), dtype) for s in (a_shape, c_shape))
+  compiled = jax.jit(lambda a, c: onednn.product(a, c, transpose_a=ta, transpose_b=tb)).lower(a, c).compile()
+  (name,) = kernel_products(compiled.as_text())
+  jax.block_until_ready(compiled(a, c))
+  evict = np.zeros(16 << 20, np.float32)  # 64 MiB
+  with tempfile.TemporaryDirectory() as trace:
+    with jax.profiler.trace(trace, create_perfetto_trace=True):
+      for _ in range(calls):
+        evict += 1.0
+        jax.block_until_ready(compiled(a, c))
+        jax.block_until_ready(compiled(a, c))
+    runs = sorted((ts, ms) for n, ts, ms in thunk_events(Path(trace)) if n == name)
+  if len(runs) != 2 * calls:
+    raise SystemExit(f"the trace has {len(runs)} runs of {name}, not {2 * calls}: did the profiler drop events?")
+  return statistics.median(ms for _, ms in runs[0::2]), statistics.median(ms for _, ms in runs[1::2])
+
+
+def floor(hlo_text: str, per_op, runs, calls: int, top: int) -> dict:
+  """``products`` (see the module docstring) and ``products_top``: the ``top`` product shapes by time alone (cold)."""
+  from mltd_jax import onednn
+
+  if not onednn.available():
+    return {"products": None}
+  by_shape: dict[tuple, list] = {}  # (a, c, ta, tb, dtype) -> [runs per step, in-step ms per step]
+  for name, key in kernel_products(hlo_text).items():
+    entry = by_shape.setdefault(key, [0.0, 0.0])
+    entry[0] += runs.get(name, 0)
+    entry[1] += per_op.get(name, 0.0)
+  rows = []
+  for key, (n, in_step) in by_shape.items():
+    if n:
+      cold, hot = alone_ms(*key, calls)
+      rows.append({"a": key[0], "c": key[1], "transpose_a": key[2], "transpose_b": key[3], "dtype": key[4],
+                   "runs": round(n, 1), "in_step_ms": in_step, "alone_cold_ms": n * cold, "alone_hot_ms": n * hot,
+                   "gflop": n * product_flops(*key[:4]) / 1e9})  # fmt: skip
+  keys = ("runs", "gflop", "in_step_ms", "alone_cold_ms", "alone_hot_ms")
+  total = {k: float(f"{sum(r[k] for r in rows):.6g}") for k in keys}
+  total["rest_ms"] = round(sum(per_op.values()) - total["in_step_ms"], 1)
+  rows.sort(key=lambda r: -r["alone_cold_ms"])
+  rnd = lambda r: {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()}  # noqa: E731
+  return {"products": dict(shapes=len(rows), **total), "products_top": [rnd(r) for r in rows[:top]]}
 
 
 if __name__ == "__main__":

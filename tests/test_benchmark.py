@@ -1,6 +1,7 @@
 """The benchmark script runs and prints one JSON line per setting with the promised fields (no timing asserted)."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -55,11 +56,12 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
 
 
 def test_profile_meta_step_prints_time_by_kind_of_op(tmp_path):
-  """`benchmarks/profile_meta_step.py`: one JSON line with the step's seconds, FLOPs and thunk time by kind."""
+  """`benchmarks/profile_meta_step.py`: one JSON line with the step's seconds, FLOPs and thunk time by kind; with
+  ``--floor`` the kernel's products, in the step and each timed alone."""
   script = SCRIPT.parent / "profile_meta_step.py"
   tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--inner=1"]
   cmd = [sys.executable, str(script), *tiny, "--order=1", "--steps=1", "--top=3", "--trace", str(tmp_path / "t")]
-  out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  out = subprocess.run([*cmd, "--floor", "--floor_calls=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
   (row,) = [json.loads(line) for line in out.stdout.splitlines()] or [out.stderr]
   assert row["seconds"] > 0 and row["flops_loops_once"] > 0 and row["thunk_ms"] > 0
   on_kernel = row["ms_by_kind"].get("custom calls (oneDNN)", 0)
@@ -67,6 +69,19 @@ def test_profile_meta_step_prints_time_by_kind_of_op(tmp_path):
   from mltd_jax import onednn
 
   assert (on_kernel > 0) == onednn.available()  # float32 products on the oneDNN kernel where it is available
+  if not onednn.available():
+    assert row["products"] is None
+    return
+  products, top = row["products"], row["products_top"]
+  assert products["in_step_ms"] == pytest.approx(on_kernel, abs=0.2)  # every custom call read from the HLO
+  assert products["shapes"] >= len(top) == 3 and products["runs"] >= sum(r["runs"] for r in top) > 0
+  assert all(r["alone_cold_ms"] > 0 and r["alone_hot_ms"] > 0 for r in top)
+  assert top[0]["alone_cold_ms"] >= top[-1]["alone_cold_ms"]  # the costliest alone first
+  a, c = top[0]["a"], top[0]["c"]  # one shape's FLOPs: 2 B M K N per run
+  m, k = a[-2:][::-1] if top[0]["transpose_a"] else a[-2:]
+  n = c[-2] if top[0]["transpose_b"] else c[-1]
+  assert top[0]["gflop"] == pytest.approx(2 * math.prod(a[:-2]) * m * k * n * top[0]["runs"] / 1e9, rel=1e-3)
+  assert products["rest_ms"] == pytest.approx(row["thunk_ms"] - products["in_step_ms"], abs=0.2)
 
 
 def test_meta_parts_hvp_from_saved_products_is_the_same_product_with_fewer_flops(tmp_path):
