@@ -19,7 +19,9 @@ alone, one call per product shape timed by the profiler on fresh operands of tha
 operands pushed out of the core's caches first (numpy writes 64 MiB between calls), as a product meets them in the
 step, and ``alone_hot_ms`` on the operands of the call just before. Summed over the step's calls, these say how long
 the products alone would take at the rates the kernel reaches by itself; ``rest_ms`` is the step's other thunks.
-Thunk times are summed over threads: on one core (``taskset -c 0``) they add up to the step's time.
+Thunk times are summed over threads: on one core (``taskset -c 0``) they add up to the step's time; on more, a
+product's thunk time is its time on the calling thread, the pieces other threads take for it (`mltd_jax.onednn`)
+unseen, so compare the products with their time alone on one core.
 """
 
 from __future__ import annotations
