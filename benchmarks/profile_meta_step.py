@@ -105,7 +105,9 @@ def kernel_products(hlo_text: str) -> dict[str, tuple]:
     if not (name and operands and flags):
       raise ValueError(f"a {onednn.TARGET} custom call this script cannot read (its HLO changed?): {line[:300]}")
     shape = lambda dims: tuple(int(d) for d in dims.split(",") if d)  # noqa: E731
-    dtype = {"f32": "float32", "bf16": "bfloat16"}[operands.group(1)]
+    dtype = {"f32": "float32", "bf16": "bfloat16"}.get(operands.group(1))
+    if dtype is None:
+      raise ValueError(f"a {onednn.TARGET} custom call on {operands.group(1)} operands (float32 or bfloat16 expected)")
     out[name.group(1)] = (shape(operands.group(2)), shape(operands.group(4)), flags.group(1) == "true",
                           flags.group(2) == "true", dtype)  # fmt: skip
   return out
