@@ -33,6 +33,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import statistics
 import sys
 import time
@@ -73,12 +74,31 @@ def thunk_runs(trace_dir: Path, calls: int) -> collections.Counter:
   return collections.Counter({name: n / calls for name, n in runs.items()})
 
 
-def op_kinds(per_op: collections.Counter) -> dict[str, float]:
+def dot_fusions(hlo_text: str) -> set[str]:
+  """Names of the fusions in a compiled program's HLO text whose fused computation holds a ``dot``: of XLA:CPU's
+  library fusions (YNNPACK's, XNNPACK's) these are products, the others reductions or elementwise work."""
+  bodies: dict[str, bool] = {}  # fused computation -> holds a dot
+  current = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"%?([\w.\-]+) .*\{$", line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+      bodies[current] = False
+    elif current and line.startswith(" ") and re.search(r" dot\(", line):
+      bodies[current] = True
+  fusions = re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .* fusion\(.*calls=%?([\w.\-]+)", hlo_text, re.MULTILINE)
+  return {m.group(1) for m in fusions if bodies.get(m.group(2))}
+
+
+def op_kinds(per_op: collections.Counter, dots: set[str] | None = None) -> dict[str, float]:
   """`thunk_ms`'s milliseconds summed by kind of thunk: matmul fusions, custom calls (`mltd_jax.onednn`'s products),
-  transposing copies, other fusions."""
+  transposing copies, other fusions. With ``dots`` (`dot_fusions` of the program) a library fusion counts as a matmul
+  only if it holds a product (in float32 with the kernel, YNNPACK's fusions are mostly reductions); without, every
+  library fusion does."""
   kinds: collections.Counter = collections.Counter()
   for name, ms in per_op.items():
-    if name.startswith(("ynn_fusion", "xnn_fusion", "dot")):
+    library = name.startswith(("ynn_fusion", "xnn_fusion"))
+    if name.startswith("dot") or (library and (dots is None or name in dots)):
       kinds["matmuls"] += ms
     elif name.startswith(("ffi_call", "custom-call", "custom_call")):
       kinds["custom calls (oneDNN)"] += ms
@@ -190,7 +210,7 @@ def main() -> None:
     compile_s = time.perf_counter() - t0
     trace = a.profile / name if a.profile else None
     med, per_op = time_calls(compiled, (slow, fast, data), a.steps, trace)
-    extra = {"profile_ms": op_kinds(per_op)} if per_op is not None else {}
+    extra = {"profile_ms": op_kinds(per_op, dot_fusions(compiled.as_text()))} if per_op is not None else {}
     # counted on the vmapped twin (the same arithmetic): XLA counts a loop body once, so lax.map's is one task's
     flops = _count(fwdbwd if name == "fwdbwd" else vmapped[name], slow, fast, lins_off if name == "hvp_saved" else data)
     print(json.dumps({

@@ -4,8 +4,10 @@ The meta-step of `benchmarks/meta_step.py` (the peer's shapes, tasks one after a
 otherwise, a fresh support batch per inner step) is compiled once and traced over ``--steps`` calls. One JSON line:
 seconds per step, XLA's FLOP count of the compiled step (loop bodies counted once; the oneDNN custom calls, the
 weight gradients on XLA:CPU, not counted), milliseconds per step by kind of XLA:CPU thunk
-(`meta_parts.thunk_ms` and `op_kinds`: matmul fusions, transposing copies, other fusions; summed over the threads),
-and the ``--top`` costliest thunks with their output shape and the JAX operation they came from.
+(`meta_parts.thunk_ms` and `op_kinds`: matmul fusions, i.e. XLA's dots and the library fusions holding one, the
+oneDNN custom calls, transposing copies, other fusions; summed over the threads), and the ``--top`` costliest thunks
+with their output shape and the JAX operation they came from. (Until session 16 every YNNPACK fusion counted as a
+matmul; in float32 with the kernel most of them are reductions.)
 
   python benchmarks/profile_meta_step.py --order 1
   python benchmarks/profile_meta_step.py --order 1 --task_chunk 0    # tasks vmapped (0) instead of one at a time
@@ -56,7 +58,7 @@ def main() -> None:
   import jax
   import numpy as np
   import optax
-  from meta_parts import op_kinds, thunk_runs, time_calls  # this directory's scripts
+  from meta_parts import dot_fusions, op_kinds, thunk_runs, time_calls  # this directory's scripts
 
   from mltd_jax import meta
   from mltd_jax.models import gpt2
@@ -82,7 +84,7 @@ def main() -> None:
   row = {
     "order": a.order, "inner": a.inner, "dtype": a.dtype, "seconds": round(seconds, 4),
     "flops_loops_once": _flops(compiled),
-    "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op),
+    "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op, dot_fusions(compiled.as_text())),
     "top": [[name, round(ms, 1), *hlo.get(name, ("?", ""))] for name, ms in per_op.most_common(a.top)],
   }  # fmt: skip
   if a.floor:

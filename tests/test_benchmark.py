@@ -249,3 +249,29 @@ def test_ab_meta_step_compares_compile_option_variants_in_one_process(tmp_path, 
   with pytest.raises(SystemExit, match="got item 'oops'"):
     ab_meta_step.options("a=1;oops")
   assert ab_meta_step.options("onednn=false") == {"onednn": False}
+
+
+def test_op_kinds_counts_a_library_fusion_as_a_matmul_only_if_it_holds_a_dot():
+  """`meta_parts.dot_fusions` reads which fusions of a compiled program hold a product; `op_kinds` then counts
+  YNNPACK's reductions as other fusions (every library fusion counted as a matmul without it)."""
+  import collections
+  import re
+
+  import jax
+  import jax.numpy as jnp
+
+  sys.path.insert(0, str(SCRIPT.parent))
+  import meta_parts
+
+  x, w = jnp.ones((512, 1024)), jnp.ones((1024, 64))
+  text = jax.jit(lambda x, w: (jnp.tanh(x).sum(-1), x @ w)).lower(x, w).compile().as_text()
+  dots = meta_parts.dot_fusions(text)
+  fusions = dict(re.findall(r"%([\w.\-]+) = (f32\[[\d,]*\])\S* fusion\(", text))  # name -> output shape
+  reductions = [name for name, shape in fusions.items() if shape == "f32[512]"]
+  assert reductions and not dots & set(reductions)  # tanh + sum: fused, no product in it
+  assert all(name in dots for name, shape in fusions.items() if shape == "f32[512,64]")
+  per_op = collections.Counter({"ynn_fusion.1": 2.0, "ynn_fusion.2": 3.0, "ffi_call.7": 1.0, "copy.3": 0.5})
+  assert meta_parts.op_kinds(per_op, {"ynn_fusion.2"}) == {
+    "matmuls": 3.0, "other fusions": 2.0, "custom calls (oneDNN)": 1.0, "transposing copies": 0.5
+  }
+  assert meta_parts.op_kinds(per_op)["matmuls"] == 5.0
