@@ -75,8 +75,9 @@ def main() -> None:
   compiled = jax.jit(step).lower(state, batch, key).compile()
   trace = a.trace or Path(tempfile.mkdtemp(prefix="meta_trace_"))
   seconds, per_op = time_calls(compiled, (state, batch, key), a.steps, trace)
+  text = compiled.as_text()  # the step's HLO, read once (megabytes of text)
   hlo = {}  # instruction name -> (output shape, the JAX operation it came from)
-  for line in compiled.as_text().splitlines():
+  for line in text.splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
     if m:
       origin = re.search(r'op_name="([^"]*)"', line)
@@ -84,11 +85,11 @@ def main() -> None:
   row = {
     "order": a.order, "inner": a.inner, "dtype": a.dtype, "seconds": round(seconds, 4),
     "flops_loops_once": _flops(compiled),
-    "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op, dot_fusions(compiled.as_text())),
+    "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op, dot_fusions(text)),
     "top": [[name, round(ms, 1), *hlo.get(name, ("?", ""))] for name, ms in per_op.most_common(a.top)],
   }  # fmt: skip
   if a.floor:
-    row.update(floor(compiled.as_text(), per_op, thunk_runs(trace, a.steps), a.floor_calls, a.top))
+    row.update(floor(text, per_op, thunk_runs(trace, a.steps), a.floor_calls, a.top))
   print(json.dumps(row), flush=True)
 
 
