@@ -20,7 +20,8 @@ def token_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tupl
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   # log p(target) = logits[target] - logsumexp(logits), the target picked by a comparison with the vocabulary's
   # indices rather than a gather: the gradient, softmax - one_hot, is then one fused elementwise pass over
-  # [..., V] instead of a scatter into a zero [..., V] buffer and log_softmax's backward (README, issue #11).
+  # [..., V] instead of a scatter into a zero [..., V] buffer and log_softmax's backward
+  # (benchmarks/PERFORMANCE_LOG.md).
   hit = targets[..., None] == jnp.arange(logits.shape[-1])  # int32 indices: no wrap for narrow id dtypes
   nll = jax.nn.logsumexp(logits, axis=-1) - jnp.where(hit, logits, 0.0).sum(-1)
   w = weights.astype(logits.dtype)

@@ -1,30 +1,29 @@
 """Matrix products for every compute dtype: narrow inputs (bfloat16, float16) are multiplied with float32
 accumulation, in the forward and in every derivative.
 
-Why a primitive of our own: ``lax.dot_general(x_bf16, w_bf16, preferred_element_type=float32)`` is the product a
-CPU with AMX (or any accelerator) runs fastest (XLA:CPU hands it to YNNPACK: 425-785 GFLOP/s on this project's
-2-core Xeon against 172-231 in float32, README "Changed: bfloat16 on XLA:CPU"), but JAX's transpose of it multiplies
-the float32 cotangent with the bfloat16 operand, and XLA then runs that backward product in float32 (a bfloat16
-*output*, the other choice, is slower still on XLA:CPU: 96-109 GFLOP/s). `lowp_matmul_p` is bilinear, with
-transpose rules that round the cotangent to the narrow dtype for the input's gradient (the product ct op(y)^T: the
-same fast form), and compute the weight's gradient x^T ct with `tn_matmul_p`, a bilinear primitive for that form (a
-product contracting the token axis). XLA:CPU runs it through Eigen (no AMX; float32 faster than bfloat16 there), so
-where the oneDNN custom call is available (`mltd_jax.onednn`) `tn_matmul_p` lowers to it with bfloat16 operands: 463-
+Why a primitive of our own: ``lax.dot_general(x_bf16, w_bf16, preferred_element_type=float32)`` is the product a CPU
+with AMX (or any accelerator) runs fastest (XLA:CPU hands it to YNNPACK: 425-785 GFLOP/s on this project's 2-core Xeon
+against 172-231 in float32, benchmarks/PERFORMANCE_LOG.md "Changed 2026-11-27 (session 10): bfloat16 on XLA:CPU"), but
+JAX's transpose of it multiplies the float32 cotangent with the bfloat16 operand, and XLA then runs that backward
+product in float32 (a bfloat16 *output*, the other choice, is slower still on XLA:CPU: 96-109 GFLOP/s). `lowp_matmul_p`
+is bilinear, with transpose rules that round the cotangent to the narrow dtype for the input's gradient (the product ct
+op(y)^T: the same fast form), and compute the weight's gradient x^T ct with `tn_matmul_p`, a bilinear primitive for that
+form (a product contracting the token axis). XLA:CPU runs it through Eigen (no AMX; float32 faster than bfloat16 there),
+so where the oneDNN custom call is available (`mltd_jax.onednn`) `tn_matmul_p` lowers to it with bfloat16 operands: 463-
 906 GFLOP/s on AMX against XLA's 96-182 in float32 (`benchmarks/xla_cpu_dots.py --part onednn`), the bfloat16
-second-order meta-step 1.24x faster (README "Changed 2026-11-27 (session 11): oneDNN for the weight gradients").
-Both primitives' JVPs are themselves, so forward-over-reverse Hessian-vector products (the meta-step's backward)
-and vmap (tasks) keep the fast forms too.
+second-order meta-step 1.24x faster (benchmarks/PERFORMANCE_LOG.md "Changed 2026-11-27 (session 11): oneDNN for the
+weight gradients"). Both primitives' JVPs are themselves, so forward-over-reverse Hessian-vector products (the
+meta-step's backward) and vmap (tasks) keep the fast forms too.
 
 Float32 on XLA:CPU with the kernel (`kernel_float32`): `matmul` binds `lowp_matmul_p` in float32 too, with
 ``kernel=True``, so that every float32 product runs on the kernel: the weight gradients through `tn_matmul_p`, which
-XLA:CPU runs through Eigen (88 GFLOP/s on one core for the meta-step's Hessian-vector product against 135 for its
-other products, YNNPACK): the float32 second-order meta-step at the peer's shapes 1.13x faster [1.10-1.17], first
-order 1.10x [1.08-1.11] (in-process A/Bs, README "Changed 2026-11-27 (session 14)"); and since session 15 the
-forward-form products too, once the kernel cut its products into pieces for XLA's own pool threads instead of
-running oneDNN's OpenMP threads beside them: 1.04x more [1.01-1.07] (README "Changed 2026-11-27 (session 15)";
-with OpenMP threads the same routing had been 0.84-0.86x). The values are float32 products summed in another order
-(updated variables within 1.1e-5 of XLA's after one Adam step). Narrow dtypes keep XLA's forward-form products
-(YNNPACK on AMX).
+XLA:CPU runs through Eigen (88 GFLOP/s on one core for the meta-step's Hessian-vector product against 135 for its other
+products, YNNPACK): the float32 second-order meta-step at the peer's shapes 1.13x faster [1.10-1.17], first order 1.10x
+[1.08-1.11] (in-process A/Bs, benchmarks/PERFORMANCE_LOG.md "Changed 2026-11-27 (session 14)"); and since session 15 the
+forward-form products too, once the kernel cut its products into pieces for XLA's own pool threads instead of running
+oneDNN's OpenMP threads beside them: 1.04x more [1.01-1.07] (the same file, "Changed 2026-11-27 (session 15)"; with
+OpenMP threads the same routing had been 0.84-0.86x). The values are float32 products summed in another order (updated
+variables within 1.1e-5 of XLA's after one Adam step). Narrow dtypes keep XLA's forward-form products (YNNPACK on AMX).
 
 Only on XLA:CPU (`mixed`, `kernel_float32`): accelerators' narrow products already accumulate in float32 and their
 backward products run narrow, so there, as with float64 inputs anywhere (and float32 without the kernel), `matmul`

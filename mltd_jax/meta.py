@@ -453,16 +453,15 @@ def meta_value_and_grad(
 ) -> tuple[tuple[jax.Array, jax.Array], Variables]:
   """`meta_loss` and its gradient w.r.t. ``variables``: ((mean query loss, per-task losses), gradient of the mean).
 
-  The same value as ``jax.value_and_grad(meta_loss, has_aux=True)``, but with ``task_chunk`` > 0 each chunk of
-  tasks is differentiated inside the loop over chunks, its gradient summed into the loop's carry (the gradient of a
-  mean is the mean of the tasks' gradients). So a chunk's backward runs right after its forward and only one chunk's
-  residuals are alive, where the gradient of the mapped mean keeps every chunk's residuals (its query pass and what
-  the inner loop keeps) until the backward of the whole map. Measured at the peer's shapes, one task at a time:
-  XLA's temporaries 564 -> 187 MiB (float32) and 539 -> 158 MiB (bfloat16), the second-order step 1.03x and 1.07x
-  as fast (README, issue #11, session 13). With ``task_chunk`` 0 (all tasks vmapped, whatever ``task_groups``, as
-  in `meta_loss`) it is one value_and_grad. With ``task_chunk`` > 0 and ``task_groups`` > 1 each group (a device's
-  share of a sharded task axis) loops over its own tasks, vmapped over the groups, and the groups' gradients are
-  summed.
+  The same value as ``jax.value_and_grad(meta_loss, has_aux=True)``, but with ``task_chunk`` > 0 each chunk of tasks is
+  differentiated inside the loop over chunks, its gradient summed into the loop's carry (the gradient of a mean is the
+  mean of the tasks' gradients). So a chunk's backward runs right after its forward and only one chunk's residuals are
+  alive, where the gradient of the mapped mean keeps every chunk's residuals (its query pass and what the inner loop
+  keeps) until the backward of the whole map. Measured at the peer's shapes, one task at a time: XLA's temporaries 564
+  -> 187 MiB (float32) and 539 -> 158 MiB (bfloat16), the second-order step 1.03x and 1.07x as fast
+  (benchmarks/PERFORMANCE_LOG.md, session 13). With ``task_chunk`` 0 (all tasks vmapped, whatever ``task_groups``, as in
+  `meta_loss`) it is one value_and_grad. With ``task_chunk`` > 0 and ``task_groups`` > 1 each group (a device's share of
+  a sharded task axis) loops over its own tasks, vmapped over the groups, and the groups' gradients are summed.
   """
   n = leading_dim(batch)
   tasks = jax.tree.map(jnp.asarray, (batch, jax.random.split(rng, n)))  # task i's key as in `meta_loss`

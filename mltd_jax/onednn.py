@@ -1,15 +1,15 @@
 """oneDNN's matmul as an XLA:CPU custom call (XLA FFI), for the products XLA:CPU runs slowly.
 
-XLA:CPU gives its fast matmul library (YNNPACK) only products whose left operand contracts its minor axis. Every
-weight gradient x^T g contracts the token axis, the major one, and goes to Eigen, without AMX: the bfloat16 model's
-weight gradients (`mltd_jax.matmul`) ran there in float32 at 96-182 GFLOP/s, against 463-906 for oneDNN with
-bfloat16 operands on the same 2-core Xeon, and its thin low-rank ones x^T (g V) at 6-32 against 37-72 (`python
-benchmarks/xla_cpu_dots.py --part onednn`, README "Changed 2026-11-27 (session 11): oneDNN for the weight
-gradients"). `csrc/onednn_matmul.cc` is a custom call computing op(a) @ op(c) with oneDNN's matmul primitive (AMX
-kernels for bfloat16 where the CPU has them), float32 sums and result; `mltd_jax.matmul` uses it for the weight
-gradients of bfloat16 and (since session 14) float32 products on XLA:CPU, and (since session 15) for every float32
-product there. It cuts a product into pieces for the threads of XLA's intra-op pool, each piece single-threaded
-oneDNN (its OpenMP threads beside XLA's slowed the meta-step down: the source says how).
+XLA:CPU gives its fast matmul library (YNNPACK) only products whose left operand contracts its minor axis. Every weight
+gradient x^T g contracts the token axis, the major one, and goes to Eigen, without AMX: the bfloat16 model's weight
+gradients (`mltd_jax.matmul`) ran there in float32 at 96-182 GFLOP/s, against 463-906 for oneDNN with bfloat16 operands
+on the same 2-core Xeon, and its thin low-rank ones x^T (g V) at 6-32 against 37-72 (`python benchmarks/xla_cpu_dots.py
+--part onednn`, benchmarks/PERFORMANCE_LOG.md "Changed 2026-11-27 (session 11): oneDNN for the weight gradients").
+`csrc/onednn_matmul.cc` is a custom call computing op(a) @ op(c) with oneDNN's matmul primitive (AMX kernels for
+bfloat16 where the CPU has them), float32 sums and result; `mltd_jax.matmul` uses it for the weight gradients of
+bfloat16 and (since session 14) float32 products on XLA:CPU, and (since session 15) for every float32 product there. It
+cuts a product into pieces for the threads of XLA's intra-op pool, each piece single-threaded oneDNN (its OpenMP threads
+beside XLA's slowed the meta-step down: the source says how).
 
 The kernel is compiled on first use with the system's C++ compiler against the headers and library of the
 ``onednn-devel-cpu-gomp`` / ``onednn-cpu-gomp`` wheels in this Python environment (requirements.txt) and XLA's FFI

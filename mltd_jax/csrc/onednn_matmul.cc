@@ -87,7 +87,8 @@ void* Scratch(size_t bytes) {
 }
 
 // A piece has at least this many FLOPs (so products below twice it run whole on the calling thread): 1.03x and
-// 1.07x over pieces of at least 2 MFLOP in two A/Bs of the float32 meta-step on 2 cores (README, session 15).
+// 1.07x over pieces of at least 2 MFLOP in two A/Bs of the float32 meta-step on 2 cores
+// (benchmarks/PERFORMANCE_LOG.md, session 15).
 constexpr double kMinPieceFlops = 0.5e6;
 
 // One product cut into `pieces`, taken by whichever threads come (the caller and the pool's): `next` hands out

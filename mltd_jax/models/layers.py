@@ -58,7 +58,7 @@ def heads_first(x: jax.Array) -> jax.Array:
 
   With (batch, head) as a single batch dimension XLA:CPU's batched matmuls need fewer relayouts: forward+backward
   of one GPT-2 layer's attention at the peer's shapes (4 x 4 sequences of 127 tokens, 4 heads of 64) took 12.0 ms
-  against 15.5 ms with the batch and head axes apart (README, issue #11).
+  against 15.5 ms with the batch and head axes apart (benchmarks/PERFORMANCE_LOG.md).
   """
   return x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])
 
