@@ -168,7 +168,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.meta.outer_schedule = "constant"  # after warmup: constant | inverse_sqrt (rate * sqrt(warmup / step))
   c.meta.clip_grad_norm = 1.0  # outer gradient clipping
   c.meta.first_order = False  # True: FOMAML (no gradient through inner gradients)
-  c.meta.remat = True  # jax.checkpoint the inner step (backward "autodiff"): memory flat in T_in (README)
+  # jax.checkpoint the inner step (backward "autodiff"): memory flat in T_in (PERFORMANCE_LOG.md, earlier grid)
+  c.meta.remat = True
   # how the inner loop is differentiated: auto (hvp for SGD) | hvp (hand-derived SGD backward, one Hessian-vector
   # product per step, only the fast variables kept per step) | autodiff (jax.grad through the scan; Adam needs it)
   c.meta.inner_backward = "auto"

@@ -1,13 +1,13 @@
 """Host memory of a process that runs XLA:CPU steps: hand the compiler's memory back, back the steps with huge pages.
 
 XLA:CPU allocates each call's temporary buffer afresh (one ``posix_memalign`` of the whole buffer: 408 MB for the
-first-order meta-step at the peer's shapes, `benchmarks/meta_step.py`), and glibc serves an allocation that large
-with a new ``mmap`` and unmaps it on free. Every call then touches hundreds of MB of new 4 KB pages, each faulted in
-and zeroed by the kernel: about 107,000 page faults per first-order step here. glibc's tunable
-``glibc.malloc.hugetlb=1`` has it ask for transparent huge pages (``madvise(MADV_HUGEPAGE)``) on those mappings:
-about 600 faults per step instead, and on the project's 2-core VM the plain forward+backward step ran 1.14-1.15x as
-fast, the adaptation steps 1.15-1.41x and the first-order meta-step 1.10x (processes run in turn; README, issue
-#11). The tunable is read once, when the process starts, so it has to be in the environment of the Python process
+first-order meta-step at the peer's shapes, `benchmarks/meta_step.py`), and glibc serves an allocation that large with a
+new ``mmap`` and unmaps it on free. Every call then touches hundreds of MB of new 4 KB pages, each faulted in and zeroed
+by the kernel: about 107,000 page faults per first-order step here. glibc's tunable ``glibc.malloc.hugetlb=1`` has it
+ask for transparent huge pages (``madvise(MADV_HUGEPAGE)``) on those mappings: about 600 faults per step instead, and on
+the project's 2-core VM the plain forward+backward step ran 1.14-1.15x as fast, the adaptation steps 1.15-1.41x and the
+first-order meta-step 1.10x (processes run in turn; benchmarks/PERFORMANCE_LOG.md, "Changed 2026-11-27 (session 9): huge
+pages"). The tunable is read once, when the process starts, so it has to be in the environment of the Python process
 (``./run.sh`` exports it; `benchmarks/meta_step.py` passes it to the processes it measures, the PyTorch peer's
 included); it takes effect only where the kernel's transparent huge pages are ``always`` or ``madvise``
 (`transparent_hugepages`).

@@ -241,7 +241,7 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
 
   Same values as ``x @ w``, but the backward's weight gradient x^T dY then contracts one axis instead of (batch,
   tokens): XLA:CPU otherwise relayouts dY (and the fused elementwise work before it) into a transposed copy for every
-  kernel, which took 30-36% of a gradient's time (benchmarks/PERFORMANCE_LOG.md). On XLA:CPU a bfloat16 x is
+  kernel, which took 35-36% of a gradient's time (benchmarks/PERFORMANCE_LOG.md). On XLA:CPU a bfloat16 x is
   multiplied with float32 accumulation and the result is float32 (`mltd_jax.matmul`); otherwise it is in x's dtype.
   """
   y = matmul.matmul(x.reshape(-1, x.shape[-1]), w)
