@@ -13,7 +13,7 @@ matmul; in float32 with the kernel most of them are reductions.)
   python benchmarks/profile_meta_step.py --order 1 --task_chunk 0    # tasks vmapped (0) instead of one at a time
   python benchmarks/profile_meta_step.py --order 2 --inner 1 --trace /tmp/meta_trace
   python benchmarks/profile_meta_step.py --order 2 --dtype bfloat16    # products in bfloat16 (mltd_jax.matmul)
-  taskset -c 0 python benchmarks/profile_meta_step.py --order 2 --floor  # one core: the products alone (below)
+  taskset -c 0 python benchmarks/profile_meta_step.py --order 2 --floor --bytes  # one core: products alone, bytes
 
 ``--floor`` adds ``products``: the step's products on the oneDNN kernel (`mltd_jax.onednn`; every float32 product on
 XLA:CPU), how many ran per step, their GFLOP, their thunk time in the step, and the time the same products take
@@ -21,6 +21,10 @@ alone, one call per product shape timed by the profiler on fresh operands of tha
 operands pushed out of the core's caches first (numpy writes 64 MiB between calls), as a product meets them in the
 step, and ``alone_hot_ms`` on the operands of the call just before. Summed over the step's calls, these say how long
 the products alone would take at the rates the kernel reaches by itself; ``rest_ms`` is the step's other thunks.
+``--bytes`` adds ``rest_traffic``: the bytes those other thunks move per step (each run's output plus its operands,
+read off the HLO; an estimate: a fusion that slices its operand counts a slice its output's size, and a thunk that
+reads an operand twice counts it once), their thunk time, the rate that makes, and numpy's copy rate (read plus
+write) on this core for working sets of 0.5 to 64 MiB: how near the non-product work runs to the memory's speed.
 Thunk times are summed over threads: on one core (``taskset -c 0``) they add up to the step's time; on more, a
 product's thunk time is its time on the calling thread, the pieces other threads take for it (`mltd_jax.onednn`)
 unseen, so compare the products with their time alone on one core.
@@ -35,6 +39,7 @@ import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,6 +58,7 @@ def main() -> None:
   p.add_argument("--trace", type=Path, default=None, help="directory for the trace (default: a temporary one)")
   p.add_argument("--floor", action="store_true", help="time the step's kernel products alone too (``products``)")
   p.add_argument("--floor_calls", type=int, default=11, help="cold and hot calls per product shape with --floor")
+  p.add_argument("--bytes", action="store_true", help="bytes the non-product thunks move per step (``rest_traffic``)")
   a = p.parse_args()
 
   import jax
@@ -88,8 +94,11 @@ def main() -> None:
     "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op, dot_fusions(text)),
     "top": [[name, round(ms, 1), *hlo.get(name, ("?", ""))] for name, ms in per_op.most_common(a.top)],
   }  # fmt: skip
+  runs = thunk_runs(trace, a.steps) if a.floor or a.bytes else None
   if a.floor:
-    row.update(floor(text, per_op, thunk_runs(trace, a.steps), a.floor_calls, a.top))
+    row.update(floor(text, per_op, runs, a.floor_calls, a.top))
+  if a.bytes:
+    row["rest_traffic"] = rest_traffic(text, per_op, runs)
   print(json.dumps(row), flush=True)
 
 
@@ -173,6 +182,76 @@ def floor(hlo_text: str, per_op, runs, calls: int, top: int) -> dict:
   rows.sort(key=lambda r: -r["alone_cold_ms"])
   rnd = lambda r: {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()}  # noqa: E731
   return {"products": dict(shapes=len(rows), **total), "products_top": [rnd(r) for r in rows[:top]]}
+
+
+_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+          "s8": 1, "u8": 1, "pred": 1}
+
+
+def _type_bytes(hlo_type: str) -> int:
+  """Bytes of an HLO result type: ``f32[508,256]{1,0}``, a tuple of such, or a scalar ``f32[]``."""
+  total = 0
+  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", hlo_type):
+    if dtype not in _BYTES:
+      raise ValueError(f"an HLO element type this script cannot size: {dtype!r} in {hlo_type[:200]!r}")
+    total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def hlo_bytes(hlo_text: str) -> dict[str, int]:
+  """Instruction name -> bytes its run moves: its output plus its distinct operands (every instruction of a compiled
+  program's HLO text). A fusion whose computation slices (slice, dynamic-slice, gather) counts its output's size
+  for its reads instead, since it reads part of an operand."""
+  sizes: dict[str, int] = {}
+  operands: dict[str, tuple[list[str], str | None]] = {}
+  slicing: set[str] = set()
+  current = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"%?([\w.\-]+) .*\{$", line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+      continue
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)", line)
+    if not m:
+      continue
+    name, hlo_type, op, args = m.groups()
+    sizes[name] = _type_bytes(hlo_type)
+    if op in ("slice", "dynamic-slice", "gather") and current:
+      slicing.add(current)
+    calls = re.search(r"calls=%?([\w.\-]+)", line)
+    operands[name] = (list(dict.fromkeys(re.findall(r"%([\w.\-]+)", args))), calls.group(1) if calls else None)
+  out = {}
+  for name, (args, calls) in operands.items():
+    reads = sizes[name] if calls in slicing else sum(sizes.get(x, 0) for x in args)
+    out[name] = sizes[name] + reads
+  return out
+
+
+def copy_rates(sizes_mib=(0.5, 2, 8, 64)) -> dict[str, float]:
+  """numpy's copy rate on this thread, GB/s counting the read and the write, for working sets of ``sizes_mib``."""
+  import numpy as np
+
+  rates = {}
+  for mib in sizes_mib:
+    src = np.ones(int(mib * 2**20) // 4, np.float32)
+    dst = np.empty_like(src)
+    reps = max(5, int(512 / mib))
+    np.copyto(dst, src)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      np.copyto(dst, src)
+    rates[f"{mib:g}MiB"] = round(2 * src.nbytes * reps / (time.perf_counter() - t0) / 1e9, 1)
+  return rates
+
+
+def rest_traffic(hlo_text: str, per_op, runs) -> dict:
+  """``rest_traffic`` (see the module docstring): the thunks other than the oneDNN products and the loops' own."""
+  sizes, products = hlo_bytes(hlo_text), set(kernel_products(hlo_text))
+  names = [n for n in per_op if n in sizes and n not in products and not n.startswith(("while", "conditional", "call"))]
+  gb = sum(runs.get(n, 0) * sizes[n] for n in names) / 1e9
+  ms = sum(per_op[n] for n in names)
+  return {"gb": round(gb, 3), "ms": round(ms, 1), "gb_per_s": round(gb / (ms / 1e3), 1) if ms else None,
+          "copy_gb_per_s": copy_rates()}  # fmt: skip
 
 
 if __name__ == "__main__":

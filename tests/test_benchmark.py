@@ -61,9 +61,14 @@ def test_profile_meta_step_prints_time_by_kind_of_op(tmp_path):
   script = SCRIPT.parent / "profile_meta_step.py"
   tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--inner=1"]
   cmd = [sys.executable, str(script), *tiny, "--order=1", "--steps=1", "--top=3", "--trace", str(tmp_path / "t")]
-  out = subprocess.run([*cmd, "--floor", "--floor_calls=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [*cmd, "--floor", "--floor_calls=2", "--bytes"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+  )
   (row,) = [json.loads(line) for line in out.stdout.splitlines()] or [out.stderr]
   assert row["seconds"] > 0 and row["flops_loops_once"] > 0 and row["thunk_ms"] > 0
+  traffic = row["rest_traffic"]  # --bytes: the non-product thunks' bytes and rate, numpy's copy rates beside them
+  assert traffic["gb"] > 0 and 0 < traffic["ms"] <= row["thunk_ms"] and traffic["gb_per_s"] > 0
+  assert set(traffic["copy_gb_per_s"]) == {"0.5MiB", "2MiB", "8MiB", "64MiB"}
   on_kernel = row["ms_by_kind"].get("custom calls (oneDNN)", 0)
   assert row["ms_by_kind"].get("matmuls", 0) + on_kernel > 0 and len(row["top"]) == 3
   from mltd_jax import onednn
@@ -82,6 +87,28 @@ def test_profile_meta_step_prints_time_by_kind_of_op(tmp_path):
   n = c[-2] if top[0]["transpose_b"] else c[-1]
   assert top[0]["gflop"] == pytest.approx(2 * math.prod(a[:-2]) * m * k * n * top[0]["runs"] / 1e9, rel=1e-3)
   assert products["rest_ms"] == pytest.approx(row["thunk_ms"] - products["in_step_ms"], abs=0.2)
+
+
+def test_hlo_bytes_counts_each_thunks_output_and_operands_and_a_slice_as_read_in_part():
+  """`profile_meta_step.hlo_bytes` on compiled programs: an elementwise fusion moves its operand and its output; a
+  fusion that slices its operand is counted as reading a slice its output's size; a tuple's parts add up."""
+  import jax
+  import jax.numpy as jnp
+
+  sys.path.insert(0, str(SCRIPT.parent))
+  from profile_meta_step import hlo_bytes
+
+  x = jnp.ones((64, 32), jnp.float32)  # 8 KiB
+
+  def fusions(f):
+    sizes = hlo_bytes(jax.jit(f).lower(x).compile().as_text())
+    return {n: b for n, b in sizes.items() if "fusion" in n or n.startswith("wrapped")}
+
+  assert list(fusions(lambda x: jnp.tanh(x) * 2.0).values()) == [8192 + 8192]
+  assert list(fusions(lambda x: x[:, :16] * 2.0).values()) == [4096 + 4096]  # reads half of x: its output's size
+  pair = hlo_bytes(jax.jit(lambda x: (x * 2.0, x.sum(0))).lower(x).compile().as_text())
+  (root,) = [b for n, b in pair.items() if n.startswith("tuple")]
+  assert root >= 8192 + 32 * 4  # the tuple's output: both parts
 
 
 def test_meta_parts_hvp_from_saved_products_is_the_same_product_with_fewer_flops(tmp_path):
