@@ -185,7 +185,7 @@ def floor(hlo_text: str, per_op, runs, calls: int, top: int) -> dict:
 
 
 _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-          "s8": 1, "u8": 1, "pred": 1}
+          "s8": 1, "u8": 1, "pred": 1, "token": 0}
 
 
 def _type_bytes(hlo_type: str) -> int:
