@@ -37,7 +37,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,39 +61,55 @@ def thunk_events(trace_dir: Path) -> list[tuple[str, float, float]]:
   ]
 
 
-def thunk_ms(trace_dir: Path, calls: int) -> collections.Counter:
-  """Milliseconds per call of each XLA:CPU thunk (by HLO instruction name) in the trace under ``trace_dir`` (``calls``
-  calls; `thunk_events`)."""
+def thunk_counts(trace_dir: Path, calls: int) -> tuple[collections.Counter, collections.Counter]:
+  """Per call of ``calls``, each XLA:CPU thunk's milliseconds and how many times it ran (a loop body's thunks once per
+  iteration), by HLO instruction name, from one read of the trace under ``trace_dir`` (`thunk_events`)."""
   per_op: collections.Counter = collections.Counter()
+  runs: collections.Counter = collections.Counter()
   for name, _, ms in thunk_events(trace_dir):
     per_op[name] += ms / calls
-  return per_op
+    runs[name] += 1 / calls
+  return per_op, runs
 
 
-def thunk_runs(trace_dir: Path, calls: int) -> collections.Counter:
-  """How many times per call each XLA:CPU thunk ran (a loop body's thunks once per iteration)."""
-  runs = collections.Counter(name for name, _, _ in thunk_events(trace_dir))
-  return collections.Counter({name: n / calls for name, n in runs.items()})
+class Instruction(NamedTuple):
+  """One instruction of a compiled program's HLO text."""
+
+  computation: str | None  # the computation it belongs to
+  name: str
+  type: str  # its result type: ``f32[508,256]{1,0}`` or a tuple of such
+  op: str
+  operands: list[str]  # operand names
+  calls: str | None  # the computation it calls (a fusion's), or None
+  line: str
+
+
+def hlo_instructions(hlo_text: str) -> Iterator[Instruction]:
+  """Every instruction of a compiled program's HLO text, in order."""
+  computation = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"%?([\w.\-]+) .*\{$", line)
+    if head and not line.startswith(" "):
+      computation = head.group(1)
+      continue
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)", line)
+    if m:
+      calls = re.search(r"calls=%?([\w.\-]+)", line)
+      name, hlo_type, op, args = m.groups()
+      operands = re.findall(r"%([\w.\-]+)", args)
+      yield Instruction(computation, name, hlo_type, op, operands, calls.group(1) if calls else None, line)
 
 
 def dot_fusions(hlo_text: str) -> set[str]:
   """Names of the fusions in a compiled program's HLO text whose fused computation holds a ``dot``: of XLA:CPU's
   library fusions (YNNPACK's, XNNPACK's) these are products, the others reductions or elementwise work."""
-  bodies: dict[str, bool] = {}  # fused computation -> holds a dot
-  current = None
-  for line in hlo_text.splitlines():
-    head = re.match(r"%?([\w.\-]+) .*\{$", line)
-    if head and not line.startswith(" "):
-      current = head.group(1)
-      bodies[current] = False
-    elif current and line.startswith(" ") and re.search(r" dot\(", line):
-      bodies[current] = True
-  fusions = re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .* fusion\(.*calls=%?([\w.\-]+)", hlo_text, re.MULTILINE)
-  return {m.group(1) for m in fusions if bodies.get(m.group(2))}
+  instructions = list(hlo_instructions(hlo_text))
+  with_dot = {i.computation for i in instructions if i.op == "dot"}
+  return {i.name for i in instructions if i.op == "fusion" and i.calls in with_dot}
 
 
 def op_kinds(per_op: collections.Counter, dots: set[str] | None = None) -> dict[str, float]:
-  """`thunk_ms`'s milliseconds summed by kind of thunk: matmul fusions, custom calls (`mltd_jax.onednn`'s products),
+  """`thunk_counts`' milliseconds summed by kind of thunk: matmul fusions, custom calls (`mltd_jax.onednn`'s products),
   transposing copies, other fusions. With ``dots`` (`dot_fusions` of the program) a library fusion counts as a matmul
   only if it holds a product (in float32 with the kernel, YNNPACK's fusions are mostly reductions); without, every
   library fusion does."""
@@ -110,8 +128,9 @@ def op_kinds(per_op: collections.Counter, dots: set[str] | None = None) -> dict[
 
 
 def time_calls(compiled, args: tuple, steps: int, trace_dir: Path | None = None):
-  """Median seconds of ``steps`` calls of ``compiled(*args)`` after a warm-up call, and with ``trace_dir`` the
-  per-thunk milliseconds (`thunk_ms`) of ``steps`` more calls under `jax.profiler` (else None)."""
+  """(median seconds of ``steps`` calls of ``compiled(*args)`` after a warm-up call, and with ``trace_dir`` each
+  thunk's milliseconds and runs per call (`thunk_counts`) over ``steps`` more calls under `jax.profiler`, else None
+  and None)."""
   import jax
 
   jax.block_until_ready(compiled(*args))
@@ -122,11 +141,11 @@ def time_calls(compiled, args: tuple, steps: int, trace_dir: Path | None = None)
     times.append(time.perf_counter() - t0)
   median = statistics.median(times)
   if trace_dir is None:
-    return median, None
+    return median, None, None
   with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
     for _ in range(steps):
       jax.block_until_ready(compiled(*args))
-  return median, thunk_ms(trace_dir, steps)
+  return (median, *thunk_counts(trace_dir, steps))
 
 
 def main() -> None:
@@ -209,7 +228,7 @@ def main() -> None:
     compiled = fn.lower(slow, fast, data).compile()
     compile_s = time.perf_counter() - t0
     trace = a.profile / name if a.profile else None
-    med, per_op = time_calls(compiled, (slow, fast, data), a.steps, trace)
+    med, per_op, _ = time_calls(compiled, (slow, fast, data), a.steps, trace)
     extra = {"profile_ms": op_kinds(per_op, dot_fusions(compiled.as_text()))} if per_op is not None else {}
     # counted on the vmapped twin (the same arithmetic): XLA counts a loop body once, so lax.map's is one task's
     flops = _count(fwdbwd if name == "fwdbwd" else vmapped[name], slow, fast, lins_off if name == "hvp_saved" else data)

@@ -4,7 +4,7 @@ The meta-step of `benchmarks/meta_step.py` (the peer's shapes, tasks one after a
 otherwise, a fresh support batch per inner step) is compiled once and traced over ``--steps`` calls. One JSON line:
 seconds per step, XLA's FLOP count of the compiled step (loop bodies counted once; the oneDNN custom calls, the
 weight gradients on XLA:CPU, not counted), milliseconds per step by kind of XLA:CPU thunk
-(`meta_parts.thunk_ms` and `op_kinds`: matmul fusions, i.e. XLA's dots and the library fusions holding one, the
+(`meta_parts.thunk_counts` and `op_kinds`: matmul fusions, i.e. XLA's dots and the library fusions holding one, the
 oneDNN custom calls, transposing copies, other fusions; summed over the threads), and the ``--top`` costliest thunks
 with their output shape and the JAX operation they came from. (Until session 16 every YNNPACK fusion counted as a
 matmul; in float32 with the kernel most of them are reductions.)
@@ -64,7 +64,7 @@ def main() -> None:
   import jax
   import numpy as np
   import optax
-  from meta_parts import dot_fusions, op_kinds, thunk_runs, time_calls  # this directory's scripts
+  from meta_parts import dot_fusions, hlo_instructions, op_kinds, time_calls  # this directory's scripts
 
   from mltd_jax import meta
   from mltd_jax.models import gpt2
@@ -80,25 +80,23 @@ def main() -> None:
   step = meta.make_meta_step(gpt2.make_loss(model), tx, inner, a.task_chunk)
   compiled = jax.jit(step).lower(state, batch, key).compile()
   trace = a.trace or Path(tempfile.mkdtemp(prefix="meta_trace_"))
-  seconds, per_op = time_calls(compiled, (state, batch, key), a.steps, trace)
+  seconds, per_op, runs = time_calls(compiled, (state, batch, key), a.steps, trace)
   text = compiled.as_text()  # the step's HLO, read once (megabytes of text)
   hlo = {}  # instruction name -> (output shape, the JAX operation it came from)
-  for line in text.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
-    if m:
-      origin = re.search(r'op_name="([^"]*)"', line)
-      hlo[m.group(1)] = (m.group(2), origin.group(1)[-100:] if origin else "")
+  for i in hlo_instructions(text):
+    origin = re.search(r'op_name="([^"]*)"', i.line)
+    hlo[i.name] = (i.type, origin.group(1)[-100:] if origin else "")
   row = {
     "order": a.order, "inner": a.inner, "dtype": a.dtype, "seconds": round(seconds, 4),
     "flops_loops_once": _flops(compiled),
     "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op, dot_fusions(text)),
     "top": [[name, round(ms, 1), *hlo.get(name, ("?", ""))] for name, ms in per_op.most_common(a.top)],
   }  # fmt: skip
-  runs = thunk_runs(trace, a.steps) if a.floor or a.bytes else None
+  products = kernel_products(text) if a.floor or a.bytes else {}
   if a.floor:
-    row.update(floor(text, per_op, runs, a.floor_calls, a.top))
+    row.update(floor(products, per_op, runs, a.floor_calls, a.top))
   if a.bytes:
-    row["rest_traffic"] = rest_traffic(text, per_op, runs)
+    row["rest_traffic"] = rest_traffic(text, products, per_op, runs)
   print(json.dumps(row), flush=True)
 
 
@@ -158,14 +156,15 @@ def alone_ms(a_shape: tuple, c_shape: tuple, ta: bool, tb: bool, dtype: str, cal
   return statistics.median(ms for _, ms in runs[0::2]), statistics.median(ms for _, ms in runs[1::2])
 
 
-def floor(hlo_text: str, per_op, runs, calls: int, top: int) -> dict:
-  """``products`` (see the module docstring) and ``products_top``: the ``top`` product shapes by time alone (cold)."""
+def floor(products: dict[str, tuple], per_op, runs, calls: int, top: int) -> dict:
+  """``products`` (see the module docstring) and ``products_top``: the ``top`` product shapes by time alone (cold);
+  ``products`` in: the step's `kernel_products`."""
   from mltd_jax import onednn
 
   if not onednn.available():
     return {"products": None}
   by_shape: dict[tuple, list] = {}  # (a, c, ta, tb, dtype) -> [runs per step, in-step ms per step]
-  for name, key in kernel_products(hlo_text).items():
+  for name, key in products.items():
     entry = by_shape.setdefault(key, [0.0, 0.0])
     entry[0] += runs.get(name, 0)
     entry[1] += per_op.get(name, 0.0)
@@ -202,28 +201,15 @@ def hlo_bytes(hlo_text: str) -> dict[str, int]:
   """Instruction name -> bytes its run moves: its output plus its distinct operands (every instruction of a compiled
   program's HLO text). A fusion whose computation slices (slice, dynamic-slice, gather) counts its output's size
   for its reads instead, since it reads part of an operand."""
-  sizes: dict[str, int] = {}
-  operands: dict[str, tuple[list[str], str | None]] = {}
-  slicing: set[str] = set()
-  current = None
-  for line in hlo_text.splitlines():
-    head = re.match(r"%?([\w.\-]+) .*\{$", line)
-    if head and not line.startswith(" "):
-      current = head.group(1)
-      continue
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)", line)
-    if not m:
-      continue
-    name, hlo_type, op, args = m.groups()
-    sizes[name] = _type_bytes(hlo_type)
-    if op in ("slice", "dynamic-slice", "gather") and current:
-      slicing.add(current)
-    calls = re.search(r"calls=%?([\w.\-]+)", line)
-    operands[name] = (list(dict.fromkeys(re.findall(r"%([\w.\-]+)", args))), calls.group(1) if calls else None)
+  from meta_parts import hlo_instructions
+
+  instructions = list(hlo_instructions(hlo_text))
+  sizes = {i.name: _type_bytes(i.type) for i in instructions}
+  slicing = {i.computation for i in instructions if i.op in ("slice", "dynamic-slice", "gather") and i.computation}
   out = {}
-  for name, (args, calls) in operands.items():
-    reads = sizes[name] if calls in slicing else sum(sizes.get(x, 0) for x in args)
-    out[name] = sizes[name] + reads
+  for i in instructions:
+    reads = sizes[i.name] if i.calls in slicing else sum(sizes.get(x, 0) for x in dict.fromkeys(i.operands))
+    out[i.name] = sizes[i.name] + reads
   return out
 
 
@@ -244,9 +230,10 @@ def copy_rates(sizes_mib=(0.5, 2, 8, 64)) -> dict[str, float]:
   return rates
 
 
-def rest_traffic(hlo_text: str, per_op, runs) -> dict:
-  """``rest_traffic`` (see the module docstring): the thunks other than the oneDNN products and the loops' own."""
-  sizes, products = hlo_bytes(hlo_text), set(kernel_products(hlo_text))
+def rest_traffic(hlo_text: str, products: dict[str, tuple], per_op, runs) -> dict:
+  """``rest_traffic`` (see the module docstring): the thunks other than the oneDNN products (the step's
+  `kernel_products`) and the loops' own."""
+  sizes = hlo_bytes(hlo_text)
   names = [n for n in per_op if n in sizes and n not in products and not n.startswith(("while", "conditional", "call"))]
   gb = sum(runs.get(n, 0) * sizes[n] for n in names) / 1e9
   ms = sum(per_op[n] for n in names)
