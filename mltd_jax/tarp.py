@@ -33,6 +33,7 @@ of models, data or training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Iterable, Mapping
@@ -47,7 +48,7 @@ from mltd_jax import matmul
 
 KINDS = ("bilinear", "kronecker", "dynamic")
 # The checkpoint name of every `lowrank_matmul` output: a remat policy that keeps matmul outputs must also keep
-# these, since `jax.checkpoint_policies.dots_saveable` and its kin do not see a matmul inside a custom_jvp call
+# these, since `jax.checkpoint_policies.dots_saveable` and its kin do not see a matmul inside a custom derivative call
 # (`models.layers.remat_policy` adds them).
 LOWRANK_NAME = "tarp_lowrank_matmul"
 Params = Mapping[str, Any]
@@ -248,40 +249,84 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
   return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-@jax.custom_jvp
+def _mm_t(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [N, C] @ w [M, C]^T -> [N, M] as one 2-D matmul, w read in place (no transposed copy of it); dtypes as `_mm`."""
+  if matmul.primitive(x.dtype):
+    return matmul.matmul(x, w, transpose_y=True)
+  return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _effective_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, transpose: bool) -> jax.Array:
+  """x [N, ·] @ W_eff (or W_eff^T with ``transpose``), W_eff = w + u v^T: one dense product, derivatives thin.
+
+  W_eff is summed in the parameters' dtype and cast to x's (the compute dtype). The JVP rule keeps every low-rank
+  term factored, (x du) v^T + (x u) dv^T (with ``transpose``: (x v) du^T + (x dv) u^T), so no derivative multiplies
+  by a dense [C_in, C_out] tangent of W_eff; the input's own term is this product again (dx W_eff), so a
+  forward-mode pass (the Hessian-vector products' tangent pass) computes one dense product per layer for it, not
+  dx w + (dx u) v^T. Under reverse mode JAX transposes that term as the plain dx W_eff (W_eff then a constant):
+  `lowrank_matmul` gives its own input cotangent through this function instead, so forward-over-reverse stays thin.
+  """
+  weight = (w + u @ v.T).astype(x.dtype)
+  return _mm_t(x, weight) if transpose else _mm(x, weight)
+
+
+def _effective_matmul_jvp(transpose, primals, tangents):
+  x, w, u, v = primals
+  dx, dw, du, dv = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+  y = _effective_matmul(x, w, u, v, transpose)
+  c = lambda a: a.astype(x.dtype)  # noqa: E731  the compute dtype
+  terms = [] if dx is None else [_effective_matmul(dx, w, u, v, transpose)]
+  if transpose:  # x (w^T + v u^T)
+    if dw is not None:
+      terms.append(_mm_t(x, c(dw)))
+    if du is not None:
+      terms.append(_mm_t(c(_mm(x, c(v))), c(du)))
+    if dv is not None:
+      terms.append(_mm_t(c(_mm(x, c(dv))), c(u)))
+  else:  # x (w + u v^T)
+    if dw is not None:
+      terms.append(_mm(x, c(dw)))
+    if du is not None:
+      terms.append(_mm_t(c(_mm(x, c(du))), c(v)))
+    if dv is not None:
+      terms.append(_mm_t(c(_mm(x, c(u))), c(dv)))
+  return y, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y))
+
+
+_effective_matmul.defjvp(_effective_matmul_jvp, symbolic_zeros=True)
+
+
+@jax.custom_vjp
 def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
   """x [N, C_in] @ (w + u v^T): a bilinear difference's layer, one fused matmul, derivatives kept low rank.
 
   The value is ``x @ (w + u @ v.T).astype(x.dtype)`` (w [C_in, C_out], u [C_in, r], v [C_out, r] in the parameters'
   dtype, summed before the cast to the compute dtype of x, as the unfactored layer does). Autodiff of that
   expression would reach u and v through the dense dW = x^T dY [C_in, C_out] (dU = dW v): a matmul the size of the
-  layer's forward. The JVP rule below keeps every low-rank term factored instead, (x du) v^T + (x u) dv^T, and the
-  input's term as dx w + (dx u) v^T, so that the transposed (reverse-mode) terms are the thin x^T (dY v) and
-  dY^T (x u), and a second derivative (the meta-step's Hessian-vector products) stays thin in the same way; w's
-  own term x dw transposes to the dense dW = x^T dY only where w is differentiated (the outer gradient). The
-  primal output is itself a `lowrank_matmul`, so every order of differentiation uses this rule.
+  layer's forward. Here the reverse mode gives (w, u, v) their cotangents from `_effective_matmul`'s thin JVP rule,
+  transposed: x^T dY (only where w is differentiated: the outer gradient), and the thin x^T (dY v) and dY^T (x u);
+  and the input's cotangent as one dense product with the effective weight, dY W_eff^T (`_effective_matmul` with
+  ``transpose``), rather than dY w^T + (dY v) u^T: a thin product writing [N, C_in] and its sum less per layer. Both
+  are `_effective_matmul` calls, so a derivative of this backward (the meta-step's forward-over-reverse
+  Hessian-vector products) follows the thin rule too, and reverse-over-reverse transposes it; forward mode alone
+  (jvp of this function, not of its gradient) is not defined, as for any custom VJP.
   """
-  return _mm(x, (w + u @ v.T).astype(x.dtype))
+  return _effective_matmul(x, w, u, v, False)
 
 
-def _lowrank_matmul_jvp(primals, tangents):
-  x, w, u, v = primals
-  dx, dw, du, dv = (None if isinstance(t, SymbolicZero) else t for t in tangents)
-  y = lowrank_matmul(x, w, u, v)
-  c = lambda a: a.astype(x.dtype)  # noqa: E731  the compute dtype
-  terms = []
-  if dx is not None:
-    terms.append(_mm(dx, c(w)) + _mm(c(_mm(dx, c(u))), c(v).T))
-  if dw is not None:
-    terms.append(_mm(x, c(dw)))
-  if du is not None:
-    terms.append(_mm(c(_mm(x, c(du))), c(v).T))
-  if dv is not None:
-    terms.append(_mm(c(_mm(x, c(u))), c(dv).T))
-  return y, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y))
+def _lowrank_matmul_fwd(x, w, u, v):
+  return _effective_matmul(x, w, u, v, False), (x, w, u, v)
 
 
-lowrank_matmul.defjvp(_lowrank_matmul_jvp, symbolic_zeros=True)
+def _lowrank_matmul_bwd(residuals, ct):
+  x, w, u, v = residuals
+  dx = _effective_matmul(ct.astype(x.dtype), w, u, v, True).astype(x.dtype)
+  _, pullback = jax.vjp(lambda w, u, v: _effective_matmul(x, w, u, v, False), w, u, v)
+  return (dx, *pullback(ct))
+
+
+lowrank_matmul.defvjp(_lowrank_matmul_fwd, _lowrank_matmul_bwd)
 
 
 def dense(x: jax.Array, weight: jax.Array, d: Mapping[str, jax.Array] | None, dtype: Any) -> jax.Array:

@@ -259,6 +259,30 @@ def test_bilinear_dense_uses_the_low_rank_product_and_saves_the_dense_weight_gra
   assert flops(plain) - flops(ours) >= 0.75 * 2 * n * c_in * c_out  # the dense dW = x^T dY is gone (thin ops added)
 
 
+def test_lowrank_matmul_input_cotangent_is_one_dense_product_and_its_hessian_vector_product_stays_thin():
+  """The input's cotangent is dY W_eff^T, the plain expression's own count (no thin dY v, (dY v) u^T and their sum
+  beside dY w^T); a forward-over-reverse Hessian-vector product along (u, v) (the meta-step's form) stays thin:
+  at least two dense products fewer than the plain expression's, which multiplies by W_eff's dense tangent."""
+  n, c_in, c_out, r = 64, 32, 48, 2
+  keys = jax.random.split(jax.random.key(1), 4)
+  args = [jax.random.normal(k, s) for k, s in zip(keys, [(n, c_in), (c_in, c_out), (c_in, r), (c_out, r)])]
+  plain = lambda x, w, u, v: x @ (w + u @ v.T)  # noqa: E731
+  loss = lambda f: lambda x, w, u, v: jnp.sum(jnp.tanh(f(x, w, u, v)))  # noqa: E731
+
+  def hvp(f):
+    full = jax.grad(loss(f), (0, 1, 2, 3))
+    return lambda x, w, u, v: jax.jvp(lambda u, v: full(x, w, u, v), (u, v), (u, v))[1]
+
+  def flops(fn):  # with the oneDNN kernel off: XLA does not count a custom call
+    with onednn.disabled():
+      return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+  assert flops(jax.grad(loss(tarp.lowrank_matmul))) <= flops(jax.grad(loss(plain)))
+  assert flops(hvp(plain)) - flops(hvp(tarp.lowrank_matmul)) >= 2 * 2 * n * c_in * c_out
+  for a, b in zip(jax.jit(hvp(tarp.lowrank_matmul))(*args), jax.jit(hvp(plain))(*args), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
 def test_lowrank_matmul_in_bfloat16_sums_the_difference_in_the_parameters_dtype():
   """bfloat16 compute with float32 parameters: the same value as the unfactored layer (w + u v^T summed in float32,
   then cast), and float32 gradients for U, V close to the plain expression's."""
@@ -278,7 +302,7 @@ def test_lowrank_matmul_in_bfloat16_sums_the_difference_in_the_parameters_dtype(
 
 def test_dot_saving_remat_policies_keep_the_low_rank_layers_outputs():
   """`dots_saveable` (and its kin, `layers.DOT_POLICIES`) does not see the matmul inside `lowrank_matmul`'s
-  custom_jvp call; `layers.remat_policy` adds its checkpoint name, so remat with it recomputes little (XLA FLOPs)."""
+  custom VJP call; `layers.remat_policy` adds its checkpoint name, so remat with it recomputes little (XLA FLOPs)."""
   cfg = dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, embd_pdrop=0.0, resid_pdrop=0.0)
   ids = jax.random.randint(jax.random.key(3), (4, 32), 0, 64)
 

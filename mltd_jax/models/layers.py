@@ -24,7 +24,7 @@ def normal(std: float) -> Init:
 
 
 # The `jax.checkpoint_policies` that keep matmul outputs: with them, `remat_policy` also keeps the bilinear TARP
-# layers' outputs, which come out of a custom_jvp call (`tarp.lowrank_matmul`) that these policies do not see, and
+# layers' outputs, which come out of a custom VJP call (`tarp.lowrank_matmul`) that these policies do not see, and
 # the products `mltd_jax.matmul` binds to a primitive of its own (bfloat16 on XLA:CPU, and float32 there with the
 # oneDNN kernel: `matmul.saveable`).
 DOT_POLICIES = (
