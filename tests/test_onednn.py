@@ -1,6 +1,7 @@
 """`mltd_jax.onednn`: the oneDNN custom call against numpy, its errors, and how it says why it is unavailable."""
 
 import os
+import re
 import shutil
 import sys
 
@@ -121,3 +122,22 @@ def test_an_empty_sum_is_zero():
   assert onednn.available(), onednn._load()
   a, c = jnp.ones((2, 0, 3), jnp.bfloat16), jnp.ones((2, 0, 4), jnp.bfloat16)
   np.testing.assert_array_equal(jax.jit(lambda a, c: onednn.product(a, c, transpose_a=True))(a, c), np.zeros((2, 3, 4)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_a_thin_result_of_a_transposed_product_is_computed_transposed(dtype):
+  """a^T c with at most `onednn.THIN` result columns (x^T (dY V)) runs as (c^T a)^T in float32, the faster form here
+  (the kernel called with c first, its small result transposed by XLA); bfloat16 keeps the plain call. Both equal
+  numpy's product."""
+  assert onednn.available(), onednn._load()
+  m, k, n = 300, 508, onednn.THIN
+  got, want = _product_and_numpy((), m, k, n, True, False, dtype, seed=2)
+  assert got.shape == (m, n)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+  a, c = jnp.zeros((k, m), dtype), jnp.zeros((k, n), dtype)
+  text = jax.jit(lambda a, c: onednn.product(a, c, transpose_a=True)).lower(a, c).as_text()
+  first = re.search(rf"{onednn.TARGET}\(.*? : \(tensor<(\d+)x(\d+)x", text)  # the first operand's shape
+  assert first, text[:2000]
+  swapped = (int(first.group(1)), int(first.group(2))) == (k, n)
+  assert swapped == (dtype == jnp.float32), first.group(0)[:300]
