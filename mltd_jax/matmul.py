@@ -236,3 +236,92 @@ def saveable(batched: bool = True):
     return prim is lowp_matmul_p and (batched or avals[0].ndim == 2)
 
   return policy
+
+
+def _pair_impl(a1, b1, a2, b2):
+  """a1 b1^T + a2 b2^T as one `matmul` over the concatenated thin axis (operands in a1's dtype)."""
+  a = jnp.concatenate([a1, a2.astype(a1.dtype)], -1)
+  b = jnp.concatenate([b1.astype(a1.dtype), b2.astype(a1.dtype)], -1)
+  return matmul(a, b, transpose_y=True)
+
+
+def _pair_abstract(a1, b1, a2, b2):
+  lead = a1.shape[:-2]
+  if not (a1.ndim >= 2 and all(x.ndim == a1.ndim and x.shape[:-2] == lead for x in (b1, a2, b2))
+          and a1.shape[-2] == a2.shape[-2] and b1.shape[-2] == b2.shape[-2]
+          and a1.shape[-1] == b1.shape[-1] and a2.shape[-1] == b2.shape[-1]):
+    raise ValueError(f"sum_of_products: a1 {a1.shape} b1 {b1.shape} a2 {a2.shape} b2 {b2.shape} do not make "
+                     "a1 [*b, N, r1] b1 [*b, C, r1] a2 [*b, N, r2] b2 [*b, C, r2].")
+  return jax.core.ShapedArray((*a1.shape[:-1], b1.shape[-2]), result_dtype(a1.dtype))
+
+
+pair_p = Primitive("sum_of_two_products")
+pair_p.def_impl(_pair_impl)
+pair_p.def_abstract_eval(_pair_abstract)
+mlir.register_lowering(pair_p, mlir.lower_fun(_pair_impl, multiple_results=False))
+
+
+def _pair_jvp(primals, tangents):
+  """d(a b^T) = da b^T + a db^T for each term; a term with both tangents is itself one `sum_of_products`."""
+  y = pair_p.bind(*primals)
+  terms = []
+  for a, b, da, db in ((primals[0], primals[1], tangents[0], tangents[1]),
+                       (primals[2], primals[3], tangents[2], tangents[3])):
+    zero_a, zero_b = type(da) is ad.Zero, type(db) is ad.Zero
+    if not zero_a and not zero_b:
+      terms.append(pair_p.bind(da, b, a, db))
+    elif not zero_a:
+      terms.append(matmul(da, b.astype(da.dtype), transpose_y=True))
+    elif not zero_b:
+      terms.append(matmul(a, db.astype(a.dtype), transpose_y=True))
+  if not terms:
+    return y, ad.Zero.from_primal_value(y)
+  return y, sum(terms[1:], terms[0]).astype(y.dtype)
+
+
+ad.primitive_jvps[pair_p] = _pair_jvp
+
+
+def _pair_transpose(ct, a1, b1, a2, b2):
+  """Linear in one factor of each term (a JVP's tangent terms): d a = ct b (the product's own dtype rule: ct in the
+  compute dtype), d b = ct^T a (`tn_matmul`'s form)."""
+  out = []
+  for a, b in ((a1, b1), (a2, b2)):
+    linear_a, linear_b = ad.is_undefined_primal(a), ad.is_undefined_primal(b)
+    if linear_a == linear_b:
+      raise NotImplementedError("sum_of_products is transposed only where each term has exactly one linear factor")
+    if linear_a:
+      dtype = a.aval.dtype
+      out += [matmul(ct.astype(dtype), b.astype(dtype)).astype(dtype), None]
+    else:
+      dtype = b.aval.dtype
+      if primitive(a.dtype):
+        d_b = tn_matmul(ct.astype(a.dtype), a, a.dtype)
+      else:
+        d_b = jnp.einsum("...nc,...nr->...cr", ct.astype(a.dtype), a)
+      out += [None, d_b.astype(dtype)]
+  return out
+
+
+ad.primitive_transposes[pair_p] = _pair_transpose
+
+
+def _pair_batch(args, dims):
+  """vmap: one more leading batch axis on every operand (an unbatched one broadcast)."""
+  size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+  return pair_p.bind(*(_front(x, d, size) for x, d in zip(args, dims))), 0
+
+
+batching.primitive_batchers[pair_p] = _pair_batch
+
+
+def sum_of_products(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array) -> jax.Array:
+  """a1 b1^T + a2 b2^T (a1 [*b, N, r1], b1 [*b, C, r1], a2 [*b, N, r2], b2 [*b, C, r2] -> [*b, N, C]) as one product
+  over the concatenated thin axis: one [N, C] output written instead of two and their sum.
+
+  For a low-rank layer's tangent (x du) v^T + (x u) dv^T (`tarp`'s JVP rules), where each term has one tangent
+  factor: a concatenation of the two terms' factors would put tangents in both operands of one product, which JAX
+  cannot transpose; this primitive transposes term by term. Computed in a1's dtype by `matmul` (the oneDNN kernel for
+  float32 on XLA:CPU), differentiable at any order, batched by vmap.
+  """
+  return pair_p.bind(a1, b1, a2, b2)

@@ -256,15 +256,24 @@ def _mm_t(x: jax.Array, w: jax.Array) -> jax.Array:
   return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())))
 
 
+def _sum_of_products(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array) -> jax.Array:
+  """a1 [N, r] b1 [C, r]^T + a2 [N, r] b2 [C, r]^T: one product (`matmul.sum_of_products`) where `matmul` binds its
+  own primitive (XLA:CPU), else the two dots and their sum, for XLA to fuse as it likes (accelerators, float64)."""
+  if matmul.primitive(a1.dtype):
+    return matmul.sum_of_products(a1, b1, a2, b2)
+  return _mm_t(a1, b1) + _mm_t(a2, b2)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _effective_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, transpose: bool) -> jax.Array:
   """x [N, ·] @ W_eff (or W_eff^T with ``transpose``), W_eff = w + u v^T: one dense product, derivatives thin.
 
   W_eff is summed in the parameters' dtype and cast to x's (the compute dtype). The JVP rule keeps every low-rank
   term factored, (x du) v^T + (x u) dv^T (with ``transpose``: (x v) du^T + (x dv) u^T), so no derivative multiplies
-  by a dense [C_in, C_out] tangent of W_eff; the input's own term is this product again (dx W_eff), so a
-  forward-mode pass (the Hessian-vector products' tangent pass) computes one dense product per layer for it, not
-  dx w + (dx u) v^T. Under reverse mode JAX transposes that term as the plain dx W_eff (W_eff then a constant):
+  by a dense [C_in, C_out] tangent of W_eff, the two terms one product where both are present
+  (`matmul.sum_of_products`: the second-order meta-step 1.021x [0.991-1.054], session 18); the input's own term is
+  this product again (dx W_eff), so a forward-mode pass (the Hessian-vector products' tangent pass) computes one
+  dense product per layer for it, not dx w + (dx u) v^T. Under reverse mode JAX transposes that term as the plain dx W_eff (W_eff then a constant):
   `lowrank_matmul` gives its own input cotangent through this function instead, so forward-over-reverse stays thin.
   """
   weight = (w + u @ v.T).astype(x.dtype)
@@ -277,20 +286,19 @@ def _effective_matmul_jvp(transpose, primals, tangents):
   y = _effective_matmul(x, w, u, v, transpose)
   c = lambda a: a.astype(x.dtype)  # noqa: E731  the compute dtype
   terms = [] if dx is None else [_effective_matmul(dx, w, u, v, transpose)]
-  if transpose:  # x (w^T + v u^T)
-    if dw is not None:
-      terms.append(_mm_t(x, c(dw)))
-    if du is not None:
-      terms.append(_mm_t(c(_mm(x, c(v))), c(du)))
-    if dv is not None:
-      terms.append(_mm_t(c(_mm(x, c(dv))), c(u)))
-  else:  # x (w + u v^T)
-    if dw is not None:
-      terms.append(_mm(x, c(dw)))
-    if du is not None:
-      terms.append(_mm_t(c(_mm(x, c(du))), c(v)))
-    if dv is not None:
-      terms.append(_mm_t(c(_mm(x, c(u))), c(dv)))
+  if dw is not None:
+    terms.append(_mm_t(x, c(dw)) if transpose else _mm(x, c(dw)))
+  # the low-rank terms (x du) v^T and (x u) dv^T (with ``transpose``: x (v du^T + dv u^T)), as (left, right) pairs
+  low = []
+  if du is not None:
+    low.append((_mm(x, c(v)), du) if transpose else (_mm(x, c(du)), v))
+  if dv is not None:
+    low.append((_mm(x, c(dv)), u) if transpose else (_mm(x, c(u)), dv))
+  if len(low) == 2:  # one product writing [N, C_out] instead of two and their sum
+    (a1, b1), (a2, b2) = low
+    terms.append(_sum_of_products(c(a1), c(b1), c(a2), c(b2)))
+  elif low:
+    terms.append(_mm_t(c(low[0][0]), c(low[0][1])))
   return y, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y))
 
 

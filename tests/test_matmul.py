@@ -188,3 +188,61 @@ def test_dot_saving_remat_policies_keep_the_narrow_products(dtype):
   policy = matmul.saveable(batched=False)
   assert policy(matmul.lowp_matmul_p, jax.core.ShapedArray((4, 3), BF16))
   assert not policy(matmul.lowp_matmul_p, jax.core.ShapedArray((2, 4, 3), BF16))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16], ids=["float32", "bfloat16"])
+def test_sum_of_products_equals_two_products_at_every_order_and_under_vmap(dtype):
+  """`matmul.sum_of_products` (a1 b1^T + a2 b2^T as one product): the value, and the gradient, forward-over-reverse
+  and reverse-over-reverse Hessians, of a function using it as a JVP uses it (a tangent in one factor of each term:
+  a1 and b2), equal those of the two products; vmap over a leading axis; the tangent term of a term with two
+  tangents is itself one such product."""
+  keys = jax.random.split(jax.random.key(4), 5)
+  n, c, r = 9, 7, 3
+  a1, a2 = (jax.random.normal(k, (n, r)) for k in keys[:2])
+  b1, b2 = (jax.random.normal(k, (c, r)) for k in keys[2:4])
+  w = jax.random.normal(keys[4], (n, c))
+  cast = lambda *xs: [x.astype(dtype) for x in xs]  # noqa: E731
+
+  def two(a1, b1, a2, b2):
+    return matmul.matmul(a1, b1, transpose_y=True) + matmul.matmul(a2, b2, transpose_y=True)
+
+  def scalar(f):  # a1 and b2 carry the variables, as in the JVP rule's (x du) v^T + (x u) dv^T
+    return lambda p, q: jnp.sum(jnp.sin(f(*cast(p * a1, b1, a2, q * b2)).astype(jnp.float32)) * w)
+
+  got, want = matmul.sum_of_products(*cast(a1, b1, a2, b2)), two(*cast(a1, b1, a2, b2))
+  assert got.dtype == want.dtype == matmul.result_dtype(dtype)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(got, want, **tol)
+  p, q = jnp.ones((n, r)), jnp.ones((c, r))
+  for transform in (jax.grad, jax.hessian, lambda f, argnums: jax.jacrev(jax.grad(f, argnums), argnums)):
+    ours, ref = (jax.jit(transform(scalar(f), argnums=(0, 1)))(p, q) for f in (matmul.sum_of_products, two))
+    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+      np.testing.assert_allclose(x, y, **(tol if dtype == jnp.float32 else dict(rtol=5e-2, atol=0.1)))
+  batched = jax.vmap(matmul.sum_of_products, in_axes=(0, None, 0, None))(*cast(jnp.stack([a1, -a1]), b1,
+                                                                               jnp.stack([a2, a2]), b2))
+  np.testing.assert_allclose(batched[1], two(*cast(-a1, b1, a2, b2)), **tol)
+  jvp_prims = _primitives(lambda a1, b1: jax.jvp(matmul.sum_of_products, (a1, b1, a2, b2), (a1, b1, a2, b2))[1], a1, b1)
+  assert jvp_prims.count("sum_of_two_products") == 3  # the primal, and each term's two-tangent product
+
+
+def test_sum_of_products_transposes_term_by_term():
+  """Where each term has one linear factor (a1 and b2, or b1 and a2) the transpose is each factor's product with the
+  cotangent, as for the two products; a term with no linear factor (affine) or two (not linear) is an error."""
+  keys = jax.random.split(jax.random.key(5), 5)
+  a1, a2, ct = (jax.random.normal(k, s) for k, s in zip(keys[:3], [(9, 3), (9, 2), (9, 7)]))
+  b1, b2 = jax.random.normal(keys[3], (7, 3)), jax.random.normal(keys[4], (7, 2))
+
+  def two(a1, b1, a2, b2):
+    return matmul.matmul(a1, b1, transpose_y=True) + matmul.matmul(a2, b2, transpose_y=True)
+
+  for linear in ((0, 3), (1, 2)):
+    def lin(f):
+      return lambda x, y: f(*[(x, y)[linear.index(i)] if i in linear else v for i, v in enumerate((a1, b1, a2, b2))])
+
+    primals = [(a1, b1, a2, b2)[i] for i in linear]
+    got = jax.linear_transpose(lin(matmul.sum_of_products), *primals)(ct)
+    want = jax.linear_transpose(lin(two), *primals)(ct)
+    for x, y in zip(got, want, strict=True):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+  with pytest.raises(NotImplementedError, match="exactly one linear factor"):
+    jax.linear_transpose(lambda a1: matmul.sum_of_products(a1, b1, a2, b2), a1)(ct)
