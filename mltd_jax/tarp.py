@@ -273,8 +273,9 @@ def _effective_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, tr
   by a dense [C_in, C_out] tangent of W_eff, the two terms one product where both are present
   (`matmul.sum_of_products`: the second-order meta-step 1.021x [0.991-1.054], session 18); the input's own term is
   this product again (dx W_eff), so a forward-mode pass (the Hessian-vector products' tangent pass) computes one
-  dense product per layer for it, not dx w + (dx u) v^T. Under reverse mode JAX transposes that term as the plain dx W_eff (W_eff then a constant):
-  `lowrank_matmul` gives its own input cotangent through this function instead, so forward-over-reverse stays thin.
+  dense product per layer for it, not dx w + (dx u) v^T. Under reverse mode JAX transposes that term as the plain
+  dx W_eff (W_eff then a constant): `lowrank_matmul` gives its own input cotangent through this function instead, so
+  forward-over-reverse stays thin.
   """
   weight = (w + u @ v.T).astype(x.dtype)
   return _mm_t(x, weight) if transpose else _mm(x, weight)
