@@ -12,8 +12,8 @@ form (a product contracting the token axis). XLA:CPU runs it through Eigen (no A
 so where the oneDNN custom call is available (`mltd_jax.onednn`) `tn_matmul_p` lowers to it with bfloat16 operands: 463-
 906 GFLOP/s on AMX against XLA's 96-182 in float32 (`benchmarks/xla_cpu_dots.py --part onednn`), the bfloat16
 second-order meta-step 1.24x faster (benchmarks/PERFORMANCE_LOG.md "Changed 2026-11-27 (session 11): oneDNN for the
-weight gradients"). Both primitives' JVPs are themselves, so forward-over-reverse Hessian-vector products (the
-meta-step's backward) and vmap (tasks) keep the fast forms too.
+weight gradients"). Both primitives' JVPs are themselves (and `sum_of_products`' is built of them), so
+forward-over-reverse Hessian-vector products (the meta-step's backward) and vmap (tasks) keep the fast forms too.
 
 Float32 on XLA:CPU with the kernel (`kernel_float32`): `matmul` binds `lowp_matmul_p` in float32 too, with
 ``kernel=True``, so that every float32 product runs on the kernel: the weight gradients through `tn_matmul_p`, which
@@ -229,11 +229,11 @@ def matmul(x: jax.Array, y: jax.Array, *, transpose_y: bool = False) -> jax.Arra
 
 def saveable(batched: bool = True):
   """A remat policy saving the outputs of the products `matmul` binds to its primitive (narrow ones, and float32
-  ones where `kernel_float32`; with ``batched`` False, only those without batch axes): `jax.checkpoint_policies`'
-  ``dots_saveable`` and its kin recognise only ``dot_general`` (`layers.remat_policy`)."""
+  ones where `kernel_float32`; `sum_of_products` too; with ``batched`` False, only those without batch axes):
+  `jax.checkpoint_policies`' ``dots_saveable`` and its kin recognise only ``dot_general`` (`layers.remat_policy`)."""
 
   def policy(prim, *avals, **params) -> bool:
-    return prim is lowp_matmul_p and (batched or avals[0].ndim == 2)
+    return (prim is lowp_matmul_p or prim is pair_p) and (batched or avals[0].ndim == 2)
 
   return policy
 
@@ -264,16 +264,17 @@ mlir.register_lowering(pair_p, mlir.lower_fun(_pair_impl, multiple_results=False
 def _pair_jvp(primals, tangents):
   """d(a b^T) = da b^T + a db^T for each term; a term with both tangents is itself one `sum_of_products`."""
   y = pair_p.bind(*primals)
+  dtype = primals[0].dtype  # the primal's operands are all in a1's dtype
   terms = []
   for a, b, da, db in ((primals[0], primals[1], tangents[0], tangents[1]),
                        (primals[2], primals[3], tangents[2], tangents[3])):
     zero_a, zero_b = type(da) is ad.Zero, type(db) is ad.Zero
     if not zero_a and not zero_b:
-      terms.append(pair_p.bind(da, b, a, db))
+      terms.append(pair_p.bind(da.astype(dtype), b, a.astype(dtype), db))
     elif not zero_a:
-      terms.append(matmul(da, b.astype(da.dtype), transpose_y=True))
+      terms.append(matmul(da.astype(dtype), b.astype(dtype), transpose_y=True))
     elif not zero_b:
-      terms.append(matmul(a, db.astype(a.dtype), transpose_y=True))
+      terms.append(matmul(a.astype(dtype), db.astype(dtype), transpose_y=True))
   if not terms:
     return y, ad.Zero.from_primal_value(y)
   return y, sum(terms[1:], terms[0]).astype(y.dtype)
@@ -285,6 +286,8 @@ ad.primitive_jvps[pair_p] = _pair_jvp
 def _pair_transpose(ct, a1, b1, a2, b2):
   """Linear in one factor of each term (a JVP's tangent terms): d a = ct b (the product's own dtype rule: ct in the
   compute dtype), d b = ct^T a (`tn_matmul`'s form)."""
+  if type(ct) is ad.Zero:
+    return [None] * 4
   out = []
   for a, b in ((a1, b1), (a2, b2)):
     linear_a, linear_b = ad.is_undefined_primal(a), ad.is_undefined_primal(b)

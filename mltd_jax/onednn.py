@@ -175,10 +175,10 @@ def product(a: jax.Array, c: jax.Array, *, transpose_a: bool = False, transpose_
   """
   m = a.shape[-1] if transpose_a else a.shape[-2]
   n = c.shape[-2] if transpose_b else c.shape[-1]
-  if transpose_a and not transpose_b and n <= THIN < m and a.dtype == jnp.float32:
+  if transpose_a and not transpose_b and n <= THIN < m and a.dtype == c.dtype == jnp.float32:
     # a^T c with a thin result (a difference's x^T (dY V) [C_in, r]) as (c^T a)^T, XLA transposing the small result:
     # oneDNN runs that form faster on this project's Xeon (one core, hot operands, 508 rows, r 8: [1024 | 768 | 256, 8]
-    # in 170 / 76 / 26 µs against 251 / 171 / 59), the float32 second-order meta-step 1.025x [0.986-1.055]
+    # in 170 / 76 / 26 µs against 251 / 171 / 59: 1.5-2.3x), the float32 second-order meta-step 1.025x [0.986-1.055]
     # (experiments/results/session18_cpu.jsonl). Not in bfloat16: alone 1.2-1.4x faster too, but that step 0.992x.
     return jnp.swapaxes(product(c, a, transpose_a=True), -1, -2)
   out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)

@@ -250,17 +250,22 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _mm_t(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [N, C] @ w [M, C]^T -> [N, M] as one 2-D matmul, w read in place (no transposed copy of it); dtypes as `_mm`."""
+  """x [..., C] @ w [M, C]^T -> [..., M] as one 2-D matmul over the flattened leading axes, w read in place (no
+  transposed copy of it); dtypes as `_mm`."""
+  x2 = x.reshape(-1, x.shape[-1])
   if matmul.primitive(x.dtype):
-    return matmul.matmul(x, w, transpose_y=True)
-  return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())))
+    y = matmul.matmul(x2, w, transpose_y=True)
+  else:
+    y = jax.lax.dot_general(x2, w.astype(x.dtype), (((1,), (1,)), ((), ())))
+  return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _sum_of_products(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array) -> jax.Array:
-  """a1 [N, r] b1 [C, r]^T + a2 [N, r] b2 [C, r]^T: one product (`matmul.sum_of_products`) where `matmul` binds its
+  """a1 [..., r] b1 [C, r]^T + a2 [..., r] b2 [C, r]^T: one product (`matmul.sum_of_products`) where `matmul` binds its
   own primitive (XLA:CPU), else the two dots and their sum, for XLA to fuse as it likes (accelerators, float64)."""
   if matmul.primitive(a1.dtype):
-    return matmul.sum_of_products(a1, b1, a2, b2)
+    flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  the leading axes folded into rows, as `_mm`
+    return matmul.sum_of_products(flat(a1), b1, flat(a2), b2).reshape(*a1.shape[:-1], b1.shape[0])
   return _mm_t(a1, b1) + _mm_t(a2, b2)
 
 
@@ -270,7 +275,7 @@ def _effective_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, tr
 
   W_eff is summed in the parameters' dtype and cast to x's (the compute dtype). The JVP rule keeps every low-rank
   term factored, (x du) v^T + (x u) dv^T (with ``transpose``: (x v) du^T + (x dv) u^T), so no derivative multiplies
-  by a dense [C_in, C_out] tangent of W_eff, the two terms one product where both are present
+  by a dense [C_in, C_out] tangent of W_eff, the two terms one product where both are present on XLA:CPU
   (`matmul.sum_of_products`: the second-order meta-step 1.021x [0.991-1.054], session 18); the input's own term is
   this product again (dx W_eff), so a forward-mode pass (the Hessian-vector products' tangent pass) computes one
   dense product per layer for it, not dx w + (dx u) v^T. Under reverse mode JAX transposes that term as the plain
@@ -314,7 +319,8 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> ja
   dtype, summed before the cast to the compute dtype of x, as the unfactored layer does). Autodiff of that
   expression would reach u and v through the dense dW = x^T dY [C_in, C_out] (dU = dW v): a matmul the size of the
   layer's forward. Here the reverse mode gives (w, u, v) their cotangents from `_effective_matmul`'s thin JVP rule,
-  transposed: x^T dY (only where w is differentiated: the outer gradient), and the thin x^T (dY v) and dY^T (x u);
+  transposed: x^T dY (XLA drops it where w's gradient is unused, as in the inner gradients), and the thin x^T (dY v)
+  and dY^T (x u);
   and the input's cotangent as one dense product with the effective weight, dY W_eff^T (`_effective_matmul` with
   ``transpose``), rather than dY w^T + (dY v) u^T: a thin product writing [N, C_in] and its sum less per layer. Both
   are `_effective_matmul` calls, so a derivative of this backward (the meta-step's forward-over-reverse

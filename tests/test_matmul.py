@@ -223,14 +223,20 @@ def test_sum_of_products_equals_two_products_at_every_order_and_under_vmap(dtype
   np.testing.assert_allclose(batched[1], two(*cast(-a1, b1, a2, b2)), **tol)
   jvp_prims = _primitives(lambda a1, b1: jax.jvp(matmul.sum_of_products, (a1, b1, a2, b2), (a1, b1, a2, b2))[1], a1, b1)
   assert jvp_prims.count("sum_of_two_products") == 3  # the primal, and each term's two-tangent product
+  tangents = cast(w[:, :r], b1 * 0.5, a2[::-1], -b2)  # a tangent on every operand: both terms two-tangent
+  got, want = (jax.jvp(f, cast(a1, b1, a2, b2), tangents)[1] for f in (matmul.sum_of_products, two))
+  np.testing.assert_allclose(got, want, **tol)
 
 
-def test_sum_of_products_transposes_term_by_term():
+@pytest.mark.parametrize("dtype", [jnp.float32, BF16], ids=["float32", "bfloat16"])
+def test_sum_of_products_transposes_term_by_term(dtype):
   """Where each term has one linear factor (a1 and b2, or b1 and a2) the transpose is each factor's product with the
   cotangent, as for the two products; a term with no linear factor (affine) or two (not linear) is an error."""
   keys = jax.random.split(jax.random.key(5), 5)
   a1, a2, ct = (jax.random.normal(k, s) for k, s in zip(keys[:3], [(9, 3), (9, 2), (9, 7)]))
   b1, b2 = jax.random.normal(keys[3], (7, 3)), jax.random.normal(keys[4], (7, 2))
+  a1, b1, a2, b2 = (x.astype(dtype) for x in (a1, b1, a2, b2))
+  ct = ct.astype(matmul.result_dtype(dtype))
 
   def two(a1, b1, a2, b2):
     return matmul.matmul(a1, b1, transpose_y=True) + matmul.matmul(a2, b2, transpose_y=True)
@@ -243,6 +249,7 @@ def test_sum_of_products_transposes_term_by_term():
     got = jax.linear_transpose(lin(matmul.sum_of_products), *primals)(ct)
     want = jax.linear_transpose(lin(two), *primals)(ct)
     for x, y in zip(got, want, strict=True):
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+      assert x.dtype == y.dtype == dtype
+      np.testing.assert_allclose(x.astype(jnp.float32), y.astype(jnp.float32), rtol=1e-5, atol=1e-5)
   with pytest.raises(NotImplementedError, match="exactly one linear factor"):
     jax.linear_transpose(lambda a1: matmul.sum_of_products(a1, b1, a2, b2), a1)(ct)

@@ -132,9 +132,10 @@ def test_a_thin_result_of_a_transposed_product_is_computed_transposed(dtype):
   numpy's product."""
   assert onednn.available(), onednn._load()
   m, k, n = 300, 508, onednn.THIN
-  got, want = _product_and_numpy((), m, k, n, True, False, dtype, seed=2)
-  assert got.shape == (m, n)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+  for b in ((), (2,)):
+    got, want = _product_and_numpy(b, m, k, n, True, False, dtype, seed=2)
+    assert got.shape == (*b, m, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
   a, c = jnp.zeros((k, m), dtype), jnp.zeros((k, n), dtype)
   text = jax.jit(lambda a, c: onednn.product(a, c, transpose_a=True)).lower(a, c).as_text()
   first = re.search(rf"{onednn.TARGET}\(.*? : \(tensor<(\d+)x(\d+)x", text)  # the first operand's shape

@@ -281,6 +281,16 @@ def test_lowrank_matmul_input_cotangent_is_one_dense_product_and_its_hessian_vec
   assert flops(hvp(plain)) - flops(hvp(tarp.lowrank_matmul)) >= 2 * 2 * n * c_in * c_out
   for a, b in zip(jax.jit(hvp(tarp.lowrank_matmul))(*args), jax.jit(hvp(plain))(*args), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+  # where `matmul` binds its own primitive (bfloat16 on XLA:CPU; float32 too with the kernel) the rule's two
+  # low-rank terms are one product
+  narrow = [args[0].astype(jnp.bfloat16), *args[1:]]
+  if matmul.primitive(jnp.bfloat16):
+    assert "sum_of_two_products" in str(jax.make_jaxpr(hvp(tarp.lowrank_matmul))(*narrow))
+  # leading axes on x: the forward and every derivative flatten them
+  x3 = args[0].reshape(2, n // 2, c_in)
+  got, want = (jax.grad(loss(f), (0, 2))(x3, *args[1:]) for f in (tarp.lowrank_matmul, plain))
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 def test_lowrank_matmul_in_bfloat16_sums_the_difference_in_the_parameters_dtype():
