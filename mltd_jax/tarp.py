@@ -320,9 +320,9 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> ja
   expression would reach u and v through the dense dW = x^T dY [C_in, C_out] (dU = dW v): a matmul the size of the
   layer's forward. Here the reverse mode gives (w, u, v) their cotangents from `_effective_matmul`'s thin JVP rule,
   transposed: x^T dY (XLA drops it where w's gradient is unused, as in the inner gradients), and the thin x^T (dY v)
-  and dY^T (x u);
-  and the input's cotangent as one dense product with the effective weight, dY W_eff^T (`_effective_matmul` with
-  ``transpose``), rather than dY w^T + (dY v) u^T: a thin product writing [N, C_in] and its sum less per layer. Both
+  and dY^T (x u); and the input's cotangent as one dense product with the effective weight, dY W_eff^T
+  (`_effective_matmul` with ``transpose``), rather than dY w^T + (dY v) u^T: a thin product writing [N, C_in] and its
+  sum less per layer (x may have leading axes, flattened into N as `_mm` does). Both
   are `_effective_matmul` calls, so a derivative of this backward (the meta-step's forward-over-reverse
   Hessian-vector products) follows the thin rule too, and reverse-over-reverse transposes it; forward mode alone
   (jvp of this function, not of its gradient) is not defined, as for any custom VJP.
