@@ -271,7 +271,7 @@ def _sum_of_products(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _effective_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, transpose: bool) -> jax.Array:
-  """x [N, ·] @ W_eff (or W_eff^T with ``transpose``), W_eff = w + u v^T: one dense product, derivatives thin.
+  """x [..., ·] @ W_eff (or W_eff^T with ``transpose``), W_eff = w + u v^T: one dense product, derivatives thin.
 
   W_eff is summed in the parameters' dtype and cast to x's (the compute dtype). The JVP rule keeps every low-rank
   term factored, (x du) v^T + (x u) dv^T (with ``transpose``: (x v) du^T + (x dv) u^T), so no derivative multiplies
@@ -313,7 +313,7 @@ _effective_matmul.defjvp(_effective_matmul_jvp, symbolic_zeros=True)
 
 @jax.custom_vjp
 def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
-  """x [N, C_in] @ (w + u v^T): a bilinear difference's layer, one fused matmul, derivatives kept low rank.
+  """x [..., C_in] @ (w + u v^T): a bilinear difference's layer, one fused matmul, derivatives kept low rank.
 
   The value is ``x @ (w + u @ v.T).astype(x.dtype)`` (w [C_in, C_out], u [C_in, r], v [C_out, r] in the parameters'
   dtype, summed before the cast to the compute dtype of x, as the unfactored layer does). Autodiff of that

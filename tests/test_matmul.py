@@ -186,8 +186,9 @@ def test_dot_saving_remat_policies_keep_the_narrow_products(dtype):
     jaxpr = str(jax.make_jaxpr(jax.grad(g, (0, 1)))(x, y))
     assert jaxpr.count("lowp_matmul") == (2 if saved else 3), (name, jaxpr)
   policy = matmul.saveable(batched=False)
-  assert policy(matmul.lowp_matmul_p, jax.core.ShapedArray((4, 3), BF16))
-  assert not policy(matmul.lowp_matmul_p, jax.core.ShapedArray((2, 4, 3), BF16))
+  for prim in (matmul.lowp_matmul_p, matmul.pair_p):  # `sum_of_products` replaces two products in the JVP rules
+    assert policy(prim, jax.core.ShapedArray((4, 3), BF16))
+    assert not policy(prim, jax.core.ShapedArray((2, 4, 3), BF16))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16], ids=["float32", "bfloat16"])
@@ -226,6 +227,11 @@ def test_sum_of_products_equals_two_products_at_every_order_and_under_vmap(dtype
   tangents = cast(w[:, :r], b1 * 0.5, a2[::-1], -b2)  # a tangent on every operand: both terms two-tangent
   got, want = (jax.jvp(f, cast(a1, b1, a2, b2), tangents)[1] for f in (matmul.sum_of_products, two))
   np.testing.assert_allclose(got, want, **tol)
+  # operands of two dtypes (a2, b2 float32): the tangent products are computed in a1's dtype, as the primal
+  mixed = (*cast(a1, b1), a2, b2)
+  eqns = jax.make_jaxpr(lambda *p: jax.jvp(matmul.sum_of_products, p, p)[1])(*mixed).eqns
+  assert {str(e.invars[0].aval.dtype) for e in eqns if str(e.primitive) == "sum_of_two_products"} == {
+    jnp.dtype(dtype).name}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16], ids=["float32", "bfloat16"])
@@ -253,3 +259,7 @@ def test_sum_of_products_transposes_term_by_term(dtype):
       np.testing.assert_allclose(x.astype(jnp.float32), y.astype(jnp.float32), rtol=1e-5, atol=1e-5)
   with pytest.raises(NotImplementedError, match="exactly one linear factor"):
     jax.linear_transpose(lambda a1: matmul.sum_of_products(a1, b1, a2, b2), a1)(ct)
+  # a symbolic zero cotangent (JAX's transposes may pass one) gives no cotangents
+  undefined = lambda x: jax.interpreters.ad.UndefinedPrimal(jax.core.ShapedArray(x.shape, x.dtype))  # noqa: E731
+  zero = jax.interpreters.ad.Zero(jax.core.ShapedArray(ct.shape, ct.dtype))
+  assert matmul._pair_transpose(zero, undefined(a1), b1, a2, undefined(b2)) == [None] * 4

@@ -291,6 +291,13 @@ def test_lowrank_matmul_input_cotangent_is_one_dense_product_and_its_hessian_vec
   got, want = (jax.grad(loss(f), (0, 2))(x3, *args[1:]) for f in (tarp.lowrank_matmul, plain))
   for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+  # the same through the Hessian-vector product in bfloat16, where the rule's pair is `matmul`'s primitive on any CPU
+  x3 = x3.astype(jnp.bfloat16)
+  plain16 = lambda x, w, u, v: x @ (w + u @ v.T).astype(x.dtype)  # noqa: E731
+  got, want = (jax.jit(hvp(f))(x3, *args[1:]) for f in (tarp.lowrank_matmul, plain16))
+  for a, b in zip(got, want, strict=True):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(jnp.abs(b).max()))
 
 
 def test_lowrank_matmul_in_bfloat16_sums_the_difference_in_the_parameters_dtype():
