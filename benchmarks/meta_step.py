@@ -35,7 +35,9 @@ unrolled twin (`InnerLoop.unroll`, tasks vmapped), since XLA counts a loop body 
 included. On an accelerator ``mfu`` is that count per second against the device's peak for ``--dtype`` (the
 compiled GPU program's own count misses its cuBLAS matmuls: 18.5 against 274 GFLOP for the default fwd+bwd).
 Nor does it count custom calls, so every count is taken on a step traced afresh with `mltd_jax.onednn` off: the weight
-gradients the kernel computes on XLA:CPU are counted as the XLA dots they replace (the same arithmetic).
+gradients the kernel computes on XLA:CPU are counted as the XLA dots they replace (the same arithmetic). Where XLA
+gives no count (jax 0.11.2 on an accelerator: a lowered program's cost analysis is None there), the same traced step's
+products are counted from its jaxpr (``flops_source`` "jaxpr products", else "xla"; elementwise work uncounted).
 
 ``--devices 1 2 4`` (or ``1,2,4``) runs the meta-batch's tasks sharded over the first N devices (a ``tasks`` mesh
 axis, `mltd_jax.sharding`, as training does). On CPU the devices are fake
@@ -53,6 +55,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import resource
 import statistics
@@ -106,19 +109,77 @@ def _flops(program) -> float | None:
   return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
-def _count(fn: Callable, *args) -> float | None:
-  """`_flops` of ``fn(*args)`` traced afresh (its own jit: no trace shared with the timed step) with the oneDNN kernel
-  off, since XLA's cost analysis has no count for a custom call: the kernel's products count as XLA's dots."""
+def _product_flops(eqn) -> float:
+  """2 M N K (times the batch) of one product equation: XLA's dot_general or `mltd_jax.matmul`'s primitives."""
+  name = eqn.primitive.name
+  out = math.prod(eqn.outvars[0].aval.shape) if name != "dot_general" else 0
+  if name == "dot_general":
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    k, batch = math.prod(lhs[i] for i in lc), math.prod(lhs[i] for i in lb)
+    m = math.prod(d for i, d in enumerate(lhs) if i not in lc and i not in lb)
+    n = math.prod(d for i, d in enumerate(rhs) if i not in rc and i not in rb)
+    return 2.0 * batch * m * n * k
+  if name == "lowp_matmul":  # x [*b, M, K]
+    return 2.0 * out * eqn.invars[0].aval.shape[-1]
+  if name == "tn_matmul":  # a [*b, K, M]
+    return 2.0 * out * eqn.invars[0].aval.shape[-2]
+  if name == "sum_of_two_products":  # a1 [*b, N, r1], a2 [*b, N, r2]
+    return 2.0 * out * (eqn.invars[0].aval.shape[-1] + eqn.invars[2].aval.shape[-1])
+  return 0.0
+
+
+def jaxpr_product_flops(jaxpr) -> float:
+  """FLOPs of the matrix products of a (closed) jaxpr once its dead code is removed (as lowering does: e.g. a
+  custom VJP's weight gradient where only the difference is differentiated): every product equation's 2 M N K, a
+  scan body's times its length, the costliest branch of a cond, a while body once; the fallback count where XLA
+  gives none (`_count`). Elementwise work is not counted, so it is below XLA's count of the same program (84% for a
+  tiny meta-step, more of it at real sizes)."""
+  from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: JAX's own dead-code pass, not public API
+  from jax.extend import core
+
+  def subjaxprs(value):
+    if isinstance(value, (core.ClosedJaxpr, core.Jaxpr)):
+      yield value.jaxpr if isinstance(value, core.ClosedJaxpr) else value
+    elif isinstance(value, (tuple, list)):
+      for v in value:
+        yield from subjaxprs(v)
+
+  def count(jx) -> float:
+    total = 0.0
+    for eqn in jx.eqns:
+      total += _product_flops(eqn)
+      if eqn.primitive.name == "cond":
+        total += max(count(b) for b in subjaxprs(eqn.params["branches"]))
+        continue
+      inner = sum(count(sub) for value in eqn.params.values() for sub in subjaxprs(value))
+      total += inner * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+    return total
+
+  jaxpr = jaxpr.jaxpr if isinstance(jaxpr, core.ClosedJaxpr) else jaxpr
+  live, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+  return count(live)
+
+
+def _count(fn: Callable, *args) -> tuple[float | None, str]:
+  """(FLOPs, what counted them) of ``fn(*args)`` traced afresh (its own jit: no trace shared with the timed step)
+  with the oneDNN kernel off, since XLA's cost analysis has no count for a custom call: the kernel's products count
+  as XLA's dots. Where XLA gives no count (jax 0.11.2 on an accelerator: a lowered program's cost analysis is None
+  for every platform), the products of the same traced program counted from its jaxpr (`jaxpr_product_flops`)."""
   import jax
 
   from mltd_jax import onednn
 
   with onednn.disabled():
-    lowered = jax.jit(lambda *xs: fn(*xs)).lower(*args)
+    traced = jax.jit(lambda *xs: fn(*xs)).trace(*args)
+    lowered = traced.lower()
   if onednn.TARGET in lowered.as_text():  # e.g. a closure over a function traced with the kernel on
     raise RuntimeError("meta_step._count: the program to count still calls the oneDNN kernel; trace its inputs too "
                        "with the kernel off (onednn.disabled())")
-  return _flops(lowered)
+  flops = _flops(lowered)
+  if flops is not None:
+    return flops, "xla"
+  return jaxpr_product_flops(traced.jaxpr), "jaxpr products"
 
 
 def lacks_kernel(compiled, dtype: str) -> bool:
@@ -290,7 +351,7 @@ def run_one(a: argparse.Namespace) -> dict:
     step = train.jit_step(step_fn, shardings)
     # FLOPs: an unrolled twin, tasks vmapped, one support slice (the same arithmetic, no loop for XLA to count once)
     twin = meta.make_meta_step(loss_fn, tx, dataclasses.replace(inner, unroll=True, support_chunks=1), 0, prepare)
-    flops = _count(twin, state, batch(), key)
+    flops, flops_source = _count(twin, state, batch(), key)
     state = sharding.put_global(state, shardings.state)
     med, compile_s, compiled, m = _run(step, state, lambda: sharding.put_local(batch(), shardings.batch), key, a.steps)
     row.update(order=a.order, remat=bool(a.remat), backward=a.backward, inner=a.inner)
@@ -300,7 +361,7 @@ def run_one(a: argparse.Namespace) -> dict:
     step = jax.jit(meta.make_train_step(loss_fn, tx), donate_argnums=0)
     state = TrainState.create({"params": variables["params"]}, tx)
     n = a.tasks * (a.inner + 1) * a.shots
-    flops = _count(meta.make_train_step(loss_fn, tx), state, lm(n, a.seq), key)
+    flops, flops_source = _count(meta.make_train_step(loss_fn, tx), state, lm(n, a.seq), key)
     med, compile_s, compiled, m = _run(step, state, lambda: lm(n, a.seq), key, a.steps)
     row.update(inner=a.inner, loss=round(float(m["loss"]), 4))
   else:  # adapt: one TARP adaptation step against one full fine-tuning step, same model and batch
@@ -308,7 +369,7 @@ def run_one(a: argparse.Namespace) -> dict:
     batch = lambda: lm(a.tasks * a.shots, a.seq)  # noqa: E731
     regexes = {"full": "^params/", "tarp": "^tarp/"}
     steps = {name: jax.jit(_adapt_step(loss_fn, regex, 1e-3)) for name, regex in regexes.items()}
-    flops = _count(_adapt_step(loss_fn, regexes["tarp"], 1e-3), variables, batch(), key)
+    flops, flops_source = _count(_adapt_step(loss_fn, regexes["tarp"], 1e-3), variables, batch(), key)
     timed = _alternate(steps, variables, batch, key, a.steps)
     (full, _, _), (ours, compile_s, compiled) = timed["full"], timed["tarp"]
     med, full_s = statistics.median(ours), statistics.median(full)
@@ -331,7 +392,7 @@ def run_one(a: argparse.Namespace) -> dict:
     peak_name: round(peak, 1),
     "xla_temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
     "xla_args_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
-    "flops_per_step": flops, "device": dev.device_kind,
+    "flops_per_step": flops, "flops_source": flops_source, "device": dev.device_kind,
     "hugepages": hostmem.hugepages(), "thp": hostmem.transparent_hugepages(),
   })  # fmt: skip
   if dev.platform == "cpu":

@@ -302,3 +302,52 @@ def test_op_kinds_counts_a_library_fusion_as_a_matmul_only_if_it_holds_a_dot():
     "matmuls": 3.0, "other fusions": 2.0, "custom calls (oneDNN)": 1.0, "transposing copies": 0.5
   }
   assert meta_parts.op_kinds(per_op)["matmuls"] == 5.0
+
+
+def test_jaxpr_product_flops_counts_every_product_where_xla_gives_none(monkeypatch):
+  """`meta_step.jaxpr_product_flops` (the FLOP count where XLA's cost analysis is empty, as on jax 0.11.2 with a GPU):
+  2 M N K for XLA's dots and `mltd_jax.matmul`'s primitives, a scan body times its length, a cond's costliest branch;
+  on a tiny meta-step's unrolled twin it is XLA's count less the elementwise work."""
+  sys.path.insert(0, str(SCRIPT.parent))
+  import jax
+  import jax.numpy as jnp
+  import meta_step
+
+  from mltd_jax import matmul
+
+  x, w, u = jnp.ones((6, 4)), jnp.ones((4, 5)), jnp.ones((5, 3))
+
+  def f(x, w, u):
+    h = x @ w  # 2*6*5*4
+    h, _ = jax.lax.scan(lambda h, _: (h @ jnp.eye(5), None), h, length=3)  # 3 * 2*6*5*5
+    h = jax.lax.cond(h.sum() > 0, lambda h: h @ jnp.ones((5, 7)), lambda h: jnp.zeros((6, 7)), h)  # 2*6*7*5
+    narrow = matmul.matmul(h.astype(jnp.bfloat16), jnp.ones((7, 2)))  # 2*6*2*7, `lowp_matmul` on XLA:CPU
+    pair = matmul.sum_of_products(h[:, :3], u, h[:, 3:4], u[:, :1])  # 2*6*5*(3+1)
+    return narrow.sum() + pair.sum()
+
+  want = 2 * (6 * 5 * 4 + 3 * 6 * 5 * 5 + 6 * 7 * 5 + 6 * 2 * 7 + 6 * 5 * 4)
+  assert meta_step.jaxpr_product_flops(jax.make_jaxpr(f)(x, w, u)) == want
+  # the tiny meta-step: the fallback against XLA's own count of the same traced program
+  import argparse
+
+  import numpy as np
+  import optax
+
+  from mltd_jax import meta, onednn
+  from mltd_jax.models import gpt2
+  from mltd_jax.state import TrainState
+
+  a = argparse.Namespace(vocab=32, seq=8, d=16, layers=1, heads=2, dtype="float32", tarp="bilinear", rank=2,
+                         tams=False, tasks=2, inner=2, shots=2)
+  model, variables, _ = meta_step._model(a)
+  tx = optax.adam(1e-3)
+  inner = meta.InnerLoop(steps=2, lr=0.05, per_step_support=True, unroll=True)
+  twin = meta.make_meta_step(gpt2.make_loss(model), tx, inner, 0)
+  args = (TrainState.create(variables, tx), meta_step.meta_batch(np.random.default_rng(0), a), jax.random.key(0))
+  xla, source = meta_step._count(twin, *args)
+  assert source == "xla"
+  with onednn.disabled():  # as `_count` traces it: the kernel's products as XLA's dots
+    products = meta_step.jaxpr_product_flops(jax.make_jaxpr(twin)(*args))
+  assert 0.7 * xla < products < xla  # dead code (the inner gradients' unused weight gradients) not counted
+  monkeypatch.setattr(meta_step, "_flops", lambda program: None)  # XLA without a count, as jax 0.11.2 on a GPU
+  assert meta_step._count(twin, *args) == (products, "jaxpr products")
