@@ -252,11 +252,7 @@ def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
 def _mm_t(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [..., C] @ w [M, C]^T -> [..., M] as one 2-D matmul over the flattened leading axes, w read in place (no
   transposed copy of it); dtypes as `_mm`."""
-  x2 = x.reshape(-1, x.shape[-1])
-  if matmul.primitive(x.dtype):
-    y = matmul.matmul(x2, w, transpose_y=True)
-  else:
-    y = jax.lax.dot_general(x2, w.astype(x.dtype), (((1,), (1,)), ((), ())))
+  y = matmul.matmul(x.reshape(-1, x.shape[-1]), w, transpose_y=True)
   return y.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -191,6 +191,11 @@ def test_dot_saving_remat_policies_keep_the_narrow_products(dtype):
     assert not policy(prim, jax.core.ShapedArray((2, 4, 3), BF16))
 
 
+def _two_products(a1, b1, a2, b2):
+  """The reference for `matmul.sum_of_products`: a1 b1^T + a2 b2^T as two products and their sum."""
+  return matmul.matmul(a1, b1, transpose_y=True) + matmul.matmul(a2, b2, transpose_y=True)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16], ids=["float32", "bfloat16"])
 def test_sum_of_products_equals_two_products_at_every_order_and_under_vmap(dtype):
   """`matmul.sum_of_products` (a1 b1^T + a2 b2^T as one product): the value, and the gradient, forward-over-reverse
@@ -204,28 +209,25 @@ def test_sum_of_products_equals_two_products_at_every_order_and_under_vmap(dtype
   w = jax.random.normal(keys[4], (n, c))
   cast = lambda *xs: [x.astype(dtype) for x in xs]  # noqa: E731
 
-  def two(a1, b1, a2, b2):
-    return matmul.matmul(a1, b1, transpose_y=True) + matmul.matmul(a2, b2, transpose_y=True)
-
   def scalar(f):  # a1 and b2 carry the variables, as in the JVP rule's (x du) v^T + (x u) dv^T
     return lambda p, q: jnp.sum(jnp.sin(f(*cast(p * a1, b1, a2, q * b2)).astype(jnp.float32)) * w)
 
-  got, want = matmul.sum_of_products(*cast(a1, b1, a2, b2)), two(*cast(a1, b1, a2, b2))
+  got, want = matmul.sum_of_products(*cast(a1, b1, a2, b2)), _two_products(*cast(a1, b1, a2, b2))
   assert got.dtype == want.dtype == matmul.result_dtype(dtype)
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
   np.testing.assert_allclose(got, want, **tol)
   p, q = jnp.ones((n, r)), jnp.ones((c, r))
   for transform in (jax.grad, jax.hessian, lambda f, argnums: jax.jacrev(jax.grad(f, argnums), argnums)):
-    ours, ref = (jax.jit(transform(scalar(f), argnums=(0, 1)))(p, q) for f in (matmul.sum_of_products, two))
+    ours, ref = (jax.jit(transform(scalar(f), argnums=(0, 1)))(p, q) for f in (matmul.sum_of_products, _two_products))
     for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
       np.testing.assert_allclose(x, y, **(tol if dtype == jnp.float32 else dict(rtol=5e-2, atol=0.1)))
   batched = jax.vmap(matmul.sum_of_products, in_axes=(0, None, 0, None))(*cast(jnp.stack([a1, -a1]), b1,
                                                                                jnp.stack([a2, a2]), b2))
-  np.testing.assert_allclose(batched[1], two(*cast(-a1, b1, a2, b2)), **tol)
+  np.testing.assert_allclose(batched[1], _two_products(*cast(-a1, b1, a2, b2)), **tol)
   jvp_prims = _primitives(lambda a1, b1: jax.jvp(matmul.sum_of_products, (a1, b1, a2, b2), (a1, b1, a2, b2))[1], a1, b1)
   assert jvp_prims.count("sum_of_two_products") == 3  # the primal, and each term's two-tangent product
   tangents = cast(w[:, :r], b1 * 0.5, a2[::-1], -b2)  # a tangent on every operand: both terms two-tangent
-  got, want = (jax.jvp(f, cast(a1, b1, a2, b2), tangents)[1] for f in (matmul.sum_of_products, two))
+  got, want = (jax.jvp(f, cast(a1, b1, a2, b2), tangents)[1] for f in (matmul.sum_of_products, _two_products))
   np.testing.assert_allclose(got, want, **tol)
   # operands of two dtypes (a2, b2 float32): the tangent products are computed in a1's dtype, as the primal
   mixed = (*cast(a1, b1), a2, b2)
@@ -244,16 +246,13 @@ def test_sum_of_products_transposes_term_by_term(dtype):
   a1, b1, a2, b2 = (x.astype(dtype) for x in (a1, b1, a2, b2))
   ct = ct.astype(matmul.result_dtype(dtype))
 
-  def two(a1, b1, a2, b2):
-    return matmul.matmul(a1, b1, transpose_y=True) + matmul.matmul(a2, b2, transpose_y=True)
-
   for linear in ((0, 3), (1, 2)):
     def lin(f):
       return lambda x, y: f(*[(x, y)[linear.index(i)] if i in linear else v for i, v in enumerate((a1, b1, a2, b2))])
 
     primals = [(a1, b1, a2, b2)[i] for i in linear]
     got = jax.linear_transpose(lin(matmul.sum_of_products), *primals)(ct)
-    want = jax.linear_transpose(lin(two), *primals)(ct)
+    want = jax.linear_transpose(lin(_two_products), *primals)(ct)
     for x, y in zip(got, want, strict=True):
       assert x.dtype == y.dtype == dtype
       np.testing.assert_allclose(x.astype(jnp.float32), y.astype(jnp.float32), rtol=1e-5, atol=1e-5)
