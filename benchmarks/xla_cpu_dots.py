@@ -28,6 +28,12 @@ minutes, so only same-minute ratios are read), medians over ``--calls``:
   dots only), beside torch's; milliseconds (issue #11, session 12: YNNPACK's reductions slow down several-fold
   behind axes of size 1).
 
+* ``ceiling`` (not by default): the float32 rate the oneDNN kernel reaches on its best shapes, x [tokens, k] @ w
+  [k, n] in the forward form at the step's dense shapes (one task's 508 tokens and four tasks' 2,032) and at two
+  large ones (2,048^3; 4,096 x 1,024 x 1,024), beside torch's float32 matmul: GFLOP/s of the fastest call and of the
+  median. Under ``taskset -c 0`` it is one core's float32 ceiling as this project reaches it, the yardstick of the
+  README's limit (issue #11, session 19: 180-187 at the step's shapes).
+
 ``--threads`` sets torch's threads; XLA and numpy use the machine's cores (2 on the project's CPU machines).
 
   python benchmarks/xla_cpu_dots.py --calls 100      # the peer's shapes: 2,032 tokens, d 256, vocab 4096, rank 8
@@ -35,6 +41,7 @@ minutes, so only same-minute ratios are read), medians over ``--calls``:
   python benchmarks/xla_cpu_dots.py --part bfloat16 --calls 60   # bfloat16 operands: AMX through YNNPACK, or not
   python benchmarks/xla_cpu_dots.py --part onednn --calls 60     # x^T g through the oneDNN custom call, or XLA
   python benchmarks/xla_cpu_dots.py --part reduce --calls 100    # a reduction behind axes of size 1, or not
+  taskset -c 0 python benchmarks/xla_cpu_dots.py --part ceiling --calls 100 --threads 1   # one core's float32 ceiling
 """
 
 from __future__ import annotations
@@ -269,10 +276,46 @@ def reduce_rows(a: argparse.Namespace, torch) -> list[dict]:
   return rows
 
 
+def ceiling_rows(a: argparse.Namespace, torch) -> list[dict]:
+  """x [m, k] @ w [k, n] in float32 through the oneDNN kernel (``onednn_f32``) and torch (``torch_f32``): GFLOP/s of
+  the fastest of ``--calls`` calls (``*_best_gflops``) and of their median, at the step's dense forward shapes and at
+  two large ones."""
+  from mltd_jax import onednn
+
+  if not onednn.available():
+    raise SystemExit("--part ceiling: the oneDNN kernel is unavailable here (the warning above says why)")
+  d = a.d
+  dense = [(tokens, k, n) for tokens in (a.tokens // 4, a.tokens) for k, n in ((d, 3 * d), (d, 4 * d), (4 * d, d))]
+  product = jax.jit(lambda x, w: onednn.product(x, w))
+  rng = np.random.default_rng(0)
+  rows = []
+  for m, k, n in [*dense, (2048, 2048, 2048), (4096, 1024, 1024)]:
+    x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    jx, jw = jnp.asarray(x), jnp.asarray(w)
+    fns = {"onednn_f32": lambda p=jx, q=jw: product(p, q).block_until_ready()}
+    if torch is not None:
+      fns["torch_f32"] = lambda p=torch.from_numpy(x), q=torch.from_numpy(w): p @ q
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for f in fns.values():
+      f()  # warm-up
+    for i in range(a.calls):
+      for name in fns if i % 2 == 0 else list(fns)[::-1]:
+        t0 = time.perf_counter()
+        fns[name]()
+        times[name].append(time.perf_counter() - t0)
+    gflop = 2 * m * k * n / 1e9
+    row = {"part": "ceiling", "m": m, "k": k, "n": n}
+    for name, t in times.items():
+      row[f"{name}_best_gflops"] = _sig(gflop / min(t))
+      row[f"{name}_gflops"] = _sig(gflop / statistics.median(t))
+    rows.append(row)
+  return rows
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parts = {"matmul": matmul_rows, "transposed": transposed_rows, "bfloat16": bfloat16_rows, "onednn": onednn_rows,
-           "reduce": reduce_rows}  # fmt: skip
+           "reduce": reduce_rows, "ceiling": ceiling_rows}  # fmt: skip
   p.add_argument("--part", nargs="+", default=["matmul", "transposed"], choices=tuple(parts))
   p.add_argument("--tokens", type=int, default=2032, help="rows of a product: 4 x 4 sequences of 127 tokens")
   for k, v in dict(d=256, vocab=4096, rank=8, heads=4, shots=4, seq=128, calls=60, threads=2).items():

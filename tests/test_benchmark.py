@@ -222,11 +222,18 @@ def test_xla_cpu_dots_prints_a_line_per_product_with_its_kernel(tmp_path):
   tiny = ["--tokens=32", "--d=16", "--vocab=64", "--rank=8", "--heads=2", "--shots=4", "--seq=8", "--calls=2"]
   tiny += ["--part", "matmul", "transposed", "bfloat16"]
   kernel = (shutil.which("c++") or shutil.which("g++")) and os.environ.get("MLTD_JAX_ONEDNN", "1") != "0"
-  out = subprocess.run([sys.executable, str(script), *tiny, *(["onednn"] if kernel else []), "reduce"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
+  extra = ["onednn"] if kernel else []
+  out = subprocess.run([sys.executable, str(script), *tiny, *extra, "reduce", *(["ceiling"] if kernel else [])],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900)  # fmt: skip
   rows = [json.loads(line) for line in out.stdout.splitlines()]
   parts = ["matmul"] * 6 + ["transposed"] * 3 + ["bfloat16"] * 5 + ["onednn"] * (10 if kernel else 0) + ["reduce"] * 3
-  assert [r["part"] for r in rows] == parts, out.stderr
+  assert [r["part"] for r in rows] == parts + ["ceiling"] * (8 if kernel else 0), out.stderr
+  if kernel:  # one core's float32 ceiling: the step's dense shapes at 8 and 32 tokens, then two large products
+    ceiling, rows = rows[len(parts) :], rows[: len(parts)]
+    shapes = [(m, k, n) for m in (8, 32) for k, n in ((16, 48), (16, 64), (64, 16))] + [(2048,) * 3, (4096, 1024, 1024)]
+    assert [(r["m"], r["k"], r["n"]) for r in ceiling] == shapes
+    for r in ceiling:
+      assert r["onednn_f32_best_gflops"] >= r["onednn_f32_gflops"] > 0 and r["torch_f32_best_gflops"] > 0
   for ones, r in enumerate(rows[-3:]):  # the softmax backward's reduction behind 0, 1, 2 axes of size 1
     assert r["shape"] == [1] * ones + [2 * 4, 7, 7] and r["leading_ones"] == ones and r["max_abs_diff"] < 1e-5
     assert r["kernel"] in ("ynnpack", "xla") and r["kernel_without_ynn_reduce"] == "xla"
