@@ -100,10 +100,17 @@ def hlo_instructions(hlo_text: str) -> Iterator[Instruction]:
       yield Instruction(computation, name, hlo_type, op, operands, calls.group(1) if calls else None, line)
 
 
-def dot_fusions(hlo_text: str) -> set[str]:
-  """Names of the fusions in a compiled program's HLO text whose fused computation holds a ``dot``: of XLA:CPU's
-  library fusions (YNNPACK's, XNNPACK's) these are products, the others reductions or elementwise work."""
-  instructions = list(hlo_instructions(hlo_text))
+def parsed(hlo: str | list[Instruction]) -> list[Instruction]:
+  """A compiled program's instructions from its HLO text, or the list `hlo_instructions` already gave (a caller that
+  reads the program several ways parses its megabytes of text once)."""
+  return list(hlo_instructions(hlo)) if isinstance(hlo, str) else hlo
+
+
+def dot_fusions(hlo: str | list[Instruction]) -> set[str]:
+  """Names of the fusions in a compiled program (HLO text, or its `hlo_instructions`) whose fused computation holds a
+  ``dot``: of XLA:CPU's library fusions (YNNPACK's, XNNPACK's) these are products, the others reductions or
+  elementwise work."""
+  instructions = parsed(hlo)
   with_dot = {i.computation for i in instructions if i.op == "dot"}
   return {i.name for i in instructions if i.op == "fusion" and i.calls in with_dot}
 

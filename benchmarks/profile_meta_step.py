@@ -81,22 +81,23 @@ def main() -> None:
   compiled = jax.jit(step).lower(state, batch, key).compile()
   trace = a.trace or Path(tempfile.mkdtemp(prefix="meta_trace_"))
   seconds, per_op, runs = time_calls(compiled, (state, batch, key), a.steps, trace)
-  text = compiled.as_text()  # the step's HLO, read once (megabytes of text)
+  text = compiled.as_text()  # the step's HLO, read and parsed once (megabytes of text)
+  instructions = list(hlo_instructions(text))
   hlo = {}  # instruction name -> (output shape, the JAX operation it came from)
-  for i in hlo_instructions(text):
+  for i in instructions:
     origin = re.search(r'op_name="([^"]*)"', i.line)
     hlo[i.name] = (i.type, origin.group(1)[-100:] if origin else "")
   row = {
     "order": a.order, "inner": a.inner, "dtype": a.dtype, "seconds": round(seconds, 4),
     "flops_loops_once": _flops(compiled),
-    "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op, dot_fusions(text)),
+    "thunk_ms": round(sum(per_op.values()), 1), "ms_by_kind": op_kinds(per_op, dot_fusions(instructions)),
     "top": [[name, round(ms, 1), *hlo.get(name, ("?", ""))] for name, ms in per_op.most_common(a.top)],
   }  # fmt: skip
   products = kernel_products(text) if a.floor or a.bytes else {}
   if a.floor:
     row.update(floor(products, per_op, runs, a.floor_calls, a.top))
   if a.bytes:
-    row["rest_traffic"] = rest_traffic(text, products, per_op, runs)
+    row["rest_traffic"] = rest_traffic(instructions, products, per_op, runs)
   print(json.dumps(row), flush=True)
 
 
@@ -197,13 +198,13 @@ def _type_bytes(hlo_type: str) -> int:
   return total
 
 
-def hlo_bytes(hlo_text: str) -> dict[str, int]:
+def hlo_bytes(hlo) -> dict[str, int]:
   """Instruction name -> bytes its run moves: its output plus its distinct operands (every instruction of a compiled
-  program's HLO text). A fusion whose computation slices (slice, dynamic-slice, gather) counts its output's size
-  for its reads instead, since it reads part of an operand."""
-  from meta_parts import hlo_instructions
+  program: its HLO text or `meta_parts.hlo_instructions` list). A fusion whose computation slices (slice,
+  dynamic-slice, gather) counts its output's size for its reads instead, since it reads part of an operand."""
+  from meta_parts import parsed
 
-  instructions = list(hlo_instructions(hlo_text))
+  instructions = parsed(hlo)
   sizes = {i.name: _type_bytes(i.type) for i in instructions}
   slicing = {i.computation for i in instructions if i.op in ("slice", "dynamic-slice", "gather") and i.computation}
   out = {}
@@ -230,10 +231,10 @@ def copy_rates(sizes_mib=(0.5, 2, 8, 64)) -> dict[str, float]:
   return rates
 
 
-def rest_traffic(hlo_text: str, products: dict[str, tuple], per_op, runs) -> dict:
+def rest_traffic(instructions: list, products: dict[str, tuple], per_op, runs) -> dict:
   """``rest_traffic`` (see the module docstring): the thunks other than the oneDNN products (the step's
-  `kernel_products`) and the loops' own."""
-  sizes = hlo_bytes(hlo_text)
+  `kernel_products`) and the loops' own; ``instructions``: the step's `meta_parts.hlo_instructions`."""
+  sizes = hlo_bytes(instructions)
   names = [n for n in per_op if n in sizes and n not in products and not n.startswith(("while", "conditional", "call"))]
   gb = sum(runs.get(n, 0) * sizes[n] for n in names) / 1e9
   ms = sum(per_op[n] for n in names)

@@ -106,9 +106,13 @@ def test_hlo_bytes_counts_each_thunks_output_and_operands_and_a_slice_as_read_in
 
   assert list(fusions(lambda x: jnp.tanh(x) * 2.0).values()) == [8192 + 8192]
   assert list(fusions(lambda x: x[:, :16] * 2.0).values()) == [4096 + 4096]  # reads half of x: its output's size
-  pair = hlo_bytes(jax.jit(lambda x: (x * 2.0, x.sum(0))).lower(x).compile().as_text())
+  text = jax.jit(lambda x: (x * 2.0, x.sum(0))).lower(x).compile().as_text()
+  pair = hlo_bytes(text)
   (root,) = [b for n, b in pair.items() if n.startswith("tuple")]
   assert root >= 8192 + 32 * 4  # the tuple's output: both parts
+  import meta_parts
+
+  assert hlo_bytes(list(meta_parts.hlo_instructions(text))) == pair  # the text parsed once by the caller: the same
 
 
 def test_meta_parts_hvp_from_saved_products_is_the_same_product_with_fewer_flops(tmp_path):
@@ -300,6 +304,7 @@ def test_op_kinds_counts_a_library_fusion_as_a_matmul_only_if_it_holds_a_dot():
   x, w = jnp.ones((512, 1024)), jnp.ones((1024, 64))
   text = jax.jit(lambda x, w: (jnp.tanh(x).sum(-1), x @ w)).lower(x, w).compile().as_text()
   dots = meta_parts.dot_fusions(text)
+  assert meta_parts.dot_fusions(list(meta_parts.hlo_instructions(text))) == dots  # text or instructions parsed once
   fusions = dict(re.findall(r"%([\w.\-]+) = (f32\[[\d,]*\])\S* fusion\(", text))  # name -> output shape
   reductions = [name for name, shape in fusions.items() if shape == "f32[512]"]
   assert reductions and not dots & set(reductions)  # tanh + sum: fused, no product in it
