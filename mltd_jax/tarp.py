@@ -315,7 +315,8 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> ja
   dtype, summed before the cast to the compute dtype of x, as the unfactored layer does). Autodiff of that
   expression would reach u and v through the dense dW = x^T dY [C_in, C_out] (dU = dW v): a matmul the size of the
   layer's forward. Here the reverse mode gives (w, u, v) their cotangents from `_effective_matmul`'s thin JVP rule,
-  transposed: x^T dY (XLA drops it where w's gradient is unused, as in the inner gradients), and the thin x^T (dY v)
+  transposed: x^T dY (only where w is differentiated: the rule sees symbolic zeros, and the inner gradients, w.r.t.
+  the difference alone, never trace it), and the thin x^T (dY v)
   and dY^T (x u); and the input's cotangent as one dense product with the effective weight, dY W_eff^T
   (`_effective_matmul` with ``transpose``), rather than dY w^T + (dY v) u^T: a thin product writing [N, C_in] and its
   sum less per layer (x may have leading axes, flattened into N as `_mm` does). Both
@@ -326,18 +327,42 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array) -> ja
   return _effective_matmul(x, w, u, v, False)
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Perturbed:
+  """Which of (x, w, u, v) a reverse pass differentiates: static, carried from the forward to the backward rule."""
+
+  flags: tuple[bool, bool, bool, bool]
+
+
 def _lowrank_matmul_fwd(x, w, u, v):
-  return _effective_matmul(x, w, u, v, False), (x, w, u, v)
+  perturbed = _Perturbed(tuple(a.perturbed for a in (x, w, u, v)))
+  x, w, u, v = (a.value for a in (x, w, u, v))
+  return _effective_matmul(x, w, u, v, False), (x, w, u, v, perturbed)
 
 
 def _lowrank_matmul_bwd(residuals, ct):
-  x, w, u, v = residuals
-  dx = _effective_matmul(ct.astype(x.dtype), w, u, v, True).astype(x.dtype)
-  _, pullback = jax.vjp(lambda w, u, v: _effective_matmul(x, w, u, v, False), w, u, v)
-  return (dx, *pullback(ct))
+  """Cotangents only for the inputs being differentiated (symbolic zeros): the inner loop's gradients, w.r.t. the
+  difference only, then never trace the dense x^T dY of w (which XLA would drop under jit, but eager calls and the
+  traced program would carry)."""
+  x, w, u, v, perturbed = residuals
+  if isinstance(ct, SymbolicZero):  # JAX's contract under symbolic_zeros (a single output's is never one in practice)
+    return None, None, None, None
+  dx = _effective_matmul(ct.astype(x.dtype), w, u, v, True).astype(x.dtype) if perturbed.flags[0] else None
+  params, wanted = (w, u, v), perturbed.flags[1:]
+  if not any(wanted):
+    return dx, None, None, None
+
+  def product(*chosen):  # x @ W_eff as a function of the differentiated ones among (w, u, v)
+    given = iter(chosen)
+    return _effective_matmul(x, *(next(given) if want else p for p, want in zip(params, wanted)), False)
+
+  _, pullback = jax.vjp(product, *(p for p, want in zip(params, wanted) if want))
+  given = iter(pullback(ct))
+  return (dx, *(next(given) if want else None for want in wanted))
 
 
-lowrank_matmul.defvjp(_lowrank_matmul_fwd, _lowrank_matmul_bwd)
+lowrank_matmul.defvjp(_lowrank_matmul_fwd, _lowrank_matmul_bwd, symbolic_zeros=True)
 
 
 def dense(x: jax.Array, weight: jax.Array, d: Mapping[str, jax.Array] | None, dtype: Any) -> jax.Array:

@@ -259,6 +259,33 @@ def test_bilinear_dense_uses_the_low_rank_product_and_saves_the_dense_weight_gra
   assert flops(plain) - flops(ours) >= 0.75 * 2 * n * c_in * c_out  # the dense dW = x^T dY is gone (thin ops added)
 
 
+def test_lowrank_matmul_traces_the_dense_weight_gradient_only_where_w_is_differentiated():
+  """The custom VJP's symbolic zeros: a gradient w.r.t. (u, v) alone (the inner loop's) traces no x^T dY [C_in, C_out]
+  product at all (not merely one XLA drops under jit: eager calls would compute it); one w.r.t. w traces it."""
+  n, c_in, c_out, r = 64, 32, 48, 2
+  keys = jax.random.split(jax.random.key(3), 4)
+  x, w, u, v = (jax.random.normal(k, s) for k, s in zip(keys, [(n, c_in), (c_in, c_out), (c_in, r), (c_out, r)]))
+
+  def dense_grads(fn, *args) -> int:  # products contracting the n tokens into a [C_in, C_out] result
+    def count(jaxpr) -> int:
+      total = 0
+      for eqn in jaxpr.eqns:
+        out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+        total += out == (c_in, c_out) and any(n in getattr(a.aval, "shape", ()) for a in eqn.invars)
+        for value in eqn.params.values():
+          for sub in value if isinstance(value, (tuple, list)) else [value]:
+            if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+              total += count(sub if hasattr(sub, "eqns") else sub.jaxpr)
+      return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+  loss = lambda x, w, u, v: jnp.sum(jnp.tanh(tarp.lowrank_matmul(x, w, u, v)))  # noqa: E731
+  assert dense_grads(jax.grad(loss, (2, 3)), x, w, u, v) == 0
+  assert dense_grads(jax.grad(loss, (0, 2, 3)), x, w, u, v) == 0
+  assert dense_grads(jax.grad(loss, (1, 2, 3)), x, w, u, v) == 1
+
+
 def test_lowrank_matmul_input_cotangent_is_one_dense_product_and_its_hessian_vector_product_stays_thin():
   """The input's cotangent is dY W_eff^T, the plain expression's own count (no thin dY v, (dY v) u^T and their sum
   beside dY w^T); a forward-over-reverse Hessian-vector product along (u, v) (the meta-step's form) stays thin:
