@@ -103,7 +103,7 @@ def hlo_instructions(hlo_text: str) -> Iterator[Instruction]:
 def parsed(hlo: str | list[Instruction]) -> list[Instruction]:
   """A compiled program's instructions from its HLO text, or the list `hlo_instructions` already gave (a caller that
   reads the program several ways parses its megabytes of text once)."""
-  return list(hlo_instructions(hlo)) if isinstance(hlo, str) else hlo
+  return list(hlo_instructions(hlo) if isinstance(hlo, str) else hlo)  # a generator read once, not emptied twice
 
 
 def dot_fusions(hlo: str | list[Instruction]) -> set[str]:

@@ -31,8 +31,9 @@ minutes, so only same-minute ratios are read), medians over ``--calls``:
 * ``ceiling`` (not by default): the float32 rate the oneDNN kernel reaches on its best shapes, x [tokens, k] @ w
   [k, n] in the forward form at the step's dense shapes (one task's 508 tokens and four tasks' 2,032) and at two
   large ones (2,048^3; 4,096 x 1,024 x 1,024), beside torch's float32 matmul: GFLOP/s of the fastest call and of the
-  median. Under ``taskset -c 0`` it is one core's float32 ceiling as this project reaches it, the yardstick of the
-  README's limit (issue #11, session 19: 180-187 at the step's shapes).
+  median (``cpus``: the cores the process may use), and the kernel's largest difference from torch's result. Under
+  ``taskset -c 0`` it is one core's float32 ceiling as this project reaches it, the yardstick of the README's limit
+  (issue #11, session 19).
 
 ``--threads`` sets torch's threads; XLA and numpy use the machine's cores (2 on the project's CPU machines).
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -304,7 +306,10 @@ def ceiling_rows(a: argparse.Namespace, torch) -> list[dict]:
         fns[name]()
         times[name].append(time.perf_counter() - t0)
     gflop = 2 * m * k * n / 1e9
-    row = {"part": "ceiling", "m": m, "k": k, "n": n}
+    row = {"part": "ceiling", "m": m, "k": k, "n": n, "cpus": len(os.sched_getaffinity(0))}
+    if torch is not None:
+      diff = np.abs(np.asarray(product(jx, jw)) - fns["torch_f32"]().numpy())
+      row["max_abs_diff_vs_torch"] = _sig(float(np.max(diff)))
     for name, t in times.items():
       row[f"{name}_best_gflops"] = _sig(gflop / min(t))
       row[f"{name}_gflops"] = _sig(gflop / statistics.median(t))

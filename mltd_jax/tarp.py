@@ -343,8 +343,8 @@ def _lowrank_matmul_fwd(x, w, u, v):
 
 def _lowrank_matmul_bwd(residuals, ct):
   """Cotangents only for the inputs being differentiated (symbolic zeros): the inner loop's gradients, w.r.t. the
-  difference only, then never trace the dense x^T dY of w (which XLA would drop under jit, but eager calls and the
-  traced program would carry)."""
+  difference only, then never trace the dense x^T dY of w (which JAX's dead-code pass removes under jit, but eager
+  calls would compute)."""
   x, w, u, v, perturbed = residuals
   if isinstance(ct, SymbolicZero):  # JAX's contract under symbolic_zeros (a single output's is never one in practice)
     return None, None, None, None

@@ -238,6 +238,7 @@ def test_xla_cpu_dots_prints_a_line_per_product_with_its_kernel(tmp_path):
     assert [(r["m"], r["k"], r["n"]) for r in ceiling] == shapes
     for r in ceiling:
       assert r["onednn_f32_best_gflops"] >= r["onednn_f32_gflops"] > 0 and r["torch_f32_best_gflops"] > 0
+      assert r["cpus"] >= 1 and r["max_abs_diff_vs_torch"] < 1e-2 * r["k"] ** 0.5
   for ones, r in enumerate(rows[-3:]):  # the softmax backward's reduction behind 0, 1, 2 axes of size 1
     assert r["shape"] == [1] * ones + [2 * 4, 7, 7] and r["leading_ones"] == ones and r["max_abs_diff"] < 1e-5
     assert r["kernel"] in ("ynnpack", "xla") and r["kernel_without_ynn_reduce"] == "xla"
