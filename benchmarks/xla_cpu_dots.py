@@ -33,7 +33,8 @@ minutes, so only same-minute ratios are read), medians over ``--calls``:
   large ones (2,048^3; 4,096 x 1,024 x 1,024), beside torch's float32 matmul: GFLOP/s of the fastest call and of the
   median (``cpus``: the cores the process may use), and the kernel's largest difference from torch's result. Under
   ``taskset -c 0`` it is one core's float32 ceiling as this project reaches it, the yardstick of the README's limit
-  (issue #11, session 19).
+  (issue #11, session 19). On more than one core torch's OpenMP threads spin for a while after each of its calls
+  and slow the kernel's next one: read the best calls there, or time the kernel alone.
 
 ``--threads`` sets torch's threads; XLA and numpy use the machine's cores (2 on the project's CPU machines).
 
