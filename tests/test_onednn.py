@@ -142,3 +142,38 @@ def test_a_thin_result_of_a_transposed_product_is_computed_transposed(dtype):
   assert first, text[:2000]
   swapped = (int(first.group(1)), int(first.group(2))) == (k, n)
   assert swapped == (dtype == jnp.float32), first.group(0)[:300]
+
+
+@needs_kernel
+def test_materialized_cotangent_is_the_identity_with_its_cotangent_through_the_call():
+  """`onednn.materialized_cotangent`: the value is x; gradients, both Hessian forms and vmapped gradients equal the
+  plain function's to the bit; the cotangent (not the forward value) goes through the identity custom call, which
+  XLA:CPU cannot fuse; inside `onednn.disabled` it is x itself."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 5)), jnp.float32)
+  ours = lambda x: jnp.sum(jnp.sin(onednn.materialized_cotangent(x * 2.0)) ** 2)  # noqa: E731
+  plain = lambda x: jnp.sum(jnp.sin(x * 2.0) ** 2)  # noqa: E731
+  assert float(ours(x)) == float(plain(x))
+  hvp = lambda f: lambda x: jax.jvp(jax.grad(f), (x,), (jnp.cos(x),))[1]  # noqa: E731  the meta-step's form
+  for transform in (jax.grad, jax.hessian, hvp, lambda f: jax.vmap(jax.grad(f))):
+    np.testing.assert_array_equal(jax.jit(transform(ours))(x), jax.jit(transform(plain))(x))
+  call = f'custom_call_target="{onednn.MATERIALIZE}"'
+  assert call in jax.jit(jax.grad(ours)).lower(x).compile().as_text()
+  assert call in jax.jit(hvp(ours)).lower(x).compile().as_text()
+  assert call not in jax.jit(ours).lower(x).compile().as_text()
+  with onednn.disabled():
+    assert onednn.materialized_cotangent(x) is x
+
+
+@needs_kernel
+def test_a_float32_gpt2_gradient_materializes_each_sublayers_residual_cotangent():
+  """GPT-2's float32 blocks pass their residual stream through `onednn.materialized_cotangent` (two per block, in the
+  compiled gradient); a bfloat16 model does not (measured slower there)."""
+  from mltd_jax.models import gpt2
+  from tests.helpers import lm_batch, tiny_gpt2
+
+  batch = lm_batch(13, (2, 7))
+  call = f'custom_call_target="{onednn.MATERIALIZE}"'
+  for dtype, want in ((jnp.float32, 2 * 2), (jnp.bfloat16, 0)):
+    model, params = tiny_gpt2(layers=2, dtype=dtype)
+    loss = lambda p: gpt2.make_loss(model)({"params": p}, batch, jax.random.key(0))[0]  # noqa: E731
+    assert jax.jit(jax.grad(loss)).lower(params).compile().as_text().count(call) == want, dtype

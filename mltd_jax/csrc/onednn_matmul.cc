@@ -224,6 +224,15 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer c, ffi:
   return ffi::Error::Success();
 }
 
+// An identity whose result aliases its operand (mltd_jax/onednn.py asks XLA for input_output_aliases): nothing to do
+// but a copy where XLA gave it another buffer. XLA:CPU fuses no custom call, so a value passed through it is computed
+// once into a buffer of its own instead of being recomputed inside each consumer's fusion (onednn.py says where).
+ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
+  if (x.untyped_data() != out->untyped_data())
+    std::memcpy(out->untyped_data(), x.untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MltdOnednnMatmul, Matmul,
@@ -234,3 +243,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MltdOnednnMatmul, Matmul,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MltdMaterialize, Materialize,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
