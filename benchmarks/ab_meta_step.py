@@ -5,7 +5,8 @@ few percent. Here every variant after the first is called right next to the firs
 other way round), so each pair meets the same minute, and the median of the pairs' ratios resolves a few percent.
 A variant is a set of XLA compile options, given to ``jax.jit(step).lower(...).compile(compiler_options=...)``:
 ``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``. Two keys are ours, not XLA's: ``onednn=false`` traces the step with
-`mltd_jax.onednn` off (XLA computes every product; the default uses the kernel where it is available), and
+`mltd_jax.onednn` off (XLA computes every product, and the residual cotangent barrier,
+`onednn.materialized_cotangent`, is off too; the default uses the kernel where it is available), and
 ``task_chunk=N`` replaces ``--task_chunk`` for that variant.
 
   python benchmarks/ab_meta_step.py --order 1 --task_chunk 0 --variant base \\

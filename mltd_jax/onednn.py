@@ -217,8 +217,11 @@ def materialized_cotangent(x: jax.Array) -> jax.Array:
   buffer of its own on XLA:CPU with the kernel (`available`), not re-fused into each consumer. Elsewhere x, untouched.
 
   GPT-2's float32 blocks call it on the residual stream, before each sublayer: the second-order float32 meta-step at
-  the peer's shapes 1.026x [1.010-1.036] in one process (12 pairs), first order 1.010x [0.981-1.062], updates
-  bit-identical; the same with the forward value materialized too measured 1.034x against 1.030x for the cotangent
-  alone (noise apart: not done). In bfloat16 0.981x [0.933-1.024] (experiments/results/session19_cpu.jsonl).
+  the peer's shapes 1.026x [1.010-1.036] in one process (12 pairs), first order 1.010x [0.981-1.062], its updates
+  bit-identical there (elsewhere equal up to the order of float32 sums: XLA fuses differently, e.g. 4e-7 relative in
+  a tiny model's Hessian-vector product); the same with the forward value materialized too measured 1.034x against
+  1.030x for the cotangent alone (noise apart: not done). In bfloat16 0.981x [0.933-1.024]
+  (experiments/results/session19_cpu.jsonl). It needs the kernel's library, so it is on and off with the kernel
+  (`available`, `disabled`, ``MLTD_JAX_ONEDNN``): an A/B of the kernel on and off includes it.
   """
   return _barrier_p.bind(x, now=False) if available() else x

@@ -173,7 +173,27 @@ def test_a_float32_gpt2_gradient_materializes_each_sublayers_residual_cotangent(
 
   batch = lm_batch(13, (2, 7))
   call = f'custom_call_target="{onednn.MATERIALIZE}"'
-  for dtype, want in ((jnp.float32, 2 * 2), (jnp.bfloat16, 0)):
+  for dtype, remat, want in ((jnp.float32, False, 2 * 2), (jnp.float32, True, 2 * 2), (jnp.bfloat16, False, 0)):
     model, params = tiny_gpt2(layers=2, dtype=dtype)
+    model = model.clone(remat=remat)  # remat: every block a jax.checkpoint
     loss = lambda p: gpt2.make_loss(model)({"params": p}, batch, jax.random.key(0))[0]  # noqa: E731
-    assert jax.jit(jax.grad(loss)).lower(params).compile().as_text().count(call) == want, dtype
+    assert jax.jit(jax.grad(loss)).lower(params).compile().as_text().count(call) == want, (dtype, remat)
+  # the Hessian-vector products' form (forward over reverse) materializes the cotangents' tangents as well
+  model, params = tiny_gpt2(layers=2)
+  loss = lambda p: gpt2.make_loss(model)({"params": p}, batch, jax.random.key(0))[0]  # noqa: E731
+  hvp = lambda p: jax.jvp(jax.grad(loss), (p,), (p,))[1]  # noqa: E731
+  assert jax.jit(hvp).lower(params).compile().as_text().count(call) > 2 * 2
+
+
+def test_without_the_kernel_a_gpt2_gradient_has_no_cotangent_barrier():
+  """Inside `onednn.disabled` (as where the kernel cannot load) the barrier is not even traced."""
+  from mltd_jax.models import gpt2
+  from tests.helpers import lm_batch, tiny_gpt2
+
+  model, params = tiny_gpt2(layers=2)
+  batch = lm_batch(13, (2, 7))
+  loss = lambda p: gpt2.make_loss(model)({"params": p}, batch, jax.random.key(0))[0]  # noqa: E731
+  with onednn.disabled():
+    assert "mltd_cotangent_barrier" not in str(jax.make_jaxpr(jax.grad(loss))(params))
+  if onednn.available():  # and with the kernel, it is
+    assert "mltd_cotangent_barrier" in str(jax.make_jaxpr(jax.grad(loss))(params))

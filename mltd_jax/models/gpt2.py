@@ -141,7 +141,8 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool, kv: dict | None = None, index=None):
     eps = self.config.layer_norm_epsilon
     # Each sublayer's residual cotangent computed once on XLA:CPU (`onednn.materialized_cotangent`), in float32: the
-    # second-order meta-step 1.026x [1.010-1.036], bit-identical; in bfloat16 0.981x [0.933-1.024], so not there.
+    # second-order meta-step 1.026x [1.010-1.036], updates bit-identical there; in bfloat16 0.981x [0.933-1.024], so
+    # not there.
     barrier = onednn.materialized_cotangent if jnp.dtype(self.dtype) == jnp.float32 else (lambda v: v)
     x = barrier(x)
     h = Attention(self.config, self.dtype, name="attn")(
