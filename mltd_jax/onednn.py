@@ -20,6 +20,10 @@ gain was measured on an AMX Xeon only), `available` is False with one warning sa
 in the environment it is False silently. It is False too where the process has more than one device: the custom call
 has no partitioning rule, so under a mesh XLA would gather its operands onto every device (each would compute every
 task's weight gradients). Then `mltd_jax.matmul` lets XLA compute every product, as before.
+
+The same library holds a second, trivial custom call, an aliasing identity: `materialized_cotangent` passes a
+cotangent through it so that XLA:CPU computes that value once rather than fusing it into each consumer (GPT-2's
+residual stream, session 19).
 """
 
 from __future__ import annotations
