@@ -112,7 +112,6 @@ def _flops(program) -> float | None:
 def _product_flops(eqn) -> float:
   """2 M N K (times the batch) of one product equation: XLA's dot_general or `mltd_jax.matmul`'s primitives."""
   name = eqn.primitive.name
-  out = math.prod(eqn.outvars[0].aval.shape) if name != "dot_general" else 0
   if name == "dot_general":
     lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -120,6 +119,7 @@ def _product_flops(eqn) -> float:
     m = math.prod(d for i, d in enumerate(lhs) if i not in lc and i not in lb)
     n = math.prod(d for i, d in enumerate(rhs) if i not in rc and i not in rb)
     return 2.0 * batch * m * n * k
+  out = math.prod(eqn.outvars[0].aval.shape)  # the primitives below: result elements times their contraction
   if name == "lowp_matmul":  # x [*b, M, K]
     return 2.0 * out * eqn.invars[0].aval.shape[-1]
   if name == "tn_matmul":  # a [*b, K, M]

@@ -84,8 +84,9 @@ def kernels(compiled) -> list[str]:
   return out
 
 
-def timed(fns: dict, calls: int) -> dict[str, float]:
-  """Median seconds of each zero-argument callable (which must block until its result is ready), called in turn."""
+def call_times(fns: dict, calls: int) -> dict[str, list[float]]:
+  """Seconds of each of ``calls`` calls of each zero-argument callable (which must block until its result is ready),
+  after a warm-up call each, called in turn (forward, then backward order, so none always follows the same one)."""
   times: dict[str, list[float]] = {name: [] for name in fns}
   for f in fns.values():
     f()  # warm-up
@@ -94,7 +95,12 @@ def timed(fns: dict, calls: int) -> dict[str, float]:
       t0 = time.perf_counter()
       fns[name]()
       times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
+
+
+def timed(fns: dict, calls: int) -> dict[str, float]:
+  """Median seconds of each zero-argument callable over `call_times`."""
+  return {name: statistics.median(t) for name, t in call_times(fns, calls).items()}
 
 
 def _sig(x: float) -> float:
@@ -298,14 +304,7 @@ def ceiling_rows(a: argparse.Namespace, torch) -> list[dict]:
     fns = {"onednn_f32": lambda p=jx, q=jw: product(p, q).block_until_ready()}
     if torch is not None:
       fns["torch_f32"] = lambda p=torch.from_numpy(x), q=torch.from_numpy(w): p @ q
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for f in fns.values():
-      f()  # warm-up
-    for i in range(a.calls):
-      for name in fns if i % 2 == 0 else list(fns)[::-1]:
-        t0 = time.perf_counter()
-        fns[name]()
-        times[name].append(time.perf_counter() - t0)
+    times = call_times(fns, a.calls)
     gflop = 2 * m * k * n / 1e9
     row = {"part": "ceiling", "m": m, "k": k, "n": n, "cpus": len(os.sched_getaffinity(0))}
     if torch is not None:

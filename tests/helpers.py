@@ -11,6 +11,18 @@ from mltd_jax.models import gpt2
 from mltd_jax.models.layers import dense_paths
 
 
+def all_equations(jaxpr):
+  """Every equation of a jaxpr (open or closed) and, recursively, of the jaxprs its equations hold as parameters
+  (scan and cond bodies, custom-derivative calls, remat, pjit)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+          yield from all_equations(sub)
+
+
 def tiny_gpt2(vocab=13, d=8, layers=2, heads=2, positions=16, seed=0, dtype=jnp.float32):
   cfg = gpt2.GPT2Config(
     vocab_size=vocab,

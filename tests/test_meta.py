@@ -9,7 +9,7 @@ import pytest
 from mltd_jax import meta
 from mltd_jax.models import gpt2
 from mltd_jax.state import TrainState
-from tests.helpers import lm_batch, perturbed_variables, tiny_gpt2
+from tests.helpers import all_equations, lm_batch, perturbed_variables, tiny_gpt2
 
 T_IN, LR = 3, 0.3
 
@@ -244,12 +244,7 @@ def test_one_task_at_a_time_adds_no_axis_of_size_one():
   a single task."""
 
   def shapes(jaxpr):
-    for eqn in jaxpr.eqns:
-      yield from (v.aval.shape for v in eqn.outvars)
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, tuple) else (param,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            yield from shapes(sub.jaxpr)
+    return (v.aval.shape for eqn in all_equations(jaxpr) for v in eqn.outvars)
 
   x = jnp.ones((4, 16, 8))
   jaxpr = jax.make_jaxpr(lambda x: meta.map_tasks(lambda t: jnp.sum(t * t, axis=-1).sum(), x, 1))(x)

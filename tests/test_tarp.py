@@ -13,7 +13,7 @@ from mltd_jax import matmul, onednn, tarp
 from mltd_jax.models import gpt2
 from mltd_jax.models.gpt2 import DEFAULT_TARGETS, GPT2LMHeadModel
 from mltd_jax.models.layers import dense_paths
-from tests.helpers import lm_batch, perturbed_variables, tiny_gpt2
+from tests.helpers import all_equations, lm_batch, perturbed_variables, tiny_gpt2
 
 KINDS = ["bilinear", "kronecker", "dynamic"]
 # Every kind x multiplicative, plus the per-token Phi1(x) of Eq. 3 (with the linear and the MLP Sigma).
@@ -267,18 +267,11 @@ def test_lowrank_matmul_traces_the_dense_weight_gradient_only_where_w_is_differe
   x, w, u, v = (jax.random.normal(k, s) for k, s in zip(keys, [(n, c_in), (c_in, c_out), (c_in, r), (c_out, r)]))
 
   def dense_grads(fn, *args) -> int:  # products contracting the n tokens into a [C_in, C_out] result
-    def count(jaxpr) -> int:
-      total = 0
-      for eqn in jaxpr.eqns:
-        out = eqn.outvars[0].aval.shape if eqn.outvars else ()
-        total += out == (c_in, c_out) and any(n in getattr(a.aval, "shape", ()) for a in eqn.invars)
-        for value in eqn.params.values():
-          for sub in value if isinstance(value, (tuple, list)) else [value]:
-            if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
-              total += count(sub if hasattr(sub, "eqns") else sub.jaxpr)
-      return total
-
-    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+    return sum(
+      bool(eqn.outvars) and eqn.outvars[0].aval.shape == (c_in, c_out)
+      and any(n in getattr(a.aval, "shape", ()) for a in eqn.invars)
+      for eqn in all_equations(jax.make_jaxpr(fn)(*args))
+    )  # fmt: skip
 
   loss = lambda x, w, u, v: jnp.sum(jnp.tanh(tarp.lowrank_matmul(x, w, u, v)))  # noqa: E731
   assert dense_grads(jax.grad(loss, (2, 3)), x, w, u, v) == 0
