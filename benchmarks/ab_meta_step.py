@@ -7,7 +7,10 @@ A variant is a set of XLA compile options, given to ``jax.jit(step).lower(...).c
 ``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``. Two keys are ours, not XLA's: ``onednn=false`` traces the step with
 `mltd_jax.onednn` off (XLA computes every product, and the residual cotangent barrier,
 `onednn.materialized_cotangent`, is off too; the default uses the kernel where it is available), and
-``task_chunk=N`` replaces ``--task_chunk`` for that variant.
+``task_chunk=N`` replaces ``--task_chunk`` for that variant. ``standins=all`` (or ``standins=layer_norm,gelu``...)
+traces that variant with linear stand-ins for GPT-2's nonlinearities (`standins`: the same products, the
+nonlinearities' elementwise work next to free; checked against the step without them): its speedup is the most
+that faster nonlinearities could give; its updates are not the model's.
 
   python benchmarks/ab_meta_step.py --order 1 --task_chunk 0 --variant base \\
       --variant xla_cpu_enable_concurrency_optimized_scheduler=true \\
@@ -35,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meta_step import FIELDS, _model, lacks_kernel, meta_batch  # noqa: E402  this directory's script (no jax at import)
+import standins  # noqa: E402  this directory's (no jax at import)
 
 
 def options(variant: str) -> dict[str, str | bool]:
@@ -104,7 +108,7 @@ def main() -> None:
   rng = np.random.default_rng(0)
   batch = meta_batch(rng, a)
   args = (state, batch, jax.random.key(0))
-  compiled, chunks = {}, {}
+  compiled, chunks, checks = {}, {}, {}
   for name, opts in variants.items():
     opts = dict(opts)
     kernel = opts.pop("onednn", True)
@@ -115,9 +119,15 @@ def main() -> None:
       raise SystemExit(f"--variant {name!r}: task_chunk takes an integer")
     # a fresh step per variant: a trace cached for the same function would keep the other variant's products
     chunks[name] = int(chunk)
+    parts = standins.parse(opts.pop("standins")) if "standins" in opts else ()
     fresh = meta.make_meta_step(gpt2.make_loss(model), tx, inner, chunks[name])
     with contextlib.nullcontext() if kernel else onednn.disabled():
-      compiled[name] = train.compile_step(jax.jit(fresh), *args, compiler_options=opts or None)
+      if parts:  # the same step traced without and with the stand-ins: the same products, fewer transcendentals
+        plain = jax.make_jaxpr(meta.make_meta_step(gpt2.make_loss(model), tx, inner, chunks[name]))(*args)
+        with standins.linear(parts):
+          checks[name] = standins.check(plain, jax.make_jaxpr(fresh)(*args), parts)
+      with standins.linear(parts):
+        compiled[name] = train.compile_step(jax.jit(fresh), *args, compiler_options=opts or None)
     calls = compiled[name].as_text().count(onednn.TARGET)
     if calls and not kernel:
       raise SystemExit(f"--variant {name!r}: {calls} oneDNN calls in the compiled step with the kernel off")
@@ -138,7 +148,7 @@ def main() -> None:
       "speedup_vs_first": round(statistics.median(ratios), 3),
       "speedup_range": [round(ratios[0], 3), round(ratios[-1], 3)],
       "speedup_of_medians": round(statistics.median(first_times) / median, 3),
-      "max_abs_diff_vs_first": diff,
+      "max_abs_diff_vs_first": diff, **({"standins": checks[name]} if name in checks else {}),
     }), flush=True)  # fmt: skip
 
 

@@ -290,6 +290,50 @@ def test_ab_meta_step_compares_compile_option_variants_in_one_process(tmp_path, 
   assert ab_meta_step.options("onednn=false") == {"onednn": False}
 
 
+def test_standins_keep_the_products_and_drop_the_nonlinearities(monkeypatch):
+  """`benchmarks/standins.py`: GPT-2's gradient traced with linear stand-ins has the same product FLOPs and none of
+  the replaced transcendentals; the swapped attributes come back on exit, after an error too; a stand-in that did
+  not take, or one that changed the products, stops with the reason; part names are checked."""
+  import jax
+  import jax.numpy as jnp
+
+  from mltd_jax import losses
+  from mltd_jax.models import gpt2, layers
+  from tests import helpers
+
+  monkeypatch.syspath_prepend(str(SCRIPT.parent))
+  import standins
+
+  model, params = helpers.tiny_gpt2()
+  loss = gpt2.make_loss(model)
+  batch = helpers.lm_batch(13, (2, 6))
+
+  def traced():  # a fresh function each time: JAX reuses the trace of a function object it traced before
+    return jax.make_jaxpr(jax.grad(lambda p: loss({"params": p}, batch, None)[0]))(params)
+
+  plain = traced()
+  saved = (gpt2.LayerNorm, dict(layers.ACTIVATIONS), jax.nn.softmax, losses.token_nll)
+  with standins.linear(standins.PARTS):
+    linear = traced()
+  out = standins.check(plain, linear, standins.PARTS)
+  assert out["product_flops"] > 0 and set(out["transcendental"]) == {"exp", "log", "rsqrt", "tanh"}
+  assert all(before > 0 and after == 0 for before, after in out["transcendental"].values())
+  with pytest.raises(RuntimeError, match="inside"), standins.linear(standins.PARTS):
+    raise RuntimeError("inside")
+  assert (gpt2.LayerNorm, dict(layers.ACTIVATIONS), jax.nn.softmax, losses.token_nll) == saved
+  with standins.linear(("layer_norm",)):
+    only_norm = traced()
+  counts = standins.check(plain, only_norm, ("layer_norm",))["transcendental"]
+  assert counts["rsqrt"][1] == 0 and counts["exp"][0] == counts["exp"][1] > 0
+  with pytest.raises(SystemExit, match="did not take"):
+    standins.check(plain, plain, ("layer_norm",))
+  with pytest.raises(SystemExit, match="products changed"):
+    standins.check(plain, jax.make_jaxpr(lambda x: x @ x)(jnp.ones((3, 3))), ("gelu",))
+  assert standins.parse("gelu, layer_norm") == ("layer_norm", "gelu") and standins.parse("all") == standins.PARTS
+  with pytest.raises(SystemExit, match="unknown"):
+    standins.parse("gelu,oops")
+
+
 def test_op_kinds_counts_a_library_fusion_as_a_matmul_only_if_it_holds_a_dot():
   """`meta_parts.dot_fusions` reads which fusions of a compiled program hold a product; `op_kinds` then counts
   YNNPACK's reductions as other fusions (every library fusion counted as a matmul without it)."""
