@@ -111,6 +111,34 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tmp_path):
     assert eqns.count("lowp_matmul[") == 6 * n_layer + 1, "4 dense kernels and 2 attention products per block, LM head"
 
 
+def test_layer_norm_backward_matches_torch_to_second_order():
+  """`layers.layer_norm`'s written-out backward (a custom VJP) against torch's layer norm in float64: the gradient
+  w.r.t. input, weight and bias, and a forward-over-reverse Hessian-vector product (how `mltd_jax.meta`
+  differentiates it) against torch's double backward; the module's parameters keep transformers' names."""
+  from mltd_jax.models import layers
+
+  rng = np.random.default_rng(0)
+  x, c, dx, dw, db = (rng.standard_normal(s) for s in [(3, 5, 7), (3, 5, 7), (3, 5, 7), (7,), (7,)])
+  w, b = 1 + 0.3 * rng.standard_normal(7), 0.2 * rng.standard_normal(7)
+  eps = 1e-5
+  with jax.enable_x64(True):
+    f = lambda x, w, b: jnp.sum(layers.layer_norm(x, w, b, eps) * c)  # noqa: E731
+    args = tuple(jnp.asarray(v) for v in (x, w, b))
+    grads = jax.grad(f, argnums=(0, 1, 2))(*args)
+    hvp = jax.jvp(lambda *a: jax.grad(f, argnums=(0, 1, 2))(*a), args, tuple(map(jnp.asarray, (dx, dw, db))))[1]
+    assert "custom_vjp_call" in str(jax.make_jaxpr(f)(*args))  # the written-out backward, not a derived one
+    variables = layers.LayerNorm(eps, jnp.float64).init(jax.random.key(0), args[0])
+  assert set(variables["params"]) == {"weight", "bias"}
+  tx, tw, tb = (torch.tensor(v, requires_grad=True) for v in (x, w, b))
+  out = (torch.nn.functional.layer_norm(tx, (7,), tw, tb, eps) * torch.tensor(c)).sum()
+  want = torch.autograd.grad(out, (tx, tw, tb), create_graph=True)
+  tangent = sum((g * torch.tensor(t)).sum() for g, t in zip(want, (dx, dw, db)))
+  want_hvp = torch.autograd.grad(tangent, (tx, tw, tb), allow_unused=True)  # None for the bias: no second derivative
+  want_hvp = [torch.zeros_like(t) if h is None else h for h, t in zip(want_hvp, (tx, tw, tb))]
+  for got, ref in zip((*grads, *hvp), (*want, *want_hvp)):
+    np.testing.assert_allclose(np.asarray(got), ref.detach().numpy(), rtol=1e-9, atol=1e-11)
+
+
 def test_missing_config_names_the_file(tmp_path):
   (tmp_path / "model.safetensors").write_bytes(b"")
   with pytest.raises(FileNotFoundError, match="config.json"):

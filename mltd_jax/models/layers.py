@@ -8,6 +8,7 @@ of hook for TAMS (`mltd_jax.tams`): the FFN sublayers call it, and without TAMS 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -140,8 +141,42 @@ class Embed(nn.Module):
     return jnp.einsum("...d,vd->...v", x.astype(dt), self.weight.astype(dt))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * weight + bias over the last axis, with a backward written out.
+
+  For the cotangent g of the output, with x_hat = (x - mean) * r, r = 1 / sqrt(var + eps) and h = g * weight:
+  dx = r * (h - mean(h) - x_hat * mean(h * x_hat)), dweight = sum(g * x_hat), dbias = sum(g) over the leading axes,
+  from the saved x_hat and r. It is plain JAX, so a second-order step differentiates it in turn (the Hessian-vector
+  products of `mltd_jax.meta`). The same values as JAX's derived backward up to the order of float32 sums; XLA:CPU
+  compiles this form to less work: the second-order meta-step at the peer's shapes ran 1.024x [0.974-1.057] faster in
+  float32 and 1.056x [1.022-1.113] in bfloat16, first order 1.020x (README, issue #11). Forward-mode autodiff applies
+  only through a gradient (forward-over-reverse), as with `tarp.lowrank_matmul`.
+  """
+  return _layer_norm_fwd(x, weight, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, weight, bias, eps):
+  centred = x - x.mean(-1, keepdims=True)
+  r = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
+  x_hat = centred * r
+  return x_hat * weight + bias, (x_hat, r, weight, bias)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  x_hat, r, weight, bias = residuals
+  h = g * weight
+  dx = r * (h - h.mean(-1, keepdims=True) - x_hat * (h * x_hat).mean(-1, keepdims=True))
+  rows = (-1, x_hat.shape[-1])
+  dweight = (g * x_hat).reshape(rows).sum(0).astype(weight.dtype)
+  return dx.astype(x_hat.dtype), dweight, g.reshape(rows).sum(0).astype(bias.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nn.Module):
-  """LayerNorm with transformers' names (``weight``, ``bias``), computed in float32 (or wider)."""
+  """LayerNorm with transformers' names (``weight``, ``bias``), computed in float32 (or wider): `layer_norm`."""
 
   eps: float = 1e-5
   dtype: Any = jnp.float32
@@ -151,11 +186,7 @@ class LayerNorm(nn.Module):
     d = x.shape[-1]
     weight = self.param("weight", nn.initializers.ones, (d,))
     bias = self.param("bias", nn.initializers.zeros, (d,))
-    xw = x.astype(wide(self.dtype))
-    mean = xw.mean(-1, keepdims=True)
-    var = jnp.square(xw - mean).mean(-1, keepdims=True)
-    y = (xw - mean) * jax.lax.rsqrt(var + self.eps) * weight + bias
-    return y.astype(self.dtype)
+    return layer_norm(x.astype(wide(self.dtype)), weight, bias, self.eps).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
