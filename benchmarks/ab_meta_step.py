@@ -4,13 +4,13 @@ The machine's speed drifts by 20% or more between minutes, so two separate runs 
 few percent. Here every variant after the first is called right next to the first (first then variant, then the
 other way round), so each pair meets the same minute, and the median of the pairs' ratios resolves a few percent.
 A variant is a set of XLA compile options, given to ``jax.jit(step).lower(...).compile(compiler_options=...)``:
-``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``. Two keys are ours, not XLA's: ``onednn=false`` traces the step with
+``base`` (none) or ``KEY=VALUE[;KEY=VALUE...]``. Three keys are ours, not XLA's: ``onednn=false`` traces the step with
 `mltd_jax.onednn` off (XLA computes every product, and the residual cotangent barrier,
 `onednn.materialized_cotangent`, is off too; the default uses the kernel where it is available), and
 ``task_chunk=N`` replaces ``--task_chunk`` for that variant. ``standins=all`` (or ``standins=layer_norm,gelu``...)
-traces that variant with linear stand-ins for GPT-2's nonlinearities (`standins`: the same products, the
-nonlinearities' elementwise work next to free; checked against the step without them): its speedup is the most
-that faster nonlinearities could give; its updates are not the model's.
+traces that variant with linear stand-ins for GPT-2's nonlinearities (`standins`: the same products and tensors, the
+nonlinearities' elementwise work next to free; checked against the step without them): its speedup is what nearly
+free nonlinearities would give, everything else as it is; its updates are not the model's.
 
   python benchmarks/ab_meta_step.py --order 1 --task_chunk 0 --variant base \\
       --variant xla_cpu_enable_concurrency_optimized_scheduler=true \\
@@ -124,8 +124,8 @@ def main() -> None:
     with contextlib.nullcontext() if kernel else onednn.disabled():
       if parts:  # the same step traced without and with the stand-ins: the same products, fewer transcendentals
         plain = jax.make_jaxpr(meta.make_meta_step(gpt2.make_loss(model), tx, inner, chunks[name]))(*args)
-        with standins.linear(parts):
-          checks[name] = standins.check(plain, jax.make_jaxpr(fresh)(*args), parts)
+        with standins.linear(parts) as calls:
+          checks[name] = standins.check(plain, jax.make_jaxpr(fresh)(*args), parts, calls)
       with standins.linear(parts):
         compiled[name] = train.compile_step(jax.jit(fresh), *args, compiler_options=opts or None)
     calls = compiled[name].as_text().count(onednn.TARGET)

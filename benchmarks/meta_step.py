@@ -47,6 +47,13 @@ cores: the figures then show the partitioning overhead, not a speedup (the ``not
   python benchmarks/meta_step.py --mode fwdbwd adapt meta --inner 4 --order 2 1 --peer --rounds 3   # issue #11
   python benchmarks/meta_step.py --inner 1 4 16 --order 2 --remat 1 0 --backward autodiff
   python benchmarks/meta_step.py --inner 4 --order 2 --devices 1 2 4
+  python benchmarks/meta_step.py --mode meta --order 2 --peer --rounds 3 --standins all   # the bound, against the peer
+
+``--standins all`` (or names among layer_norm, gelu, attention_softmax, token_loss) measures ours with GPT-2's
+nonlinearities replaced by linear stand-ins of the same shapes (`standins`; the peer keeps its own): what nearly
+free nonlinearities would give, everything else as it is, against the peer in the same run. The meta-step is traced without and
+with them first and stops unless the products are the same (``standins.check`` in the line); the updates are not
+the model's, and the FLOP count (XLA's, elementwise work included) is the stand-in step's.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python benchmarks/meta_step.py`
 
 from mltd_jax import hostmem  # noqa: E402  (no jax at import)
+import standins  # noqa: E402  this directory's (no jax at import)
 
 FIELDS = dict(
   layers=4,
@@ -84,6 +92,7 @@ FIELDS = dict(
   task_chunk=-1,  # as config.meta.task_chunk (0 = all vmapped); -1: `_task_chunk`'s choice (one at a time)
   support_chunks=1,
   dtype="float32",
+  standins="",  # "" none; "all" or names of `standins.PARTS`: GPT-2's nonlinearities as linear stand-ins (a bound)
 )
 # Dense peak TFLOP/s per device by device_kind and compute dtype (float32 matmuls run as TF32 on these GPUs).
 PEAK_TFLOPS = {
@@ -310,7 +319,56 @@ def _adapt_step(loss_fn, regex: str, lr: float):
   return lambda variables, batch, key: (meta.adapt(loss_fn, variables, batch, inner, key)[0], {})
 
 
+def _inner_loop(a: argparse.Namespace, cells) -> Any:
+  """The meta-step's inner loop at ``a``'s settings (SGD, a fresh support batch per inner step, as the peer)."""
+  from mltd_jax import meta, tams
+
+  return meta.InnerLoop(
+    steps=a.inner,
+    lr=0.05,
+    first_order=a.order == 1,
+    remat=bool(a.remat),
+    support_chunks=a.support_chunks,
+    fast_regex="^tarp/" + ("|" + tams.FAST_REGEX if cells else ""),
+    per_step_support=True,  # a fresh support batch at every inner step, as the peer
+    backward=a.backward,
+  )
+
+
 def run_one(a: argparse.Namespace) -> dict:
+  """One setting's row; with ``--standins`` measured on the model with those nonlinearities replaced (`standins`:
+  the meta-step is first traced without and with them and checked to have the same products)."""
+  import jax
+
+  parts = standins.parse(a.standins) if a.standins else ()
+  model, variables, cells = _model(a)
+  checked = None
+  if parts and a.mode == "meta":
+    import numpy as np
+    import optax
+
+    from mltd_jax import meta, tams
+    from mltd_jax.models import gpt2
+    from mltd_jax.state import TrainState
+
+    tx = optax.adam(1e-4)
+    prepare = tams.make_prepare(cells, gpt2.FAMILY.embedding, gpt2.FAMILY.task_tokens) if cells else None
+    args = (TrainState.create(variables, tx), meta_batch(np.random.default_rng(0), a), jax.random.key(0))
+
+    def fresh():  # a new function per trace: JAX reuses the trace of a function object it traced before
+      return meta.make_meta_step(gpt2.make_loss(model), tx, _inner_loop(a, cells), _task_chunk(a), prepare)
+
+    plain = jax.make_jaxpr(fresh())(*args)
+    with standins.linear(parts) as calls:
+      checked = standins.check(plain, jax.make_jaxpr(fresh())(*args), parts, calls)
+  with standins.linear(parts):
+    row = _measure(a, model, variables, cells)
+  if parts:
+    row["standins"] = {"parts": list(parts), **({"check": checked} if checked else {})}
+  return row
+
+
+def _measure(a: argparse.Namespace, model, variables, cells) -> dict:
   import jax
   import numpy as np
   import optax
@@ -322,7 +380,6 @@ def run_one(a: argparse.Namespace) -> dict:
   available = jax.devices()
   if a.devices > len(available):
     raise SystemExit(f"--devices {a.devices}: only {len(available)} {available[0].platform} devices here.")
-  model, variables, cells = _model(a)
   loss_fn = gpt2.make_loss(model)
   rng = np.random.default_rng(0)
   lm = lambda *s: lm_batch(rng, a.vocab, *s)  # noqa: E731
@@ -333,16 +390,7 @@ def run_one(a: argparse.Namespace) -> dict:
     mesh = sharding.make_mesh(dict(sharding.DEFAULT, tasks=a.devices), available[: a.devices])
     tx = optax.adam(1e-4)
     state = TrainState.create(variables, tx)
-    inner = meta.InnerLoop(
-      steps=a.inner,
-      lr=0.05,
-      first_order=a.order == 1,
-      remat=bool(a.remat),
-      support_chunks=a.support_chunks,
-      fast_regex="^tarp/" + ("|" + tams.FAST_REGEX if cells else ""),
-      per_step_support=True,  # a fresh support batch at every inner step, as the peer
-      backward=a.backward,
-    )
+    inner = _inner_loop(a, cells)
     prepare = tams.make_prepare(cells, gpt2.FAMILY.embedding, gpt2.FAMILY.task_tokens) if cells else None
     batch = lambda: meta_batch(rng, a)  # noqa: E731
     shardings = sharding.phase_shardings(mesh, state, batch(), "tasks", "--tasks")  # tasks split over the devices
@@ -474,6 +522,8 @@ def main() -> None:
   if a.dtype not in ("float32", "bfloat16"):  # the peer's autocast, the peak table and `_task_chunk` read the name
     raise SystemExit(f"--dtype: float32 or bfloat16, got {a.dtype!r}")
   devices = _device_counts(a.devices)
+  if a.standins:
+    standins.parse(a.standins)  # a wrong name stops here, not in each child
   if a.child:
     a.mode, a.inner, a.order, a.remat, a.devices, a.backward = (
       a.mode[0], a.inner[0], a.order[0], a.remat[0], devices[0], a.backward[0]
@@ -543,6 +593,7 @@ def summarize(setting: tuple, inner: int, rows: list[dict]) -> dict:
     return values.pop() if len(values) == 1 else None
 
   out["hugepages"] = agreed(lambda r: r.get("hugepages"))
+  out["standins"] = agreed(lambda r: ",".join(r["standins"]["parts"]) if "standins" in r else None)
   out["dtype"] = agreed(lambda r: r.get("dtype"))
   if setting[0] == "meta":
     out["peer_dtype"] = agreed(lambda r: r.get("peer", {}).get("dtype"))

@@ -313,25 +313,47 @@ def test_standins_keep_the_products_and_drop_the_nonlinearities(monkeypatch):
 
   plain = traced()
   saved = (gpt2.LayerNorm, dict(layers.ACTIVATIONS), jax.nn.softmax, losses.token_nll)
-  with standins.linear(standins.PARTS):
+  with standins.linear(standins.PARTS) as calls:
     linear = traced()
-  out = standins.check(plain, linear, standins.PARTS)
+  out = standins.check(plain, linear, standins.PARTS, calls)
   assert out["product_flops"] > 0 and set(out["transcendental"]) == {"exp", "log", "rsqrt", "tanh"}
+  assert out["calls"] == {"layer_norm": 5, "gelu": 2, "attention_softmax": 2, "token_loss": 1}  # 2 blocks, ln_f
   assert all(before > 0 and after == 0 for before, after in out["transcendental"].values())
   with pytest.raises(RuntimeError, match="inside"), standins.linear(standins.PARTS):
     raise RuntimeError("inside")
   assert (gpt2.LayerNorm, dict(layers.ACTIVATIONS), jax.nn.softmax, losses.token_nll) == saved
-  with standins.linear(("layer_norm",)):
+  with standins.linear(("layer_norm",)) as calls:
     only_norm = traced()
-  counts = standins.check(plain, only_norm, ("layer_norm",))["transcendental"]
+  counts = standins.check(plain, only_norm, ("layer_norm",), calls)["transcendental"]
   assert counts["rsqrt"][1] == 0 and counts["exp"][0] == counts["exp"][1] > 0
   with pytest.raises(SystemExit, match="did not take"):
-    standins.check(plain, plain, ("layer_norm",))
+    standins.check(plain, plain, ("layer_norm",), calls)
+  with standins.linear(("attention_softmax", "token_loss")) as calls:
+    both = traced()
+  with pytest.raises(SystemExit, match=r"never called \['attention_softmax'\]"):  # fewer exp, yet one not taken
+    standins.check(plain, both, ("attention_softmax", "token_loss"), {**calls, "attention_softmax": 0})
   with pytest.raises(SystemExit, match="products changed"):
-    standins.check(plain, jax.make_jaxpr(lambda x: x @ x)(jnp.ones((3, 3))), ("gelu",))
+    standins.check(plain, jax.make_jaxpr(lambda x: x @ x)(jnp.ones((3, 3))), ("gelu",), calls)
   assert standins.parse("gelu, layer_norm") == ("layer_norm", "gelu") and standins.parse("all") == standins.PARTS
   with pytest.raises(SystemExit, match="unknown"):
     standins.parse("gelu,oops")
+
+
+def test_meta_step_measures_the_stand_in_bound_with_its_check(tmp_path):
+  """`meta_step.py --standins`: the meta line says which nonlinearities were replaced and carries the check (same
+  products, the layer norm's rsqrt gone); an unknown name stops before any child runs."""
+  tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--steps=2"]
+  cmd = [sys.executable, str(SCRIPT), *tiny, "--mode", "meta", "--inner", "1", "--order", "2"]
+  out = subprocess.run([*cmd, "--standins", "layer_norm"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  (row,) = [json.loads(line) for line in out.stdout.splitlines()]
+  assert "error" not in row, row
+  assert row["standins"]["parts"] == ["layer_norm"] and row["tokens_per_s"] > 0
+  check = row["standins"]["check"]
+  assert check["product_flops"] > 0 and check["transcendental"]["rsqrt"][1] == 0
+  assert check["transcendental"]["tanh"][0] == check["transcendental"]["tanh"][1] > 0  # GELU kept
+  bad = subprocess.run([*cmd, "--standins", "layer_norm,oops"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+  assert bad.returncode != 0 and "unknown ['oops']" in bad.stderr and not bad.stdout
 
 
 def test_op_kinds_counts_a_library_fusion_as_a_matmul_only_if_it_holds_a_dot():

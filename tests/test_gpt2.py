@@ -114,7 +114,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tmp_path):
 def test_layer_norm_backward_matches_torch_to_second_order():
   """`layers.layer_norm`'s written-out backward (a custom VJP) against torch's layer norm in float64: the gradient
   w.r.t. input, weight and bias, and a forward-over-reverse Hessian-vector product (how `mltd_jax.meta`
-  differentiates it) against torch's double backward; the module's parameters keep transformers' names."""
+  differentiates it) against torch's double backward; in float32 against JAX's derivative of the formula; the
+  module uses it in any compute dtype and keeps transformers' parameter names."""
   from mltd_jax.models import layers
 
   rng = np.random.default_rng(0)
@@ -127,8 +128,20 @@ def test_layer_norm_backward_matches_torch_to_second_order():
     grads = jax.grad(f, argnums=(0, 1, 2))(*args)
     hvp = jax.jvp(lambda *a: jax.grad(f, argnums=(0, 1, 2))(*a), args, tuple(map(jnp.asarray, (dx, dw, db))))[1]
     assert "custom_vjp_call" in str(jax.make_jaxpr(f)(*args))  # the written-out backward, not a derived one
-    variables = layers.LayerNorm(eps, jnp.float64).init(jax.random.key(0), args[0])
-  assert set(variables["params"]) == {"weight", "bias"}
+  assert set(jax.eval_shape(layers.LayerNorm(eps).init, jax.random.key(0), x[0])["params"]) == {"weight", "bias"}
+  module = layers.LayerNorm(eps, jnp.bfloat16)  # float32 inside, whatever the compute dtype
+  apply = lambda x, v: module.apply(v, x).astype(jnp.float32).sum()  # noqa: E731
+  x32, v32 = jnp.asarray(x, jnp.float32), {"params": {"weight": jnp.asarray(w, jnp.float32), "bias": jnp.asarray(b)}}
+  assert "custom_vjp_call" in str(jax.make_jaxpr(apply)(x32, v32))  # the module uses the written-out backward
+
+  def plain(x, w):  # the formula, differentiated by JAX
+    return ((x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + eps) * w).sum()
+
+  want32 = jax.grad(plain, argnums=(0, 1))(x32, v32["params"]["weight"])
+  got32 = jax.grad(lambda x, v: layers.layer_norm(x, v["params"]["weight"], v["params"]["bias"], eps).sum(),
+                   argnums=(0, 1))(x32, v32)  # fmt: skip
+  np.testing.assert_allclose(got32[0], want32[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got32[1]["params"]["weight"], want32[1], rtol=1e-5, atol=1e-5)
   tx, tw, tb = (torch.tensor(v, requires_grad=True) for v in (x, w, b))
   out = (torch.nn.functional.layer_norm(tx, (7,), tw, tb, eps) * torch.tensor(c)).sum()
   want = torch.autograd.grad(out, (tx, tw, tb), create_graph=True)

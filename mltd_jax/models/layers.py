@@ -145,13 +145,13 @@ class Embed(nn.Module):
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
   """(x - mean) / sqrt(var + eps) * weight + bias over the last axis, with a backward written out.
 
-  For the cotangent g of the output, with x_hat = (x - mean) * r, r = 1 / sqrt(var + eps) and h = g * weight:
-  dx = r * (h - mean(h) - x_hat * mean(h * x_hat)), dweight = sum(g * x_hat), dbias = sum(g) over the leading axes,
-  from the saved x_hat and r. It is plain JAX, so a second-order step differentiates it in turn (the Hessian-vector
-  products of `mltd_jax.meta`). The same values as JAX's derived backward up to the order of float32 sums; XLA:CPU
-  compiles this form to less work: the second-order meta-step at the peer's shapes ran 1.024x [0.974-1.057] faster in
-  float32 and 1.056x [1.022-1.113] in bfloat16, first order 1.020x (README, issue #11). Forward-mode autodiff applies
-  only through a gradient (forward-over-reverse), as with `tarp.lowrank_matmul`.
+  x [..., d]; weight, bias [d]; eps a Python float (static). For the cotangent g of the output, with
+  x_hat = (x - mean) * r, r = 1 / sqrt(var + eps) and h = g * weight: dx = r * (h - mean(h) - x_hat * mean(h * x_hat)),
+  dweight = sum(g * x_hat), dbias = sum(g) over the leading axes, from the saved x_hat and r. The backward is plain
+  JAX, so higher orders differentiate it in turn (forward-over-reverse, as `mltd_jax.meta`'s Hessian-vector products,
+  and reverse-over-reverse). The same values as JAX's derived backward up to the order of float32 sums; why: on
+  XLA:CPU the meta-step ran faster with it (README, issue #11, session 20). Being a custom VJP, it takes forward-mode
+  autodiff only through a gradient (``jax.jvp`` of ``jax.grad``), not directly, as `tarp.lowrank_matmul`.
   """
   return _layer_norm_fwd(x, weight, bias, eps)[0]
 
@@ -176,7 +176,8 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm with transformers' names (``weight``, ``bias``), computed in float32 (or wider): `layer_norm`."""
+  """LayerNorm with transformers' names (``weight``, ``bias``), computed in float32 (or wider) by `layer_norm`
+  (a custom VJP: forward-mode autodiff only through a gradient)."""
 
   eps: float = 1e-5
   dtype: Any = jnp.float32
