@@ -122,12 +122,15 @@ def main() -> None:
     parts = standins.parse(opts.pop("standins")) if "standins" in opts else ()
     fresh = meta.make_meta_step(gpt2.make_loss(model), tx, inner, chunks[name])
     with contextlib.nullcontext() if kernel else onednn.disabled():
-      if parts:  # the same step traced without and with the stand-ins: the same products, fewer transcendentals
-        plain = jax.make_jaxpr(meta.make_meta_step(gpt2.make_loss(model), tx, inner, chunks[name]))(*args)
+      if parts:  # the step traced without and with the stand-ins (new functions): the same products
+        twins = [meta.make_meta_step(gpt2.make_loss(model), tx, inner, chunks[name]) for _ in range(2)]
+        plain = jax.make_jaxpr(twins[0])(*args)
         with standins.linear(parts) as calls:
-          checks[name] = standins.check(plain, jax.make_jaxpr(fresh)(*args), parts, calls)
-      with standins.linear(parts):
+          checks[name] = standins.check(plain, jax.make_jaxpr(twins[1])(*args), parts, calls)
+      with standins.linear(parts) as calls:
         compiled[name] = train.compile_step(jax.jit(fresh), *args, compiler_options=opts or None)
+      if not all(calls[part] for part in parts):
+        raise SystemExit(f"--variant {name!r}: the compiled step did not call every stand-in ({dict(calls)})")
     calls = compiled[name].as_text().count(onednn.TARGET)
     if calls and not kernel:
       raise SystemExit(f"--variant {name!r}: {calls} oneDNN calls in the compiled step with the kernel off")

@@ -51,9 +51,10 @@ cores: the figures then show the partitioning overhead, not a speedup (the ``not
 
 ``--standins all`` (or names among layer_norm, gelu, attention_softmax, token_loss) measures ours with GPT-2's
 nonlinearities replaced by linear stand-ins of the same shapes (`standins`; the peer keeps its own): what nearly
-free nonlinearities would give, everything else as it is, against the peer in the same run. The meta-step is traced without and
-with them first and stops unless the products are the same (``standins.check`` in the line); the updates are not
-the model's, and the FLOP count (XLA's, elementwise work included) is the stand-in step's.
+free nonlinearities would give, everything else as it is, against the peer in the same run. The meta-step is
+traced without and with them first and stops unless the products are the same (``standins.check`` in the line),
+and the measured step must have called every stand-in; the updates are not the model's, and the FLOP count (XLA's,
+elementwise work included) is the stand-in step's.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ FIELDS = dict(
   task_chunk=-1,  # as config.meta.task_chunk (0 = all vmapped); -1: `_task_chunk`'s choice (one at a time)
   support_chunks=1,
   dtype="float32",
-  standins="",  # "" none; "all" or names of `standins.PARTS`: GPT-2's nonlinearities as linear stand-ins (a bound)
+  standins="",  # "" none; "all" or names of `standins.PARTS`: GPT-2's nonlinearities as linear stand-ins
 )
 # Dense peak TFLOP/s per device by device_kind and compute dtype (float32 matmuls run as TF32 on these GPUs).
 PEAK_TFLOPS = {
@@ -361,8 +362,10 @@ def run_one(a: argparse.Namespace) -> dict:
     plain = jax.make_jaxpr(fresh())(*args)
     with standins.linear(parts) as calls:
       checked = standins.check(plain, jax.make_jaxpr(fresh())(*args), parts, calls)
-  with standins.linear(parts):
+  with standins.linear(parts) as calls:
     row = _measure(a, model, variables, cells)
+  if [part for part in parts if not calls[part]]:
+    raise SystemExit(f"--standins {a.standins}: the measured step did not call every stand-in ({dict(calls)})")
   if parts:
     row["standins"] = {"parts": list(parts), **({"check": checked} if checked else {})}
   return row
