@@ -238,7 +238,8 @@ def main() -> None:
     med, per_op, _ = time_calls(compiled, (slow, fast, data), a.steps, trace)
     extra = {"profile_ms": op_kinds(per_op, dot_fusions(compiled.as_text()))} if per_op is not None else {}
     # counted on the vmapped twin (the same arithmetic): XLA counts a loop body once, so lax.map's is one task's
-    flops, _ = _count(fwdbwd if name == "fwdbwd" else vmapped[name], slow, fast, lins_off if name == "hvp_saved" else data)
+    counted = fwdbwd if name == "fwdbwd" else vmapped[name]
+    flops, _ = _count(counted, slow, fast, lins_off if name == "hvp_saved" else data)
     print(json.dumps({
       "part": name, "tasks_as": a.tasks_as if name != "fwdbwd" else "one batch", "seconds": round(med, 4),
       "gflop": float(f"{flops / 1e9:.5g}"), "gflop_per_s": round(flops / med / 1e9, 1),
