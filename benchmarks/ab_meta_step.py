@@ -8,8 +8,9 @@ A variant is a set of XLA compile options, given to ``jax.jit(step).lower(...).c
 `mltd_jax.onednn` off (XLA computes every product, and the residual cotangent barrier,
 `onednn.materialized_cotangent`, is off too; the default uses the kernel where it is available), and
 ``task_chunk=N`` replaces ``--task_chunk`` for that variant. ``standins=all`` (or ``standins=layer_norm,gelu``...)
-traces that variant with linear stand-ins for GPT-2's nonlinearities (`standins`: the same products and tensors, the
-nonlinearities' elementwise work next to free; checked against the step without them): its speedup is what nearly
+traces that variant with linear stand-ins for GPT-2's nonlinearities (`standins`: the same products, the tensors
+between them of the same shapes, the nonlinearities' elementwise work next to free; checked against the step
+without them): its speedup is what nearly
 free nonlinearities would give, everything else as it is; its updates are not the model's.
 
   python benchmarks/ab_meta_step.py --order 1 --task_chunk 0 --variant base \\
@@ -90,6 +91,9 @@ def main() -> None:
   if len(a.variant) < 2 or len(a.variant) != len(set(a.variant)):
     raise SystemExit(f"--variant: give two or more different variants (the first is the reference), got {a.variant}")
   variants = {v: options(v) for v in a.variant}
+  for opts in variants.values():
+    if "standins" in opts:
+      standins.parse(opts["standins"])  # a wrong name stops before anything compiles
 
   import jax
   import numpy as np
@@ -125,15 +129,15 @@ def main() -> None:
       if parts:  # the step traced without and with the stand-ins (new functions): the same products
         twins = [meta.make_meta_step(gpt2.make_loss(model), tx, inner, chunks[name]) for _ in range(2)]
         plain = jax.make_jaxpr(twins[0])(*args)
-        with standins.linear(parts) as calls:
-          checks[name] = standins.check(plain, jax.make_jaxpr(twins[1])(*args), parts, calls)
-      with standins.linear(parts) as calls:
+        with standins.linear(parts) as called:
+          checks[name] = standins.check(plain, jax.make_jaxpr(twins[1])(*args), parts, called)
+      with standins.linear(parts) as called:
         compiled[name] = train.compile_step(jax.jit(fresh), *args, compiler_options=opts or None)
-      if not all(calls[part] for part in parts):
-        raise SystemExit(f"--variant {name!r}: the compiled step did not call every stand-in ({dict(calls)})")
-    calls = compiled[name].as_text().count(onednn.TARGET)
-    if calls and not kernel:
-      raise SystemExit(f"--variant {name!r}: {calls} oneDNN calls in the compiled step with the kernel off")
+      if not all(called[part] for part in parts):
+        raise SystemExit(f"--variant {name!r}: the compiled step did not call every stand-in ({dict(called)})")
+    kernel_calls = compiled[name].as_text().count(onednn.TARGET)
+    if kernel_calls and not kernel:
+      raise SystemExit(f"--variant {name!r}: {kernel_calls} oneDNN calls in the compiled step with the kernel off")
     if kernel and lacks_kernel(compiled[name], a.dtype):
       raise SystemExit(f"--variant {name!r}: no oneDNN calls in the {a.dtype} step although the kernel is available")
   updated = {name: jax.tree.leaves(c(*args)[0].variables) for name, c in compiled.items()}

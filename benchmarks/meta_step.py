@@ -47,14 +47,14 @@ cores: the figures then show the partitioning overhead, not a speedup (the ``not
   python benchmarks/meta_step.py --mode fwdbwd adapt meta --inner 4 --order 2 1 --peer --rounds 3   # issue #11
   python benchmarks/meta_step.py --inner 1 4 16 --order 2 --remat 1 0 --backward autodiff
   python benchmarks/meta_step.py --inner 4 --order 2 --devices 1 2 4
-  python benchmarks/meta_step.py --mode meta --order 2 --peer --rounds 3 --standins all   # the bound, against the peer
+  python benchmarks/meta_step.py --mode meta --order 2 --peer --rounds 3 --standins all   # free nonlinearities
 
-``--standins all`` (or names among layer_norm, gelu, attention_softmax, token_loss) measures ours with GPT-2's
-nonlinearities replaced by linear stand-ins of the same shapes (`standins`; the peer keeps its own): what nearly
-free nonlinearities would give, everything else as it is, against the peer in the same run. The meta-step is
-traced without and with them first and stops unless the products are the same (``standins.check`` in the line),
-and the measured step must have called every stand-in; the updates are not the model's, and the FLOP count (XLA's,
-elementwise work included) is the stand-in step's.
+``--standins all`` (or names among layer_norm, gelu, attention_softmax, token_loss; ``--mode meta`` only) measures
+ours with GPT-2's nonlinearities replaced by linear stand-ins of the same shapes (`standins`; the peer keeps its
+own): what nearly free nonlinearities would give, everything else as it is, against the peer in the same run. The
+meta-step is traced without and with them first and stops unless the products are the same (``standins.check`` in
+the line), and the timed step's own trace must call every stand-in; the updates are not the model's, and the FLOP
+count (XLA's, elementwise work included) is the stand-in step's.
 """
 
 from __future__ import annotations
@@ -357,21 +357,24 @@ def run_one(a: argparse.Namespace) -> dict:
     args = (TrainState.create(variables, tx), meta_batch(np.random.default_rng(0), a), jax.random.key(0))
 
     def fresh():  # a new function per trace: JAX reuses the trace of a function object it traced before
-      return meta.make_meta_step(gpt2.make_loss(model), tx, _inner_loop(a, cells), _task_chunk(a), prepare)
+      inner = _inner_loop(a, cells)
+      return meta.make_meta_step(gpt2.make_loss(model), tx, inner, _task_chunk(a), prepare, task_groups=a.devices)
 
     plain = jax.make_jaxpr(fresh())(*args)
     with standins.linear(parts) as calls:
       checked = standins.check(plain, jax.make_jaxpr(fresh())(*args), parts, calls)
   with standins.linear(parts) as calls:
-    row = _measure(a, model, variables, cells)
+    row = _measure(a, model, variables, cells, calls)
   if [part for part in parts if not calls[part]]:
-    raise SystemExit(f"--standins {a.standins}: the measured step did not call every stand-in ({dict(calls)})")
+    raise SystemExit(f"--standins {a.standins}: the timed step's trace did not call every stand-in ({dict(calls)})")
   if parts:
     row["standins"] = {"parts": list(parts), **({"check": checked} if checked else {})}
   return row
 
 
-def _measure(a: argparse.Namespace, model, variables, cells) -> dict:
+def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict:
+  """The row of ``a``'s setting; ``calls`` (a Counter of `standins.linear`'s, or None) is emptied just before the
+  timed step is traced, so that afterwards it counts that trace's stand-in calls alone."""
   import jax
   import numpy as np
   import optax
@@ -404,6 +407,8 @@ def _measure(a: argparse.Namespace, model, variables, cells) -> dict:
     twin = meta.make_meta_step(loss_fn, tx, dataclasses.replace(inner, unroll=True, support_chunks=1), 0, prepare)
     flops, flops_source = _count(twin, state, batch(), key)
     state = sharding.put_global(state, shardings.state)
+    if calls is not None:
+      calls.clear()  # the twin's trace called them too; `_run` traces the timed step
     med, compile_s, compiled, m = _run(step, state, lambda: sharding.put_local(batch(), shardings.batch), key, a.steps)
     row.update(order=a.order, remat=bool(a.remat), backward=a.backward, inner=a.inner)
     row.update(loss=round(float(m["query_loss"]), 4), tasks_per_s=round(a.tasks / med, 2))
@@ -527,6 +532,8 @@ def main() -> None:
   devices = _device_counts(a.devices)
   if a.standins:
     standins.parse(a.standins)  # a wrong name stops here, not in each child
+    if set(a.mode) != {"meta"}:
+      raise SystemExit(f"--standins: with --mode meta only (got --mode {' '.join(a.mode)})")
   if a.child:
     a.mode, a.inner, a.order, a.remat, a.devices, a.backward = (
       a.mode[0], a.inner[0], a.order[0], a.remat[0], devices[0], a.backward[0]

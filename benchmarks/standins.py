@@ -9,14 +9,14 @@ same shapes and parameters, cheap enough to cost next to nothing:
 * ``token_loss``: `mltd_jax.losses.token_nll` as ``5e-4 * sum(z^2) - z[target]`` per token (still quadratic, so the
   second-order step keeps every term).
 
-Every matrix product and its derivatives stay the same, and so do the tensors between them (`check`: the two
-steps' product FLOPs are equal, every requested stand-in was called while tracing, the replaced transcendental
-functions are gone). The time a stand-in step saves is what making those nonlinearities' elementwise work nearly
-free would save with everything else as it is: a measure of what faster implementations of them (hand-fused
-kernels with their JVP and transpose rules) could give, not a bound on every implementation (a kernel that fused
-the softmax into the attention products, or the cross-entropy into the LM head's, never writing the scores or
-logits, could save more). The arithmetic is not the model's: for timing only (`ab_meta_step.py` ``standins=...``,
-`meta_step.py` ``--standins``).
+Every matrix product and its derivatives stay the same (`check`: the two steps' product FLOPs are equal, every
+requested stand-in was called while tracing, the replaced transcendental functions are gone), and the tensors
+between the products keep their shapes (the nonlinearities' saved residuals go). The time a stand-in step saves is
+what making those nonlinearities' elementwise work nearly free would save with everything else as it is: a measure
+of what faster implementations of them (hand-fused kernels with their JVP and transpose rules) could give, not a
+bound on every implementation (a kernel that fused the softmax into the attention products, or the cross-entropy
+into the LM head's, never writing the scores or logits, could save more). The arithmetic is not the model's: for
+timing only (`ab_meta_step.py` ``standins=...``, `meta_step.py` ``--standins``).
 """
 
 from __future__ import annotations

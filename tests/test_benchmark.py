@@ -339,9 +339,10 @@ def test_standins_keep_the_products_and_drop_the_nonlinearities(monkeypatch):
     standins.parse("gelu,oops")
 
 
-def test_meta_step_measures_the_stand_in_bound_with_its_check(tmp_path):
+def test_meta_step_measures_free_nonlinearities_with_its_check(tmp_path):
   """`meta_step.py --standins`: the meta line says which nonlinearities were replaced and carries the check (same
-  products, the layer norm's rsqrt gone); an unknown name stops before any child runs."""
+  products, the stand-in called, the layer norm's rsqrt gone); an unknown name, or a mode other than meta, stops
+  before any child runs."""
   tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--steps=2"]
   cmd = [sys.executable, str(SCRIPT), *tiny, "--mode", "meta", "--inner", "1", "--order", "2"]
   out = subprocess.run([*cmd, "--standins", "layer_norm"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -349,11 +350,14 @@ def test_meta_step_measures_the_stand_in_bound_with_its_check(tmp_path):
   assert "error" not in row, row
   assert row["standins"]["parts"] == ["layer_norm"] and row["tokens_per_s"] > 0
   check = row["standins"]["check"]
-  assert check["product_flops"] > 0 and check["transcendental"]["rsqrt"][1] == 0
+  assert check["product_flops"] > 0 and check["transcendental"]["rsqrt"][1] == 0 and check["calls"]["layer_norm"] > 0
   assert check["transcendental"]["tanh"][0] == check["transcendental"]["tanh"][1] > 0  # GELU kept
   bad = subprocess.run([*cmd, "--standins", "layer_norm,oops"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)  # fmt: skip
   assert bad.returncode != 0 and "unknown ['oops']" in bad.stderr and not bad.stdout
+  fwdbwd = subprocess.run([*cmd, "--mode", "fwdbwd", "--standins", "gelu"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+  assert fwdbwd.returncode != 0 and "with --mode meta only" in fwdbwd.stderr and not fwdbwd.stdout
 
 
 def test_op_kinds_counts_a_library_fusion_as_a_matmul_only_if_it_holds_a_dot():
