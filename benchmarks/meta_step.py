@@ -71,7 +71,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python benchmarks/meta_step.py`
@@ -139,6 +139,17 @@ def _product_flops(eqn) -> float:
   return 0.0
 
 
+def subjaxprs(value) -> Iterator:
+  """The jaxprs an equation's parameter value holds (a jaxpr, closed or open, or tuples and lists of them), open."""
+  from jax.extend import core
+
+  if isinstance(value, (core.ClosedJaxpr, core.Jaxpr)):
+    yield value.jaxpr if isinstance(value, core.ClosedJaxpr) else value
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from subjaxprs(v)
+
+
 def jaxpr_product_flops(jaxpr) -> float:
   """FLOPs of the matrix products of a (closed) jaxpr once its dead code is removed (as lowering does: e.g. a
   custom VJP's weight gradient where only the difference is differentiated): every product equation's 2 M N K, a
@@ -147,13 +158,6 @@ def jaxpr_product_flops(jaxpr) -> float:
   tiny meta-step, more of it at real sizes)."""
   from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: JAX's own dead-code pass, not public API
   from jax.extend import core
-
-  def subjaxprs(value):
-    if isinstance(value, (core.ClosedJaxpr, core.Jaxpr)):
-      yield value.jaxpr if isinstance(value, core.ClosedJaxpr) else value
-    elif isinstance(value, (tuple, list)):
-      for v in value:
-        yield from subjaxprs(v)
 
   def count(jx) -> float:
     total = 0.0
@@ -336,6 +340,24 @@ def _inner_loop(a: argparse.Namespace, cells) -> Any:
   )
 
 
+def _prepare(cells) -> Callable | None:
+  """TAMS's per-task prepare for the benchmark's GPT-2 (its controller reads the task), or None without cells."""
+  from mltd_jax import tams
+  from mltd_jax.models import gpt2
+
+  return tams.make_prepare(cells, gpt2.FAMILY.embedding, gpt2.FAMILY.task_tokens) if cells else None
+
+
+def _meta_step_fn(a: argparse.Namespace, model, cells, tx) -> Callable:
+  """The meta-step at ``a``'s settings, a new function with a loss of its own on every call (JAX reuses the trace
+  of a function object it traced before: the stand-ins' check and the timed step each trace their own)."""
+  from mltd_jax import meta
+  from mltd_jax.models import gpt2
+
+  inner, chunk = _inner_loop(a, cells), _task_chunk(a)
+  return meta.make_meta_step(gpt2.make_loss(model), tx, inner, chunk, _prepare(cells), task_groups=a.devices)
+
+
 def run_one(a: argparse.Namespace) -> dict:
   """One setting's row; with ``--standins`` measured on the model with those nonlinearities replaced (`standins`:
   the meta-step is first traced without and with them and checked to have the same products)."""
@@ -348,21 +370,13 @@ def run_one(a: argparse.Namespace) -> dict:
     import numpy as np
     import optax
 
-    from mltd_jax import meta, tams
-    from mltd_jax.models import gpt2
     from mltd_jax.state import TrainState
 
     tx = optax.adam(1e-4)
-    prepare = tams.make_prepare(cells, gpt2.FAMILY.embedding, gpt2.FAMILY.task_tokens) if cells else None
     args = (TrainState.create(variables, tx), meta_batch(np.random.default_rng(0), a), jax.random.key(0))
-
-    def fresh():  # a new function per trace: JAX reuses the trace of a function object it traced before
-      inner = _inner_loop(a, cells)
-      return meta.make_meta_step(gpt2.make_loss(model), tx, inner, _task_chunk(a), prepare, task_groups=a.devices)
-
-    plain = jax.make_jaxpr(fresh())(*args)
+    plain = jax.make_jaxpr(_meta_step_fn(a, model, cells, tx))(*args)
     with standins.linear(parts) as calls:
-      checked = standins.check(plain, jax.make_jaxpr(fresh())(*args), parts, calls)
+      checked = standins.check(plain, jax.make_jaxpr(_meta_step_fn(a, model, cells, tx))(*args), parts, calls)
   with standins.linear(parts) as calls:
     row = _measure(a, model, variables, cells, calls)
   if [part for part in parts if not calls[part]]:
@@ -379,7 +393,7 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
   import numpy as np
   import optax
 
-  from mltd_jax import meta, sharding, tams, train
+  from mltd_jax import meta, sharding, train
   from mltd_jax.models import gpt2
   from mltd_jax.state import TrainState
 
@@ -396,15 +410,13 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     mesh = sharding.make_mesh(dict(sharding.DEFAULT, tasks=a.devices), available[: a.devices])
     tx = optax.adam(1e-4)
     state = TrainState.create(variables, tx)
-    inner = _inner_loop(a, cells)
-    prepare = tams.make_prepare(cells, gpt2.FAMILY.embedding, gpt2.FAMILY.task_tokens) if cells else None
     batch = lambda: meta_batch(rng, a)  # noqa: E731
     shardings = sharding.phase_shardings(mesh, state, batch(), "tasks", "--tasks")  # tasks split over the devices
     a.task_chunk = _task_chunk(a)
-    step_fn = meta.make_meta_step(loss_fn, tx, inner, a.task_chunk, prepare, task_groups=a.devices)
-    step = train.jit_step(step_fn, shardings)
+    step = train.jit_step(_meta_step_fn(a, model, cells, tx), shardings)
     # FLOPs: an unrolled twin, tasks vmapped, one support slice (the same arithmetic, no loop for XLA to count once)
-    twin = meta.make_meta_step(loss_fn, tx, dataclasses.replace(inner, unroll=True, support_chunks=1), 0, prepare)
+    unrolled = dataclasses.replace(_inner_loop(a, cells), unroll=True, support_chunks=1)
+    twin = meta.make_meta_step(loss_fn, tx, unrolled, 0, _prepare(cells))
     flops, flops_source = _count(twin, state, batch(), key)
     state = sharding.put_global(state, shardings.state)
     if calls is not None:

@@ -114,7 +114,7 @@ def linear(parts: tuple[str, ...]) -> Iterator[collections.Counter]:
 
 def primitive_counts(jaxpr) -> collections.Counter:
   """How many equations of each primitive a closed jaxpr holds, nested jaxprs (scan, custom rules) included."""
-  from jax.extend import core
+  from meta_step import subjaxprs  # this directory's script
 
   counts: collections.Counter = collections.Counter()
 
@@ -122,9 +122,8 @@ def primitive_counts(jaxpr) -> collections.Counter:
     for eqn in jx.eqns:
       counts[eqn.primitive.name] += 1
       for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
-            walk(sub.jaxpr if isinstance(sub, core.ClosedJaxpr) else sub)
+        for sub in subjaxprs(value):
+          walk(sub)
 
   walk(jaxpr.jaxpr)
   return counts

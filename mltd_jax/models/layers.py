@@ -151,8 +151,8 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
   JAX, so higher orders differentiate it in turn (forward-over-reverse, as `mltd_jax.meta`'s Hessian-vector products,
   and reverse-over-reverse). The same values as JAX's derived backward up to the order of float32 sums; why: on
   XLA:CPU the meta-step ran 2-6% faster with it at the median (bfloat16 clearly, float32 within its range of
-  noise; README, issue #11, session 20). Being a custom VJP, it takes forward-mode
-  autodiff only through a gradient (``jax.jvp`` of ``jax.grad``), not directly, as `tarp.lowrank_matmul`.
+  noise; README, issue #11, session 20). Being a custom VJP, it takes forward-mode autodiff only through a gradient
+  (``jax.jvp`` of ``jax.grad``), not directly, as `tarp.lowrank_matmul`.
   """
   return _layer_norm_fwd(x, weight, bias, eps)[0]
 
