@@ -49,12 +49,12 @@ cores: the figures then show the partitioning overhead, not a speedup (the ``not
   python benchmarks/meta_step.py --inner 4 --order 2 --devices 1 2 4
   python benchmarks/meta_step.py --mode meta --order 2 --peer --rounds 3 --standins all   # free nonlinearities
 
-``--standins all`` (or names among layer_norm, gelu, attention_softmax, token_loss; ``--mode meta`` only) measures
-ours with GPT-2's nonlinearities replaced by linear stand-ins of the same shapes (`standins`; the peer keeps its
-own): what nearly free nonlinearities would give, everything else as it is, against the peer in the same run. The
-meta-step is traced without and with them first and stops unless the products are the same (``standins.check`` in
-the line), and the timed step's own trace must call every stand-in; the updates are not the model's, and the FLOP
-count (XLA's, elementwise work included) is the stand-in step's.
+``--standins all`` (or names among layer_norm, gelu, attention_softmax, token_loss; ``--mode meta`` only, without
+``--tams``) measures ours with GPT-2's nonlinearities replaced by linear stand-ins of the same shapes (`standins`;
+the peer keeps its own): what nearly free nonlinearities would give, everything else as it is, against the peer in
+the same run. The meta-step is traced without and with them first and stops unless the products are the same
+(``standins.check`` in the line), and the timed step's own trace must call every stand-in; the updates are not the
+model's, and the FLOP count (XLA's, elementwise work included) is the stand-in step's.
 """
 
 from __future__ import annotations
@@ -546,6 +546,8 @@ def main() -> None:
     standins.parse(a.standins)  # a wrong name stops here, not in each child
     if set(a.mode) != {"meta"}:
       raise SystemExit(f"--standins: with --mode meta only (got --mode {' '.join(a.mode)})")
+    if a.tams:  # TAMS's cells and controller have nonlinearities of their own that no stand-in replaces
+      raise SystemExit("--standins: GPT-2's own nonlinearities only; drop --tams (its cells' are not replaced)")
   if a.child:
     a.mode, a.inner, a.order, a.remat, a.devices, a.backward = (
       a.mode[0], a.inner[0], a.order[0], a.remat[0], devices[0], a.backward[0]

@@ -341,8 +341,8 @@ def test_standins_keep_the_products_and_drop_the_nonlinearities(monkeypatch):
 
 def test_meta_step_measures_free_nonlinearities_with_its_check(tmp_path):
   """`meta_step.py --standins`: the meta line says which nonlinearities were replaced and carries the check (same
-  products, the stand-in called, the layer norm's rsqrt gone); an unknown name, or a mode other than meta, stops
-  before any child runs."""
+  products, the stand-in called, the layer norm's rsqrt gone); an unknown name, a mode other than meta, or --tams
+  stops before any child runs."""
   tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--steps=2"]
   cmd = [sys.executable, str(SCRIPT), *tiny, "--mode", "meta", "--inner", "1", "--order", "2"]
   out = subprocess.run([*cmd, "--standins", "layer_norm"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -358,6 +358,9 @@ def test_meta_step_measures_free_nonlinearities_with_its_check(tmp_path):
   fwdbwd = subprocess.run([*cmd, "--mode", "fwdbwd", "--standins", "gelu"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
   assert fwdbwd.returncode != 0 and "with --mode meta only" in fwdbwd.stderr and not fwdbwd.stdout
+  cells = subprocess.run([*cmd, "--tams", "--standins", "gelu"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+  assert cells.returncode != 0 and "drop --tams" in cells.stderr and not cells.stdout
 
 
 def test_op_kinds_counts_a_library_fusion_as_a_matmul_only_if_it_holds_a_dot():
