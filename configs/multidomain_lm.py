@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.init = ml_collections.ConfigDict(dict(n_layer=2, n_embd=64, n_head=4, n_inner=256, n_positions=64))
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "jsonl"  # facts | jsonl | adaptsum | tfds | personachat
+  c.data.source = "jsonl"  # facts | jsonl | adaptsum | tfds (personachat, personas: configs/personachat.py)
   c.data.tokenizer = "gpt2-medium"  # facts | bytes | tokenizer.json path | dir | hub name
   c.data.seq_len = 512  # causal LM: tokens per sequence, with bos (and eos); longer is an error unless truncate
   c.data.add_eos = True

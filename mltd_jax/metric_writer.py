@@ -25,5 +25,23 @@ class MetricWriter:
     for k, v in scalars.items():
       self.tb.add_scalar(k, float(v), int(step))
 
+  def rewind(self, phase: str, step: int) -> None:
+    """Drop ``phase``'s metrics (names ``phase/...``) logged after ``step`` from ``metrics.jsonl``: a run resumed
+    from the checkpoint at ``step`` logs those steps again. (TensorBoard's event files keep both; its charts show
+    the replayed points beside the first ones.)"""
+    if not self.path.exists():
+      return
+    kept = []
+    for line in self.path.read_text().splitlines():
+      row = json.loads(line)
+      if row["step"] > step:
+        row = {k: v for k, v in row.items() if not k.startswith(f"{phase}/")}
+        if set(row) == {"step"}:
+          continue
+      kept.append(json.dumps(row) + "\n")
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(self.path)
+
   def close(self) -> None:
     self.tb.close()

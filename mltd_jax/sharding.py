@@ -380,6 +380,9 @@ class NullWriter:
   def write(self, step: int, scalars: dict[str, float]) -> None:
     del step, scalars
 
+  def rewind(self, phase: str, step: int) -> None:
+    del phase, step
+
   def close(self) -> None:
     pass
 

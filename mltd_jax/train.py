@@ -61,6 +61,73 @@ META_FIELDS = {
 }
 
 
+# The config sections a phase computes from: resuming a phase under other values of these is refused
+# (`check_resume`), less the layout fields below and the phase's own ``steps`` (a run may be extended).
+PHASE_SECTIONS = {
+  "pretrain": ("seed", "data", "model", "pretrain"),
+  "meta": ("seed", "data", "model", "pretrain", "tarp", "tams", "meta"),
+}
+# How a phase runs, not what it computes: free to change between a run and its resumption.
+LAYOUT_FIELDS = frozenset({
+  "model.remat", "model.remat_policy", "model.allow_pickle", "meta.task_chunk", "meta.remat", "meta.support_chunks",
+  "meta.inner_backward", "tams.overhead_steps",
+})  # fmt: skip
+
+
+def phase_fields(config: Any, name: str) -> dict[str, Any]:
+  """The dotted config fields (JSON values) phase ``name`` computes from: `PHASE_SECTIONS`, less `LAYOUT_FIELDS`,
+  the phase's own ``steps``, the blocks of data sources other than ``config.data.source``, and TAMS's settings when
+  it is off."""
+  tree = json.loads(config.to_json_best_effort())
+  flat: dict[str, Any] = {}
+
+  def walk(prefix: str, x: Any) -> None:
+    if isinstance(x, dict):
+      for k, v in x.items():
+        walk(f"{prefix}.{k}", v)
+    else:
+      flat[prefix] = x
+
+  for section in PHASE_SECTIONS[name]:
+    if section in tree:
+      walk(section, tree[section])
+  unused = {f"data.{k}." for k in data.SOURCES if k != tree.get("data", {}).get("source")}
+  if not flat.get("tams.enabled", False):
+    unused.add("tams.")
+  return {
+    k: v
+    for k, v in flat.items()
+    if k not in LAYOUT_FIELDS and k != f"{name}.steps" and (k == "tams.enabled" or not k.startswith(tuple(unused)))
+  }
+
+
+def check_resume(config: Any, workdir: Path, name: str, has_checkpoint: bool) -> None:
+  """Refuse to resume phase ``name`` under other `phase_fields` than its checkpoints were made with.
+
+  The fields are kept in ``WORKDIR/checkpoints/<name>.config.json``, written when the phase starts afresh (or, for a
+  workdir from before this check, when it first resumes: then nothing can be compared). A mismatch names every
+  differing field and the ways out: the old values, a new --workdir, or deleting the phase's checkpoints.
+  """
+  path = workdir / "checkpoints" / f"{name}.config.json"
+  now = phase_fields(config, name)
+  if has_checkpoint and path.exists():
+    then = json.loads(path.read_text())
+    differ = sorted(k for k in set(then) | set(now) if then.get(k, "<unset>") != now.get(k, "<unset>"))
+    if differ:
+      shown = "\n".join(f"  config.{k}: {then.get(k, '<unset>')!r} then, {now.get(k, '<unset>')!r} now" for k in differ)
+      raise ValueError(
+        f"{workdir}/checkpoints/{name} was trained under other settings than this run's:\n{shown}\nResuming would "
+        f"mix the two. Rerun with the old values, use a new --workdir, or delete {workdir}/checkpoints/{name} (and "
+        f"the later phases' checkpoints) to train it again; if the change cannot matter (a moved file), edit {path}."
+      )
+    return
+  if has_checkpoint:
+    log.warning("%s: %s predates the resume check; this run's settings are taken as the checkpoints'", name, path)
+  if sharding.is_main_process():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=1, sort_keys=True))
+
+
 def rng_streams(seed: int) -> dict[str, jax.Array]:
   """One key per name of `STREAMS`, split from ``jax.random.key(seed)``."""
   return dict(zip(STREAMS, jax.random.split(jax.random.key(seed), len(STREAMS))))
@@ -162,6 +229,7 @@ def run_phase(
   """
   step_fn = step_fn if jitted else jit_step(step_fn, shardings)
   ckpt = Checkpointer(workdir / "checkpoints" / name, max_to_keep=config.keep_checkpoints)
+  check_resume(config, workdir, name, ckpt.latest_step() is not None)
   if shardings is not None:
     state = sharding.put_global(state, shardings.state)
     make_batch = functools.partial(_put_batch, make_batch, shardings.batch)
@@ -173,6 +241,7 @@ def run_phase(
     return state
   if start:
     log.info("%s: resuming from step %d (%s)", name, start, ckpt.directory)
+    writer.rewind(name, start)  # the steps logged after that checkpoint are logged again
   t_start, t_last, s_last = time.time(), time.time(), start
   try:
     for step, batch in zip(range(start, num_steps), _prefetch(make_batch, range(start, num_steps))):
@@ -231,23 +300,6 @@ def pretrain(run: Run, params: dict, config, writer) -> dict:
   return state.variables
 
 
-def _check_meta_origin(config, workdir: Path) -> None:
-  """Meta-training resumes only on top of the pretraining it started from (``checkpoints/meta_origin.json``)."""
-  origin = workdir / "checkpoints" / "meta_origin.json"
-  has_meta = Checkpointer(workdir / "checkpoints" / "meta").latest_step() is not None
-  if has_meta and origin.exists():
-    started_from = json.loads(origin.read_text())["pretrain_steps"]
-    if started_from != config.pretrain.steps:
-      raise ValueError(
-        f"{workdir}/checkpoints/meta was meta-trained from {started_from} pretraining steps, but "
-        f"config.pretrain.steps={config.pretrain.steps}: resuming would silently drop the new pretraining. Use a "
-        f"new --workdir, set config.pretrain.steps={started_from}, or delete {workdir}/checkpoints/meta."
-      )
-  if sharding.is_main_process():
-    origin.parent.mkdir(parents=True, exist_ok=True)
-    origin.write_text(json.dumps({"pretrain_steps": config.pretrain.steps}))
-
-
 def outer_schedule(cfg: Any) -> optax.Schedule:
   """The outer learning rate of a ``config.meta`` block: linear warmup over ``outer_warmup_steps``, then constant
   or inverse-square-root decay (``outer_lr * sqrt(warmup / step)``, the Transformer schedule the paper uses)."""
@@ -302,7 +354,6 @@ def meta_train(
   meta-trained variables. With TAMS, ``tams_ops.png`` (the controller's choices over the phase) is written at the
   end."""
   cfg = config.meta
-  _check_meta_origin(config, run.workdir)
   tx = meta_tx(cfg)
   state = TrainState.create(variables, tx)
   step_fn = meta_step_fn(run, inner, config, tcfg)
@@ -525,6 +576,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     sharding.check_divisible(config.meta.tasks_per_step, mesh, "config.meta.tasks_per_step")
   rngs = rng_streams(config.seed)
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
+  for name in (n for n in PHASE_SECTIONS if config[n].steps > 0):  # before any phase runs: a later one may refuse
+    ckpt = Checkpointer(workdir / "checkpoints" / name)
+    check_resume(config, workdir, name, ckpt.latest_step() is not None)
+    ckpt.close()
   tcfg = tams_run.tams_config(config.get("tams"))
   if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
     inner = dataclasses.replace(inner, fast_regex=tams_run.with_cells(inner.fast_regex, config.tams))

@@ -102,10 +102,11 @@ def test_main_end_to_end_then_resume(tmp_path):
   assert [r["step"] for r in rows if "meta/query_loss" in r] == [5, 10, 15]
   assert int(checkpoint.load(wd / "checkpoints" / "meta")["step"]) == 15
 
-  # More pretraining under an existing meta-training would be silently dropped: refused, with the way out.
+  # More pretraining under an existing meta-training would be silently dropped: refused before any phase runs.
   third = run_main(wd, "--config.pretrain.steps=30", "--config.meta.steps=15", check=False)
-  assert third.returncode != 0 and "meta-trained from 20 pretraining steps" in third.stderr
-  assert "pretrain: resuming from step 20" in third.stderr + third.stdout  # the pretraining phase itself resumed
+  assert third.returncode != 0 and "config.pretrain.steps: 20 then, 30 now" in third.stderr
+  assert "checkpoints/meta was trained under other settings" in third.stderr and "new --workdir" in third.stderr
+  assert "pretrain: resuming" not in third.stderr + third.stdout
 
 
 def test_nan_loss_stops_with_a_message(tmp_path):
@@ -179,6 +180,46 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
   log = again.stderr + again.stdout
   assert f"pretrain: resuming from step {saved[-1]}" in log, log[-2000:]
   assert int(checkpoint.load(ckpts)["step"]) == 200
+  logged = [r["step"] for r in metrics(wd) if "pretrain/loss" in r]  # the replayed steps logged once
+  assert logged == list(range(5, 201, 5)), logged
+
+
+def test_resuming_under_other_settings_is_refused_naming_the_fields(tmp_path):
+  """`train.check_resume`: a phase's checkpoints resume only under the config fields they were trained with; layout
+  fields, the phase's own steps, other sources' blocks and TAMS's settings while it is off may change."""
+  from mltd_jax import train
+
+  cfg = tiny_config()
+  train.check_resume(cfg, tmp_path, "meta", has_checkpoint=False)  # a fresh phase: records its fields
+  assert json.loads((tmp_path / "checkpoints" / "meta.config.json").read_text())["meta.inner_lr"] == cfg.meta.inner_lr
+  free = tiny_config()
+  free.meta.steps, free.meta.task_chunk, free.model.remat = 99, 3, not cfg.model.remat
+  free.data.jsonl.path, free.tams.width = "elsewhere.jsonl", 7  # jsonl is not the source; TAMS is off
+  train.check_resume(free, tmp_path, "meta", has_checkpoint=True)
+  changed = tiny_config()
+  changed.meta.inner_lr, changed.data.facts.num_eval_tasks, changed.pretrain.steps = 0.5, 9, 3
+  with pytest.raises(ValueError) as error:
+    train.check_resume(changed, tmp_path, "meta", has_checkpoint=True)
+  message = str(error.value)
+  for field in ("config.meta.inner_lr", "config.data.facts.num_eval_tasks", "config.pretrain.steps"):
+    assert field in message
+  assert "new --workdir" in message and "meta.config.json" in message and "config.meta.steps" not in message
+  train.check_resume(changed, tmp_path, "pretrain", has_checkpoint=False)
+  changed.pretrain.steps = 1000  # pretraining may be extended
+  train.check_resume(changed, tmp_path, "pretrain", has_checkpoint=True)
+
+
+def test_metrics_rewind_drops_the_phase_rows_after_the_checkpoint(tmp_path):
+  from mltd_jax.metric_writer import MetricWriter
+
+  writer = MetricWriter(tmp_path)
+  for step in (5, 10, 15):
+    writer.write(step, {"pretrain/loss": step, "meta/loss": -step})
+  writer.rewind("pretrain", 10)
+  writer.close()
+  rows = metrics(tmp_path)
+  assert [r["step"] for r in rows if "pretrain/loss" in r] == [5, 10]
+  assert [r["step"] for r in rows if "meta/loss" in r] == [5, 10, 15]
 
 
 def test_restoring_a_state_of_another_structure_names_the_directory(tmp_path):

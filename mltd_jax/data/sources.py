@@ -56,6 +56,12 @@ def build(cfg: Any, seed: int = 0):
   """
   if cfg.source not in SOURCES:
     raise ValueError(f"config.data.source={cfg.source!r} is not one of {sorted(SOURCES)}.")
+  if cfg.source not in cfg:
+    raise ValueError(
+      f"config.data.source={cfg.source!r} reads its settings from config.data.{cfg.source}, which this config does "
+      f"not define: use a config that has it (configs/personachat.py for personachat and personas, "
+      f"configs/multidomain_lm.py or configs/adaptsum.py for the others) or add the block."
+    )
   source = SOURCES[cfg.source](cfg, seed)
   if cfg.tokenizer in ("facts", "personas"):
     if not hasattr(source, "vocabulary"):
