@@ -35,8 +35,10 @@ def chosen_setting(selection: dict) -> tuple[float, int]:
 
 
 def domain_of(task_name: str) -> str:
-  """The domain of a held-out task named ``"<domain>#<episode>"`` (a name without ``#`` is its own domain)."""
-  return task_name.split("#")[0]
+  """The domain of a held-out task named ``"<domain>#<episode number>"`` (the domain may hold ``#`` itself); a name
+  not ending in ``#<digits>`` is its own domain."""
+  domain, sep, episode = task_name.rpartition("#")
+  return domain if sep and episode.isdigit() else task_name
 
 
 def make_adapter(loss_fn: meta.LossFn, inner: meta.InnerLoop, prepare: meta.Prepare | None = None) -> Callable:
@@ -81,7 +83,20 @@ def generate_texts(model, variables: dict, encoder, tokenizer, examples: Sequenc
 
 def references(tasks: Sequence[Task]) -> list[list[str]]:
   """The reference outputs (second element of each query pair) of every task."""
+  for t in tasks:
+    check_pairs(t)
   return [[ex[1] for ex in t.query] for t in tasks]
+
+
+def check_pairs(task: Task) -> None:
+  """Decoding metrics score a generated target against the reference of a (source, target) or (context,
+  response) query example: stop, naming the field, on a task whose query examples are plain texts."""
+  if not all(isinstance(ex, tuple) and len(ex) == 2 for ex in task.query):
+    raise ValueError(
+      f"config.eval.decode.metrics scores generated outputs against references, but task {task.name!r} has plain "
+      "texts as query examples (a causal-LM text source, e.g. config.data.jsonl.kind='text'): use a source of "
+      "(source, target) or (context, response) pairs, or set config.eval.decode.metrics=()."
+    )
 
 
 def make_sequence_losses(loss_fn: meta.LossFn) -> Callable:

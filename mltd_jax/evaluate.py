@@ -35,9 +35,12 @@ def _query(encoder, query: dict, cfg: Any) -> dict:
   return query
 
 
+FOCUS_MISSING = "config.eval.metrics has 'query_focus' but config.eval.focus_token is empty; name the token."
+
+
 def _query_focus(encoder, query: dict, cfg: Any) -> dict:
   if not cfg.focus_token:
-    raise ValueError("config.eval.metrics has 'query_focus' but config.eval.focus_token is empty; name the token.")
+    raise ValueError(FOCUS_MISSING)
   return encoder.focus(query, cfg.focus_token)
 
 
@@ -145,11 +148,35 @@ def summarize(loss: np.ndarray) -> dict[str, list]:
   }
 
 
-def encode_tasks(encoder, tasks: Sequence[Task], cfg: Any) -> dict:
-  """Stacked ``support`` [N, S, ...] and ``eval`` batches, one per metric of ``cfg.metrics`` (``config.eval``)."""
+def check_config(cfg: Any) -> None:
+  """Stop on a bad ``config.eval`` value (naming the field) before anything is computed: the metrics and
+  ``select_by``, each method's adaptation settings and learning-rate grid, the decoding metrics' names."""
   unknown = [m for m in cfg.metrics if m not in METRICS]
   if unknown or not cfg.metrics:
     raise ValueError(f"config.eval.metrics={tuple(cfg.metrics)} must name some of {sorted(METRICS)}.")
+  if "query_focus" in cfg.metrics and not cfg.focus_token:
+    raise ValueError(FOCUS_MISSING)
+  unknown = [m for m in cfg.select_by if m not in cfg.metrics]
+  if unknown or not cfg.select_by:
+    raise ValueError(
+      f"config.eval.select_by={tuple(cfg.select_by)} must name some of the metrics {tuple(cfg.metrics)}."
+    )
+  for method, regex in cfg.methods.items():
+    eval_inner(cfg, method, regex)
+    lr_grid(cfg, method)
+  decode = cfg.get("decode")
+  if decode is not None and decode.metrics:
+    from mltd_jax import text_metrics  # rouge-score and sacrebleu stay unimported
+
+    unknown = [m for m in decode.metrics if m not in text_metrics.TEXT_METRICS]
+    if unknown:
+      raise ValueError(
+        f"config.eval.decode.metrics has {unknown}; known metrics: {sorted(text_metrics.TEXT_METRICS)}."
+      )
+
+
+def encode_tasks(encoder, tasks: Sequence[Task], cfg: Any) -> dict:
+  """Stacked ``support`` [N, S, ...] and ``eval`` batches, one per metric of ``cfg.metrics`` (``config.eval``)."""
   arrays = episodes.stack([episodes.task_arrays(encoder, t) for t in tasks])
   query = arrays.pop("query")
   arrays["eval"] = {m: METRICS[m](encoder, query, cfg) for m in cfg.metrics}
@@ -183,14 +210,12 @@ def meta_test(
   ``shard`` wraps each scorer to place its task chunks on a device mesh (`mltd_jax.sharding.scorer_on`).
   ``prepare`` runs once per task before its adaptation (TAMS: the task's fixed argmax architecture).
   """
+  check_config(cfg)
   val_tasks, test_tasks = list(source.eval_tasks("validation")), list(source.eval_tasks("test"))
   val = encode_tasks(encoder, val_tasks, cfg)
   test = encode_tasks(encoder, test_tasks, cfg)
   metrics = list(val["eval"])
   select_by = list(cfg.select_by)
-  unknown = [m for m in select_by if m not in metrics]
-  if unknown or not select_by:
-    raise ValueError(f"config.eval.select_by={tuple(select_by)} must name some of the metrics {metrics}.")
   out = {
     "adapt_steps": cfg.adapt_steps,
     "num_validation_tasks": len(val_tasks),

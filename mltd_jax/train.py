@@ -321,6 +321,18 @@ def outer_schedule(cfg: Any) -> optax.Schedule:
   return schedule
 
 
+def check_loop(config: Any) -> None:
+  """Stop, naming the field, on loop settings that would fail late or silently: intervals and the number of
+  checkpoints kept must be integers >= 1 (Orbax's max_to_keep=0 keeps none), the outer gradient clip > 0."""
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    value = config[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.{field}={value!r} must be an integer >= 1.")
+  clip = config.meta.get("clip_grad_norm", 1.0)
+  if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+    raise ValueError(f"config.meta.clip_grad_norm={clip!r} must be a finite number > 0 (it clips the outer gradient).")
+
+
 def meta_tx(cfg: Any) -> optax.GradientTransformation:
   """The outer optimizer of a ``config.meta`` block: clipping, then Adam at `outer_schedule`."""
   return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(outer_schedule(cfg)))
@@ -575,6 +587,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if config.meta.steps > 0:
     sharding.check_divisible(config.meta.tasks_per_step, mesh, "config.meta.tasks_per_step")
   rngs = rng_streams(config.seed)
+  check_loop(config)
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
   for name in (n for n in PHASE_SECTIONS if config[n].steps > 0):  # before any phase runs: a later one may refuse
     ckpt = Checkpointer(workdir / "checkpoints" / name)
@@ -583,7 +596,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   tcfg = tams_run.tams_config(config.get("tams"))
   if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
     inner = dataclasses.replace(inner, fast_regex=tams_run.with_cells(inner.fast_regex, config.tams))
+  evaluate.check_config(eval_config(config, tcfg))
   (tokenizer, source), family = open_inputs(config, data_seed(rngs["data"]))
+  if config.eval.get("decode") is not None and config.eval.decode.metrics:
+    decode_eval.check_pairs(source.train_task(0))  # a text source fails here, not after training
   encoder = data.build_encoder(family.encoder, tokenizer, config.data)
   model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
   if tcfg is not None:  # cells in every FFN sublayer; without a 'tams' collection (pretraining) the plain model

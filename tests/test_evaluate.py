@@ -135,3 +135,17 @@ def test_method_regex_that_matches_nothing_is_an_error():
   cfg = eval_config(select_by=("bleu",))
   with pytest.raises(ValueError, match="config.eval.select_by"):
     evaluate.meta_test(gpt2.make_loss(model), encoder, variables, fam, cfg, jax.random.key(0))
+
+
+def test_decoding_domains_and_references_are_checked():
+  """`decode_eval.domain_of` splits at the last ``#<digits>`` only; `references` refuses plain-text query examples."""
+  from mltd_jax import decode_eval
+  from mltd_jax.data.tasks import Task
+
+  assert [decode_eval.domain_of(n) for n in ("c#sharp#0", "c#plus#12", "email#3", "solo", "a#b")] == [
+    "c#sharp", "c#plus", "email", "solo", "a#b"
+  ]
+  pairs = Task("d#0", (("a", "b"),), (("the source", "the target"),))
+  assert decode_eval.references([pairs]) == [["the target"]]
+  with pytest.raises(ValueError, match="plain texts as query examples.*config.eval.decode.metrics=()"):
+    decode_eval.references([Task("d#1", ("a text",), ("the query document",))])

@@ -133,11 +133,17 @@ def test_misspelt_config_field_is_named(tmp_path):
     ("data.source", "nope", "config.data.source"),
     ("tarp.kind", "sparse", "tarp.kind"),
     ("model.name_or_dir", "./missing_model_dir", "missing_model_dir"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints=0 must be an integer >= 1"),
+    ("log_every", 0, "config.log_every"),
+    ("meta.clip_grad_norm", 0.0, "config.meta.clip_grad_norm"),
+    ("eval.select_by", ("bleu",), "config.eval.select_by"),
+    ("eval.decode.metrics", ("rouge1",), "known metrics"),
+    ("eval.decode.metrics", ("rouge",), "plain texts as query examples"),  # the facts family's are texts
   ],
 )
 def test_bad_config_values_name_the_field(tmp_path, field, value, message):
-  """In process (CI time): the error train_and_evaluate raises names the field; main prints it (the misspelt-field
-  test above goes through main)."""
+  """In process (CI time): the error train_and_evaluate raises names the field, before any phase or meta-test runs;
+  main prints it (the misspelt-field test above goes through main)."""
   from mltd_jax import train
 
   cfg = tiny_config()
