@@ -176,6 +176,21 @@ def test_shape_mismatch_names_file_and_key(tmp_path):
     models.from_pretrained(path)
 
 
+def test_untied_output_head_is_refused(tmp_path):
+  """Our GPT-2 scores with wte: a config with an untied head, or a file whose lm_head.weight differs from wte, is an
+  error (a tied copy, as torch.save of the state dict writes, loads)."""
+  _, path = make_hf(tmp_path, "odd")
+  state = safetensors.numpy.load_file(path / "model.safetensors")
+  state["lm_head.weight"] = state["transformer.wte.weight"] + 1.0
+  safetensors.numpy.save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"lm_head.weight differs from transformer.wte.weight.*tie_word_embeddings"):
+    models.from_pretrained(path)
+  cfg = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+  with pytest.raises(ValueError, match="'tie_word_embeddings': False"):
+    models.from_pretrained(path)
+
+
 def test_pickle_checkpoint_refused_unless_allowed(tmp_path):
   hf, path = make_hf(tmp_path, "odd")
   (path / "model.safetensors").unlink()

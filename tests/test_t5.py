@@ -108,6 +108,29 @@ def test_logits_match_transformers_with_padding(tmp_path, name):
   assert np.abs(logits[valid] - no_masks[valid]).max() > 1e-3  # the masks did change something
 
 
+def test_head_tied_by_transformers_5_loads_and_copies_are_checked(tmp_path):
+  """transformers 5 ties an unscaled (v1.1) T5's head to ``shared`` and stores none: it loads as a copy of shared,
+  with transformers' logits. A stored embedding or head copy that differs from ``shared`` is an error."""
+  torch.manual_seed(0)
+  hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**SIZE, **VARIANTS["v1_1"])).eval()
+  hf.save_pretrained(tmp_path / "tied", safe_serialization=True)
+  state = safetensors.numpy.load_file(tmp_path / "tied" / "model.safetensors")
+  if "lm_head.weight" in state:  # a transformers that stores it (as a copy) is covered too
+    assert np.array_equal(state["lm_head.weight"], state["shared.weight"])
+  model, params = models.from_pretrained(tmp_path / "tied")
+  assert not model.config.tie_word_embeddings
+  np.testing.assert_array_equal(np.asarray(params["lm_head"]["weight"]), state["shared.weight"].T)
+  batch = inputs(seed=3)
+  valid = batch[3].astype(bool)
+  np.testing.assert_allclose(ours(model, params, *batch)[valid], hf_logits(hf, *batch)[valid], atol=1e-4, rtol=0)
+  tied_cfg = t5.T5Config(**SIZE, **VARIANTS["original"])
+  bad_copy = {**state, "decoder.embed_tokens.weight": state["shared.weight"] + 1}
+  with pytest.raises(ValueError, match="decoder.embed_tokens.weight differs from shared.weight"):
+    t5.from_state_dict(bad_copy, tied_cfg)
+  with pytest.raises(ValueError, match="lm_head.weight differs from shared.weight.*scale_decoder_outputs=false"):
+    t5.from_state_dict({**state, "lm_head.weight": state["shared.weight"] + 1}, tied_cfg)
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_save_round_trip_through_transformers(tmp_path, name):
   cfg = t5.T5Config(**SIZE, **VARIANTS[name])

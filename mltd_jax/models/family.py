@@ -26,8 +26,9 @@ class Family:
     model: ``(config, dtype, remat) -> linen module`` with ``init_params(rng) -> params``.
     from_hf_config: ``config.json`` dict -> config (unsupported options are an error).
     to_hf_config: config -> ``config.json`` dict that transformers reads.
-    from_state_dict: transformers state dict (numpy, '.'-joined names) -> our flat '.'-joined param dict
-      (prefixes, transposes, buffers and tied copies dropped); names and shapes are then checked generically.
+    from_state_dict: ``(transformers state dict (numpy, '.'-joined names), config) ->`` our flat '.'-joined param
+      dict (prefixes, transposes, buffers and tied copies dropped, each copy checked to equal what it copies);
+      names and shapes are then checked generically.
     to_state_dict: our flat '.'-joined params -> what transformers' ``from_pretrained`` reads.
     fresh_config: ``(fields, tokenizer, max_len, dropout) -> config`` of a randomly initialized model whose size is
       ``fields`` (config.model.init) and whose vocabulary and special tokens fit ``tokenizer``.
@@ -44,7 +45,7 @@ class Family:
   model: Callable[..., Any]
   from_hf_config: Callable[[dict], Any]
   to_hf_config: Callable[[Any], dict]
-  from_state_dict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+  from_state_dict: Callable[[dict[str, np.ndarray], Any], dict[str, np.ndarray]]
   to_state_dict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
   fresh_config: Callable[..., Any]
   default_targets: str

@@ -328,16 +328,18 @@ class GPT2LMHeadModel(nn.Module):
 
 # ---- Hugging Face conversion ----------------------------------------------------------------------------------
 
-# State-dict entries that are buffers or the tied copy of wte, not parameters.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+# State-dict entries that are buffers, not parameters (``lm_head.weight``, wte's tied copy, is checked, then dropped).
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_HEAD, _WTE = "lm_head.weight", "transformer.wte.weight"
 _UNSUPPORTED = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
 
 
 def from_hf_config(hf: dict) -> GPT2Config:
   """``config.json`` (transformers' GPT2Config) -> GPT2Config; options we do not implement are an error."""
   unsupported = {k: hf[k] for k in _UNSUPPORTED if hf.get(k)}
-  if hf.get("scale_attn_weights") is False:
-    unsupported["scale_attn_weights"] = False
+  for flag in ("scale_attn_weights", "tie_word_embeddings"):  # an untied head: its own weights, not wte's
+    if hf.get(flag) is False:
+      unsupported[flag] = False
   if unsupported:
     raise ValueError(f"GPT-2 options {unsupported} are not supported by mltd_jax's GPT-2.")
   return GPT2Config(**{f: hf[f] for f in GPT2Config.__dataclass_fields__ if hf.get(f) is not None})
@@ -348,12 +350,20 @@ def to_hf_config(cfg: GPT2Config) -> dict:
   return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "tie_word_embeddings": True, **fields}
 
 
-def from_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def from_state_dict(state: dict[str, np.ndarray], cfg: GPT2Config | None = None) -> dict[str, np.ndarray]:
   """transformers' GPT2LMHeadModel (or GPT2Model) state dict -> our flat names: the same keys, under
-  ``transformer.``, without the attention-mask buffers and the tied ``lm_head.weight``. No transposes: GPT-2's
-  Conv1D already stores [in, out]."""
+  ``transformer.``, without the attention-mask buffers and the tied ``lm_head.weight`` (which must equal wte: our
+  GPT-2 scores with wte). No transposes: GPT-2's Conv1D already stores [in, out]. ``cfg`` is not needed."""
+  del cfg
   if not any(k.startswith("transformer.") for k in state):  # saved from the base GPT2Model class
-    state = {"transformer." + k: v for k, v in state.items()}
+    state = {("transformer." + k if k != _HEAD else k): v for k, v in state.items()}
+  state = dict(state)
+  head = state.pop(_HEAD, None)
+  if head is not None and _WTE in state and not np.array_equal(np.asarray(head), np.asarray(state[_WTE])):
+    raise ValueError(
+      f"{_HEAD} differs from {_WTE}: an untied output head, which mltd_jax's GPT-2 (scoring with wte) does not "
+      "support; use a checkpoint with tied embeddings (tie_word_embeddings=true)."
+    )
   return {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
 
 

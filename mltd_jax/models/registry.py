@@ -54,7 +54,7 @@ def family_of(model) -> Family:
 def state_dict_to_params(state: dict[str, np.ndarray], model, family: Family, source: Path) -> dict:
   """Map a transformers state dict onto ``model``'s param tree, checking every name and shape."""
   expected = traverse_util.flatten_dict(jax.eval_shape(model.init_params, jax.random.key(0)), sep=".")
-  state = family.from_state_dict(state)
+  state = family.from_state_dict(state, model.config)
   missing = sorted(set(expected) - set(state))
   unexpected = sorted(set(state) - set(expected))
   if missing or unexpected:

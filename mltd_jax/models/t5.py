@@ -524,12 +524,10 @@ class T5ForConditionalGeneration(nn.Module):
 
 # torch nn.Linear weights ([out, in]); every other tensor (embeddings, the bias table, norms) keeps its layout.
 _LINEAR = re.compile(r"(\.(q|k|v|o|wi|wi_0|wi_1|wo)|^lm_head)\.weight$")
-# Tied copies of shared.weight, and a cross-attention bias table that old checkpoints store but T5 never uses.
-_DROPPED = (
-  "encoder.embed_tokens.weight",
-  "decoder.embed_tokens.weight",
-  "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
-)
+# Tied copies of shared.weight (each checked to equal it), and a cross-attention bias table that old checkpoints
+# store but T5 never uses.
+_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+_DROPPED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 
 def from_hf_config(hf: dict) -> T5Config:
@@ -560,15 +558,36 @@ def to_hf_config(cfg: T5Config) -> dict:
   return {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True, **fields}
 
 
-def from_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def from_state_dict(state: dict[str, np.ndarray], cfg: T5Config) -> dict[str, np.ndarray]:
   """transformers' T5ForConditionalGeneration state dict -> our flat names: the same keys with the projections
-  transposed to [in, out], without the embeddings' tied copies, the unused cross-attention bias table, and
-  ``lm_head.weight`` when it is a copy of ``shared.weight`` (a tied model that stored it anyway)."""
+  transposed to [in, out], without the embeddings' tied copies (which must equal ``shared.weight``) and the unused
+  cross-attention bias table.
+
+  The output head follows ``cfg``: a tied (scaled) T5 has none, so a stored ``lm_head.weight`` must equal
+  ``shared.weight`` and is dropped; an unscaled one has its own, and where the file has none (transformers 5 ties
+  every T5's head to ``shared`` and does not store it, also for an unscaled, v1.1-style one, whose logits are then
+  ``shared``'s, unscaled) it starts as a copy of ``shared.weight``: the same logits, but trained apart from it.
+  """
   state = dict(state)
-  if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
-    state["shared.weight"] = state["encoder.embed_tokens.weight"]
-  if "lm_head.weight" in state and np.array_equal(state["lm_head.weight"], state.get("shared.weight")):
+  if "shared.weight" not in state and _COPIES[0] in state:
+    state["shared.weight"] = state[_COPIES[0]]
+  shared = state.get("shared.weight")
+  for key in _COPIES:
+    if key in state and not np.array_equal(np.asarray(state.pop(key)), np.asarray(shared)):
+      raise ValueError(
+        f"{key} differs from shared.weight: untied input embeddings, which mltd_jax's T5 (one shared table) does "
+        "not support; use a checkpoint whose embeddings are tied."
+      )
+  head = state.get("lm_head.weight")
+  if cfg.tie_word_embeddings and head is not None:
+    if not np.array_equal(np.asarray(head), np.asarray(shared)):
+      raise ValueError(
+        "lm_head.weight differs from shared.weight, but config.json makes the head tied and scaled (scale_decoder_"
+        "outputs, else tie_word_embeddings, true): fix config.json (scale_decoder_outputs=false for a T5 v1.1)."
+      )
     del state["lm_head.weight"]
+  elif not cfg.tie_word_embeddings and head is None and shared is not None:
+    state["lm_head.weight"] = shared
   return {k: (np.asarray(v).T if _LINEAR.search(k) else v) for k, v in state.items() if k not in _DROPPED}
 
 
