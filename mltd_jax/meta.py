@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import math
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,8 @@ class InnerLoop:
       ``first_order`` nothing is differentiated through Adam either, and it is not applied.
     per_step_support: the support batch has a leading axis of ``steps`` (batch t at step t) instead of being
       reused at every step.
-    lr_schedule: "constant", or "linear": the rate decays linearly from ``lr`` to 0 over ``steps`` (the paper's
+    lr_schedule: "constant", or "linear": the rate decays linearly from ``lr`` towards 0 over ``steps`` (optax's
+      ``linear_schedule(lr, 0, steps)``: step t at ``lr * (1 - t / steps)``, the last at ``lr / steps``; the paper's
       fine-tuning of a held-out domain).
     backward: how `adapt` is differentiated. "hvp": a hand-derived backward for SGD (`sgd_adapt`): the forward
       keeps only the fast variables of each step, the backward runs the steps in reverse with one
@@ -111,6 +112,9 @@ class InnerLoop:
       bad("backward", f"is not one of {BACKWARDS}.")
     if self.backward == "hvp" and self.optimizer != "sgd":
       bad("backward", f"needs the SGD inner optimizer (got {self.optimizer!r}); use 'auto' or 'autodiff' for Adam.")
+    if self.backward == "hvp" and self.first_order:
+      bad("backward", "is the second-order backward, but first_order=True differentiates nothing through the steps; "
+          "use 'auto'.")  # fmt: skip
     if not isinstance(self.support_chunks, int) or self.support_chunks < 1:
       bad("support_chunks", "must be an integer >= 1.")
     if not isinstance(self.unroll, bool):
@@ -162,19 +166,53 @@ def _as_pair(out) -> tuple[jax.Array, jax.Array]:
   return out if isinstance(out, tuple) else (out, jnp.ones((), jnp.result_type(out)))
 
 
+def _structure(regex: str) -> Iterator[tuple[int, str, int]]:
+  """(index, character, depth after it) of each ``(``, ``)`` and ``|`` of ``regex`` outside escapes and classes."""
+  depth, i = 0, 0
+  while i < len(regex):
+    c = regex[i]
+    if c == "\\":
+      i += 1  # the escaped character
+    elif c == "[":
+      i += 1 + (regex[i + 1 : i + 2] == "^")
+      i += regex[i : i + 1] == "]"  # a ']' right after '[' or '[^' is literal
+      while i < len(regex) and regex[i] != "]":
+        i += 1 + (regex[i] == "\\")
+    elif c in "()|":
+      depth += {"(": 1, ")": -1, "|": 0}[c]
+      yield i, c, depth
+    i += 1
+
+
+def alternatives(regex: str) -> list[str]:
+  """The top-level alternatives of ``regex`` (split at ``|`` outside groups and character classes), each that is
+  one whole non-capturing group ``(?:...)`` split in turn: a path matches ``regex`` iff it matches one of them."""
+  cuts = [i for i, c, depth in _structure(regex) if c == "|" and depth == 0]
+  parts = [regex[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(regex)])]
+  if len(parts) > 1:
+    return [leaf for part in parts for leaf in alternatives(part)]
+  inner = regex[3:-1]
+  depths = [depth for _, c, depth in _structure(inner) if c != "|"]
+  if regex.startswith("(?:") and regex.endswith(")") and min(depths, default=0) >= 0 and depths[-1:] in ([], [0]):
+    return alternatives(inner)  # one whole group: (?:a)|(?:b) minus its outer characters is not one
+  return parts
+
+
 def split(variables: Variables, fast_regex: str, field: str = "fast_regex") -> tuple[Flat, Flat]:
   """Flat ('/'-joined path -> leaf) dicts of the fast and the remaining ("slow") variables.
 
   Raises:
-    ValueError: the regex matches no variable (the message names ``field``, the config field it came from).
+    ValueError: the regex, or one of its `alternatives`, matches no variable (the message names ``field``, the
+      config field it came from): ``"^tarp/|ln_"`` on a model without ``ln_`` is a mistake, not a choice.
   """
   flat = traverse_util.flatten_dict(variables, sep="/")
   fast = {k: v for k, v in flat.items() if re.search(fast_regex, k)}
+  hint = f"variable paths look like {sorted(flat)[:3]} (collections: {sorted(variables)})."
   if not fast:
-    raise ValueError(
-      f"{field}={fast_regex!r} matches no variable; variable paths look like {sorted(flat)[:3]} "
-      f"(collections: {sorted(variables)})."
-    )
+    raise ValueError(f"{field}={fast_regex!r} matches no variable; {hint}")
+  for alt in alternatives(fast_regex):
+    if not any(re.search(alt, k) for k in fast):
+      raise ValueError(f"{field}={fast_regex!r}: its alternative {alt!r} matches no variable; {hint}")
   return fast, {k: v for k, v in flat.items() if k not in fast}
 
 
@@ -188,6 +226,11 @@ def leading_dim(tree: Any) -> int:
   sizes = {x.shape[0] for x in jax.tree.leaves(tree)}
   if len(sizes) != 1:
     raise ValueError(f"batch leaves disagree on their leading (example or task) axis: {sorted(sizes)}.")
+  if sizes == {0}:  # a mean over nothing: NaN losses and gradients
+    raise ValueError(
+      "a batch with no tasks or examples (leading axis 0): check config.meta.tasks_per_step and the tasks' "
+      "support and query sizes."
+    )
   return sizes.pop()
 
 
@@ -280,14 +323,16 @@ def _sgd_adapt_bwd(support_loss, inner, residuals, v):
     )(inexact, f_)
     (_, g), (h_slow, h_fast) = jax.jvp(full, (f,), (v,))
     d_lr = d_lr - d_rate * sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
-    d_slow = jax.tree.map(lambda d, h: d - rate * h, d_slow, h_slow)
+    d_slow = jax.tree.map(lambda d, h: d - rate * h.astype(d.dtype), d_slow, h_slow)
     v = jax.tree.map(lambda a, h: (a - rate * h).astype(a.dtype), v, h_fast)
     return (v, d_slow, d_lr), None
 
   per_step = support if inner.per_step_support else None
   xs = (before, jnp.arange(inner.steps), per_step, inner.rates(lr), inner.rates(1.0))
-  zeros = jax.tree.map(jnp.zeros_like, inexact)
+  # The slow cotangent sums in float32 at least (bfloat16 base weights: the carry keeps one dtype), cast at the end.
+  zeros = {k: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)) for k, x in inexact.items()}
   (v, d_slow, d_lr), _ = jax.lax.scan(back, (v, zeros, jnp.zeros_like(lr)), xs, reverse=True, unroll=inner.unroll)
+  d_slow = {k: d.astype(inexact[k].dtype) for k, d in d_slow.items()}
   return {**d_slow, **{k: None for k in const}}, v, None, None, d_lr.astype(lr.dtype)
 
 

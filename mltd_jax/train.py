@@ -322,12 +322,17 @@ def outer_schedule(cfg: Any) -> optax.Schedule:
 
 
 def check_loop(config: Any) -> None:
-  """Stop, naming the field, on loop settings that would fail late or silently: intervals and the number of
-  checkpoints kept must be integers >= 1 (Orbax's max_to_keep=0 keeps none), the outer gradient clip > 0."""
+  """Stop, naming the field, on loop settings that would fail late or silently: intervals, the number of
+  checkpoints kept (Orbax's max_to_keep=0 keeps none) and the phases' tasks per step must be integers >= 1,
+  the outer gradient clip > 0."""
   for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
     value = config[field]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.{field}={value!r} must be an integer >= 1.")
+  for phase in ("pretrain", "meta"):
+    value = config[phase].tasks_per_step
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.{phase}.tasks_per_step={value!r} must be an integer >= 1.")
   clip = config.meta.get("clip_grad_norm", 1.0)
   if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
     raise ValueError(f"config.meta.clip_grad_norm={clip!r} must be a finite number > 0 (it clips the outer gradient).")

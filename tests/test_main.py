@@ -136,6 +136,7 @@ def test_misspelt_config_field_is_named(tmp_path):
     ("keep_checkpoints", 0, "config.keep_checkpoints=0 must be an integer >= 1"),
     ("log_every", 0, "config.log_every"),
     ("meta.clip_grad_norm", 0.0, "config.meta.clip_grad_norm"),
+    ("meta.tasks_per_step", 0, "config.meta.tasks_per_step=0"),
     ("eval.select_by", ("bleu",), "config.eval.select_by"),
     ("eval.decode.metrics", ("rouge1",), "known metrics"),
     ("eval.decode.metrics", ("rouge",), "plain texts as query examples"),  # the facts family's are texts

@@ -125,6 +125,27 @@ def test_hvp_backward_equals_autodiff_through_the_scan():
   assert inner().uses_hvp and not inner(optimizer="adam").uses_hvp and not inner(backward="autodiff").uses_hvp
   with pytest.raises(ValueError, match="needs the SGD inner optimizer"):
     inner(optimizer="adam", backward="hvp")
+  with pytest.raises(ValueError, match="first_order=True differentiates nothing"):
+    inner(first_order=True, backward="hvp")
+
+
+def test_hvp_backward_with_bfloat16_base_weights():
+  """The hand-derived backward sums the slow cotangent in float32 (a bfloat16 carry would change dtype in the
+  scan) and returns it in the weights' dtype, like autodiff."""
+
+  def loss(v, b, rng):
+    return jnp.mean((b["x"] @ (v["params"]["w"].astype(jnp.float32) + v["tarp"]["u"])) ** 2)
+
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+  v = {"params": {"w": jnp.ones((3, 2), jnp.bfloat16)}, "tarp": {"u": jnp.zeros((3, 2))}}
+  grads = {}
+  for backward in ("hvp", "autodiff"):
+    cfg = meta.InnerLoop(steps=2, lr=0.1, backward=backward)
+    outer = lambda v_, cfg=cfg: meta.mean_loss(loss(meta.adapt(loss, v_, {"x": x}, cfg, jax.random.key(0))[0], {"x": x}, None))
+    grads[backward] = jax.grad(outer)(v)
+  assert grads["hvp"]["params"]["w"].dtype == jnp.bfloat16
+  for a, b in zip(jax.tree.leaves(grads["hvp"]), jax.tree.leaves(grads["autodiff"])):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2)
 
 
 def test_first_order_is_fomaml():
@@ -304,6 +325,19 @@ def test_fast_regex_that_matches_nothing_is_an_error():
   model, params = tiny_gpt2()
   with pytest.raises(ValueError, match=r"fast_regex='\^nope/' matches no variable"):
     meta.adapt(gpt2.make_loss(model), {"params": params}, task()["support"], inner(fast_regex="^nope/"), None)
+
+
+def test_every_alternative_of_a_fast_regex_must_match():
+  """A regex's top-level alternatives (inside a whole (?:...) group too, as TAMS's `with_cells` writes them) are
+  each checked: a typo beside an alternative that matches is an error, not a narrower adaptation."""
+  assert meta.alternatives("(?:^tarp/|ln_)|^tams/(?!controller/)") == ["^tarp/", "ln_", "^tams/(?!controller/)"]
+  assert meta.alternatives("^(?:tarp|params)/") == ["^(?:tarp|params)/"]
+  assert meta.alternatives("[]|]a|b") == ["[]|]a", "b"] and meta.alternatives(r"a\|b|(?:c)d") == [r"a\|b", "(?:c)d"]
+  variables = {"params": {"ln_f": {"scale": 1.0}, "h": {"w": 2.0}}, "tarp": {"u": 3.0}}
+  fast, slow = meta.split(variables, "(?:^tarp/|ln_)", "config.meta.fast_params")
+  assert set(fast) == {"tarp/u", "params/ln_f/scale"} and set(slow) == {"params/h/w"}
+  with pytest.raises(ValueError, match=r"config.meta.fast_params='\(\?:\^trap/\)\|ln_': its alternative '\^trap/'"):
+    meta.split(variables, "(?:^trap/)|ln_", "config.meta.fast_params")
 
 
 # ---- a second "family": a two-layer MLP regression model with its own loss, through the same meta code ---------
