@@ -307,11 +307,6 @@ def cell_layout(features: int, cfg: TamsConfig) -> Layout:
   return layout
 
 
-def init_cell(rng: jax.Array, features: int, cfg: TamsConfig) -> dict:
-  """One cell's weights (`cell_layout`), for a cell whose input has ``features`` channels."""
-  return _draw(rng, cell_layout(features, cfg))
-
-
 def _stages(spec: CellSpec) -> list[tuple[list[int], np.ndarray]]:
   """Groups of edges computed together: (source nodes, edge indices [sources, targets]). The two input nodes feed
   every intermediate node; intermediate node i feeds the nodes after it."""
@@ -365,7 +360,7 @@ def cell(
   """The cell's output for h [b, t, D] (to be added to the residual stream), and its updated decoding history.
 
   Args:
-    weights: one cell's entry of the ``'tams'`` collection (`init_cell`).
+    weights: one cell's entry of the ``'tams'`` collection (laid out by `cell_layout`).
     alpha: float [edges, ops] edge weights (a one-hot for a sampled architecture), or int32 [edges] operation
       indices (a fixed architecture: only the chosen operations are computed).
     h: the FFN sublayer's input [b, t, D].

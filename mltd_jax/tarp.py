@@ -87,10 +87,14 @@ class TarpConfig:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"tarp.kind={self.kind!r} is not one of {KINDS}; set config.tarp.kind to one of them.")
-    if self.rank < 1:
-      raise ValueError(f"tarp.rank={self.rank} must be >= 1.")
-    if self.sigma_hidden < 0:
-      raise ValueError(f"tarp.sigma_hidden={self.sigma_hidden} must be >= 0 (0: linear Sigma(x)).")
+    integer = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    for name in ("rank", "kron_terms", "kron_n"):  # kron_terms 0 would be a difference that is always zero
+      if not integer(getattr(self, name)) or getattr(self, name) < 1:
+        raise ValueError(f"config.tarp.{name}={getattr(self, name)!r} must be an integer >= 1.")
+    if not integer(self.sigma_hidden) or self.sigma_hidden < 0:
+      raise ValueError(f"config.tarp.sigma_hidden={self.sigma_hidden!r} must be an integer >= 0 (0: linear Sigma(x)).")
+    if not (isinstance(self.init_scale, (int, float)) and math.isfinite(self.init_scale) and self.init_scale > 0):
+      raise ValueError(f"config.tarp.init_scale={self.init_scale!r} must be a finite number > 0 (U's init scale).")
     if self.dynamic_multiplicative and not (self.kind == "dynamic" and self.multiplicative):
       raise ValueError(
         "config.tarp.dynamic_multiplicative=True needs config.tarp.kind='dynamic' and "

@@ -101,7 +101,16 @@ def phase_fields(config: Any, name: str) -> dict[str, Any]:
   }
 
 
-def check_resume(config: Any, workdir: Path, name: str, has_checkpoint: bool) -> None:
+def has_checkpoint(workdir: Path, name: str) -> bool:
+  """Whether phase ``name`` has a checkpoint in ``workdir``."""
+  ckpt = Checkpointer(workdir / "checkpoints" / name)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
+
+
+def check_resume(config: Any, workdir: Path, name: str, resuming: bool) -> None:
   """Refuse to resume phase ``name`` under other `phase_fields` than its checkpoints were made with.
 
   The fields are kept in ``WORKDIR/checkpoints/<name>.config.json``, written when the phase starts afresh (or, for a
@@ -110,7 +119,7 @@ def check_resume(config: Any, workdir: Path, name: str, has_checkpoint: bool) ->
   """
   path = workdir / "checkpoints" / f"{name}.config.json"
   now = phase_fields(config, name)
-  if has_checkpoint and path.exists():
+  if resuming and path.exists():
     then = json.loads(path.read_text())
     differ = sorted(k for k in set(then) | set(now) if then.get(k, "<unset>") != now.get(k, "<unset>"))
     if differ:
@@ -121,7 +130,7 @@ def check_resume(config: Any, workdir: Path, name: str, has_checkpoint: bool) ->
         f"the later phases' checkpoints) to train it again; if the change cannot matter (a moved file), edit {path}."
       )
     return
-  if has_checkpoint:
+  if resuming:
     log.warning("%s: %s predates the resume check; this run's settings are taken as the checkpoints'", name, path)
   if sharding.is_main_process():
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -382,8 +391,10 @@ def meta_train(
   shardings = None if run.mesh is None else sharding.phase_shardings(run.mesh, state, first, "tasks", field)
   step_fn = jit_step(step_fn, shardings)  # compiled once: the overhead measurement and the phase share it
   if tcfg is not None:
+    resumed = has_checkpoint(run.workdir, "meta")  # the overhead's row is in metrics.jsonl already
     overhead = tams_overhead(run, state, step_fn, first, inner, config, tcfg, shardings)
-    writer.write(0, {f"meta/tams/{k}": v for k, v in overhead.items()})
+    if not resumed:
+      writer.write(0, {f"meta/tams/{k}": v for k, v in overhead.items()})
   state = run_phase(
     "meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"], shardings, True
   )
@@ -474,14 +485,15 @@ def tams_overhead(
   """
   path, cfg = run.workdir / TAMS_OVERHEAD, config.meta
   out = tams_run.param_overhead(state.variables)
-  if path.exists() and Checkpointer(run.workdir / "checkpoints" / "meta").latest_step():
+  if path.exists() and has_checkpoint(run.workdir, "meta"):
     return {**json.loads(path.read_text()), **out}
   n = int(config.tams.get("overhead_steps", 0))
   if n > 0:
     plain = TrainState.create({k: v for k, v in state.variables.items() if k != "tams"}, meta_tx(cfg))
     field = "config.meta.tasks_per_step"
     plain_sh = None if run.mesh is None else sharding.phase_shardings(run.mesh, plain, batch, "tasks", field)
-    plain_fn = jit_step(meta_step_fn(run, dataclasses.replace(inner, fast_regex=cfg.fast_params), config), plain_sh)
+    plain_inner = dataclasses.replace(inner, fast_regex=meta_inner(cfg).fast_regex)  # the user's, without cells
+    plain_fn = jit_step(meta_step_fn(run, plain_inner, config), plain_sh)
     out["step_seconds_plain"] = _time_step(plain_fn, plain, batch, run.rngs["meta"], n, plain_sh)
     out["step_seconds_tams"] = _time_step(step_fn, state, batch, run.rngs["meta"], n, shardings)
     out["step_time_overhead"] = out["step_seconds_tams"] / out["step_seconds_plain"] - 1
@@ -595,9 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   check_loop(config)
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
   for name in (n for n in PHASE_SECTIONS if config[n].steps > 0):  # before any phase runs: a later one may refuse
-    ckpt = Checkpointer(workdir / "checkpoints" / name)
-    check_resume(config, workdir, name, ckpt.latest_step() is not None)
-    ckpt.close()
+    check_resume(config, workdir, name, has_checkpoint(workdir, name))
   tcfg = tams_run.tams_config(config.get("tams"))
   if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
     inner = dataclasses.replace(inner, fast_regex=tams_run.with_cells(inner.fast_regex, config.tams))

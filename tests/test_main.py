@@ -197,23 +197,23 @@ def test_resuming_under_other_settings_is_refused_naming_the_fields(tmp_path):
   from mltd_jax import train
 
   cfg = tiny_config()
-  train.check_resume(cfg, tmp_path, "meta", has_checkpoint=False)  # a fresh phase: records its fields
+  train.check_resume(cfg, tmp_path, "meta", resuming=False)  # a fresh phase: records its fields
   assert json.loads((tmp_path / "checkpoints" / "meta.config.json").read_text())["meta.inner_lr"] == cfg.meta.inner_lr
   free = tiny_config()
   free.meta.steps, free.meta.task_chunk, free.model.remat = 99, 3, not cfg.model.remat
   free.data.jsonl.path, free.tams.width = "elsewhere.jsonl", 7  # jsonl is not the source; TAMS is off
-  train.check_resume(free, tmp_path, "meta", has_checkpoint=True)
+  train.check_resume(free, tmp_path, "meta", resuming=True)
   changed = tiny_config()
   changed.meta.inner_lr, changed.data.facts.num_eval_tasks, changed.pretrain.steps = 0.5, 9, 3
   with pytest.raises(ValueError) as error:
-    train.check_resume(changed, tmp_path, "meta", has_checkpoint=True)
+    train.check_resume(changed, tmp_path, "meta", resuming=True)
   message = str(error.value)
   for field in ("config.meta.inner_lr", "config.data.facts.num_eval_tasks", "config.pretrain.steps"):
     assert field in message
   assert "new --workdir" in message and "meta.config.json" in message and "config.meta.steps" not in message
-  train.check_resume(changed, tmp_path, "pretrain", has_checkpoint=False)
+  train.check_resume(changed, tmp_path, "pretrain", resuming=False)
   changed.pretrain.steps = 1000  # pretraining may be extended
-  train.check_resume(changed, tmp_path, "pretrain", has_checkpoint=True)
+  train.check_resume(changed, tmp_path, "pretrain", resuming=True)
 
 
 def test_metrics_rewind_drops_the_phase_rows_after_the_checkpoint(tmp_path):

@@ -141,7 +141,11 @@ def test_hvp_backward_with_bfloat16_base_weights():
   grads = {}
   for backward in ("hvp", "autodiff"):
     cfg = meta.InnerLoop(steps=2, lr=0.1, backward=backward)
-    outer = lambda v_, cfg=cfg: meta.mean_loss(loss(meta.adapt(loss, v_, {"x": x}, cfg, jax.random.key(0))[0], {"x": x}, None))
+
+    def outer(v_, cfg=cfg):
+      adapted = meta.adapt(loss, v_, {"x": x}, cfg, jax.random.key(0))[0]
+      return meta.mean_loss(loss(adapted, {"x": x}, None))
+
     grads[backward] = jax.grad(outer)(v)
   assert grads["hvp"]["params"]["w"].dtype == jnp.bfloat16
   for a, b in zip(jax.tree.leaves(grads["hvp"]), jax.tree.leaves(grads["autodiff"])):

@@ -148,6 +148,10 @@ def test_targets_that_match_nothing_name_the_field():
     tarp.init(jax.random.key(0), params, tarp.TarpConfig(targets="nothing_here"), dense_paths(model))
   with pytest.raises(ValueError, match="tarp.kind"):
     tarp.TarpConfig(kind="sparse")
+  bad = dict(rank=2.5, kron_terms=0, kron_n=0, sigma_hidden=-1, init_scale=0.0)
+  for field, value in bad.items():  # a zero-term Kronecker difference would silently never change anything
+    with pytest.raises(ValueError, match=re.escape(f"config.tarp.{field}={value!r}")):
+      tarp.TarpConfig(kind="kronecker", **{field: value})
 
 
 @pytest.mark.parametrize("targets,path", [("wte", "transformer/wte"), (r"h/0/ln_1$", "transformer/h/0/ln_1")])
