@@ -62,10 +62,19 @@ def load(directory: str | Path, step: int | None = None) -> Any:
   latest. Optimizer states come back as lists (Orbax does not know optax's named tuples); ``["variables"]`` holds
   ``{"params": ..., "tarp": ...}`` ready for ``model.apply``.
   """
-  manager = ocp.CheckpointManager(Path(directory).absolute())
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}.")
-  restored = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return restored
+  directory = Path(directory).absolute()
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory} is not a directory; pass a phase's folder, e.g. WORKDIR/checkpoints/meta.")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      phases = sorted(p.name for p in directory.iterdir() if p.is_dir())
+      hint = f" It holds {phases}: pass one of them (a phase's folder)." if phases else ""
+      raise FileNotFoundError(f"no checkpoint in {directory}.{hint}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it has steps {steps}.")
+    return manager.restore(step, args=ocp.args.StandardRestore())
+  finally:
+    manager.close()

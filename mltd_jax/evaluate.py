@@ -177,7 +177,7 @@ def check_config(cfg: Any) -> None:
 
 def encode_tasks(encoder, tasks: Sequence[Task], cfg: Any) -> dict:
   """Stacked ``support`` [N, S, ...] and ``eval`` batches, one per metric of ``cfg.metrics`` (``config.eval``)."""
-  arrays = episodes.stack([episodes.task_arrays(encoder, t) for t in tasks])
+  arrays = episodes.stack([episodes.task_arrays(encoder, t) for t in tasks], [t.name for t in tasks])
   query = arrays.pop("query")
   arrays["eval"] = {m: METRICS[m](encoder, query, cfg) for m in cfg.metrics}
   return arrays

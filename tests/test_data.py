@@ -96,6 +96,14 @@ def bare_word_tokenizer(**special):
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
+def test_tasks_of_different_sizes_are_not_stacked_silently():
+  same = {"support": {"ids": np.zeros((2, 5))}, "query": {"ids": np.zeros((1, 5))}}
+  assert episodes.stack([same, same])["support"]["ids"].shape == (2, 2, 5)
+  other = {"support": {"ids": np.zeros((3, 5))}, "query": {"ids": np.zeros((1, 5))}}
+  with pytest.raises(ValueError, match=r"support/ids of different shapes \(a: \(2, 5\), b: \(3, 5\)\).*fixed sizes"):
+    episodes.stack([same, other], ["a", "b"])
+
+
 def test_tokenizer_without_bos_gets_no_bos(tmp_path):
   tok = bare_word_tokenizer(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")  # many LMs declare no bos
   assert tok.bos_token_id is None

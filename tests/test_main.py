@@ -229,6 +229,23 @@ def test_metrics_rewind_drops_the_phase_rows_after_the_checkpoint(tmp_path):
   assert [r["step"] for r in rows if "meta/loss" in r] == [5, 10, 15]
 
 
+def test_load_names_what_is_there(tmp_path):
+  """`checkpoint.load`: a missing folder, a parent of the phases' folders or a step not saved say what to pass."""
+  import numpy as np
+
+  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints" / "meta")
+  ckpt.save(3, {"step": np.int32(3)})
+  ckpt.close()
+  assert int(checkpoint.load(tmp_path / "checkpoints" / "meta")["step"]) == 3
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    checkpoint.load(tmp_path / "nope")
+  assert not (tmp_path / "nope").exists()
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*checkpoints. It holds \['meta'\]"):
+    checkpoint.load(tmp_path / "checkpoints")
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 .* steps \[3\]"):
+    checkpoint.load(tmp_path / "checkpoints" / "meta", step=5)
+
+
 def test_restoring_a_state_of_another_structure_names_the_directory(tmp_path):
   import numpy as np
 

@@ -144,6 +144,9 @@ def test_jsonl_pair_errors_name_file_line(tmp_path):
     ([good, "", {"task": "a", "source": "s", "target": 3}], "pair", r"m.jsonl:3: 'target' must be a string"),
     ([good, {"task": "a", "source": " ", "target": "t"}], "pair", r"m.jsonl:2: 'source' is empty"),
     ([good, "[1, 2]"], "pair", r"m.jsonl:2: expected a JSON object"),
+    ([{"task": "a", "text": "x"}, {"task": "a", "text": "  "}], "text", r"m.jsonl:2: 'text' is empty"),
+    ([good, {"task": 1, "source": "s", "target": "t"}], "pair", r"m.jsonl:2: the task name 'task' must be a non-emp"),
+    ([good, {"task": None, "source": "s", "target": "t"}], "pair", r"m.jsonl:2: .*got NoneType"),
   ]
   for rows, kind, message in cases:
     with pytest.raises(ValueError, match=message):

@@ -27,11 +27,20 @@ def task_arrays(encoder: Any, task: Task) -> dict[str, Batch]:
   }
 
 
-def stack(trees: Sequence[dict]) -> dict:
-  """Stack equally shaped nested dicts of arrays on a new leading (task) axis."""
+def stack(trees: Sequence[dict], names: Sequence[str] = (), path: str = "") -> dict:
+  """Stack equally shaped nested dicts of arrays on a new leading (task) axis; ``names`` (the tasks') for the error
+  when shapes differ (tasks of different support or query sizes)."""
   first = trees[0]
   if isinstance(first, dict):
-    return {k: stack([t[k] for t in trees]) for k in first}
+    return {k: stack([t[k] for t in trees], names, f"{path}/{k}") for k in first}
+  shapes = [np.shape(t) for t in trees]
+  if len(set(shapes)) > 1:
+    shown = ", ".join(f"{n}: {s}" for n, s in zip(names or range(len(trees)), shapes))
+    raise ValueError(
+      f"tasks batched together have {path.strip('/')} of different shapes ({shown}): a task source with "
+      "variable support or query sizes (e.g. config.data.personachat.support_size=0 or query_size=0, every turn) "
+      "cannot be batched; give it fixed sizes."
+    )
   return np.stack(trees)
 
 
@@ -44,7 +53,8 @@ def _step_tasks(source: TaskSource, step: int, tasks_per_step: int, part: slice 
 def meta_batch(encoder: Any, source: TaskSource, step: int, tasks_per_step: int, part: slice = slice(None)) -> dict:
   """Meta-training batch of ``step``: support leaves [tasks, S, ...], query leaves [tasks, Q, ...] (only the tasks
   ``part`` of the step's ``tasks_per_step``, e.g. this host's share)."""
-  return stack([task_arrays(encoder, t) for t in _step_tasks(source, step, tasks_per_step, part)])
+  tasks = _step_tasks(source, step, tasks_per_step, part)
+  return stack([task_arrays(encoder, t) for t in tasks], [t.name for t in tasks])
 
 
 def pretrain_batch(

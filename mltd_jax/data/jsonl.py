@@ -104,10 +104,17 @@ class JsonlTasks:
       value = row[key]
       if not isinstance(value, str):
         raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__} ({str(value)[:40]!r}).")
-      if self.kind == "pair" and not value.strip():
-        raise ValueError(f"{where}: {key!r} is empty; every source and target needs text.")
+      if not value.strip():  # an empty text scores no token: it would silently drop out of the losses
+        raise ValueError(f"{where}: {key!r} is empty; every {'text' if self.kind == 'text' else 'source and target'} "
+                         "needs text.")  # fmt: skip
       values.append(value)
-    return str(row[self.task_key]), values[0] if self.kind == "text" else (values[0], values[1])
+    task = row[self.task_key]
+    if not isinstance(task, str) or not task.strip():  # 1 and "1", or null and "None", would merge
+      raise ValueError(
+        f"{where}: the task name {self.task_key!r} must be a non-empty string, got {type(task).__name__} "
+        f"({str(task)[:40]!r}); config.data.jsonl.task_key names the field."
+      )
+    return task, values[0] if self.kind == "text" else (values[0], values[1])
 
   def _hold_out(self, file: Path, names: list[str], validation_tasks: Sequence[str], test_tasks: Sequence[str]):
     """Set the validation, test and meta-training task names (disjoint)."""
