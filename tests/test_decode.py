@@ -101,6 +101,16 @@ def test_beam_search_matches_transformers(hf_and_ours, length_penalty, early_sto
   assert (ref == EOS).any() == ends
 
 
+@pytest.mark.parametrize("length_penalty", [0.6, 1.0, 1.2])
+def test_length_penalized_scores_round_like_transformers(length_penalty):
+  """Beam scores / length ** penalty to the last bit of torch's float32 division by a Python float."""
+  scores = -np.abs(np.random.default_rng(0).normal(5, 3, (4, 64))).astype(np.float32)
+  f = jax.jit(lambda s, i: decode._penalized(s, i, 32, length_penalty))
+  for length in range(1, 33):
+    want = (torch.tensor(scores) / (length**length_penalty)).numpy()
+    np.testing.assert_array_equal(np.asarray(f(scores, jnp.int32(length))), want)
+
+
 def test_folded_static_difference_decodes_the_same_tokens(hf_and_ours):
   _, model, params = hf_and_ours
   variables = perturbed_variables(model, params, "bilinear", multiplicative=True, scale=0.1)
