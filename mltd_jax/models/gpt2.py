@@ -255,7 +255,9 @@ class GPT2LMHeadModel(nn.Module):
     return self.transformer.wte.attend(hidden)  # [batch, length, vocab], float32
 
   def init_params(self, rng: jax.Array) -> dict:
-    """Random parameters (GPT-2's initialization scheme)."""
+    """Random parameters: GPT-2's initialization (normal(initializer_range) weights, the residual projections'
+    scaled by 1/sqrt(2 n_layer)), with the position table at std 0.01 as in OpenAI's original code (transformers
+    uses initializer_range there)."""
     ids = jnp.zeros((1, min(8, self.config.n_positions)), jnp.int32)
     return self.init(rng, ids)["params"]
 

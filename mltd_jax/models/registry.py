@@ -60,8 +60,10 @@ def state_dict_to_params(state: dict[str, np.ndarray], model, family: Family, so
   if missing or unexpected:
     raise ValueError(
       f"{source}: parameter names do not match the config: missing {missing[:5]}"
-      f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-      f"{'...' if len(unexpected) > 5 else ''}."
+      f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+      f"{f' and {len(unexpected) - 5} more' if len(unexpected) > 5 else ''}. The weights and config.json describe "
+      "different models: check config.json's sizes (layers, heads, feed-forward kind, tied embeddings) against the "
+      "weights, or use the config.json they were saved with."
     )
   params = {}
   for key, shape in expected.items():
