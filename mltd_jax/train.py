@@ -102,7 +102,9 @@ def phase_fields(config: Any, name: str) -> dict[str, Any]:
 
 
 def has_checkpoint(workdir: Path, name: str) -> bool:
-  """Whether phase ``name`` has a checkpoint in ``workdir``."""
+  """Whether phase ``name`` has a checkpoint in ``workdir`` (creating nothing)."""
+  if not (workdir / "checkpoints" / name).is_dir():
+    return False
   ckpt = Checkpointer(workdir / "checkpoints" / name)
   try:
     return ckpt.latest_step() is not None
@@ -110,12 +112,13 @@ def has_checkpoint(workdir: Path, name: str) -> bool:
     ckpt.close()
 
 
-def check_resume(config: Any, workdir: Path, name: str, resuming: bool) -> None:
+def check_resume(config: Any, workdir: Path, name: str, resuming: bool, record: bool = True) -> None:
   """Refuse to resume phase ``name`` under other `phase_fields` than its checkpoints were made with.
 
-  The fields are kept in ``WORKDIR/checkpoints/<name>.config.json``, written when the phase starts afresh (or, for a
-  workdir from before this check, when it first resumes: then nothing can be compared). A mismatch names every
-  differing field and the ways out: the old values, a new --workdir, or deleting the phase's checkpoints.
+  The fields are kept in ``WORKDIR/checkpoints/<name>.config.json``, written (with ``record``: when the phase runs)
+  when it starts afresh, or, for a workdir from before this check, when it first resumes (then nothing can be
+  compared). A mismatch names every differing field and the ways out: the old values, a new --workdir, or
+  deleting the phase's checkpoints.
   """
   path = workdir / "checkpoints" / f"{name}.config.json"
   now = phase_fields(config, name)
@@ -129,6 +132,8 @@ def check_resume(config: Any, workdir: Path, name: str, resuming: bool) -> None:
         f"mix the two. Rerun with the old values, use a new --workdir, or delete {workdir}/checkpoints/{name} (and "
         f"the later phases' checkpoints) to train it again; if the change cannot matter (a moved file), edit {path}."
       )
+    return
+  if not record:
     return
   if resuming:
     log.warning("%s: %s predates the resume check; this run's settings are taken as the checkpoints'", name, path)
@@ -607,7 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   check_loop(config)
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
   for name in (n for n in PHASE_SECTIONS if config[n].steps > 0):  # before any phase runs: a later one may refuse
-    check_resume(config, workdir, name, has_checkpoint(workdir, name))
+    check_resume(config, workdir, name, has_checkpoint(workdir, name), record=False)
   tcfg = tams_run.tams_config(config.get("tams"))
   if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
     inner = dataclasses.replace(inner, fast_regex=tams_run.with_cells(inner.fast_regex, config.tams))
