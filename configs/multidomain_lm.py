@@ -248,8 +248,8 @@ def adaptsum(c: ml_collections.ConfigDict) -> None:
   (config.data.adaptsum.test_domain) is then fine-tuned on its whole low-resource training split for
   config.eval.adapt_steps full-batch Adam steps whose rate decays linearly (chunked to bound memory) and scored by
   perplexity on its whole test split (each document's first config.data.seq_len tokens: longer ones are cut, so
-  the perplexity is over those tokens only): k = 0 is zero-shot, "full" is plain fine-tuning of the same model, "tarp" is
-  MLtD's difference. The learning rate is chosen on the held-out domain's valid split. Command:
+  the perplexity is over those tokens only): k = 0 is zero-shot, "full" is plain fine-tuning of the same model,
+  "tarp" is MLtD's difference. The learning rate is chosen on the held-out domain's valid split. Command:
     python -m mltd_jax.main --config=configs/multidomain_lm.py:adaptsum --workdir=runs/mdlm_adaptsum \
         --config.data.adaptsum.root=AdaptSum/dataset --config.data.adaptsum.test_domain=debate
   (The default, K steps on a few texts per episode, stays the few-shot variant.)

@@ -69,8 +69,9 @@ def load(directory: str | Path, step: int | None = None) -> Any:
   try:
     steps = sorted(manager.all_steps())
     if not steps:
-      phases = sorted(p.name for p in directory.iterdir() if p.is_dir())
-      hint = f" It holds {phases}: pass one of them (a phase's folder)." if phases else ""
+      inside = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory  # a workdir?
+      phases = sorted(p.name for p in inside.iterdir() if p.is_dir() and p.name in ("pretrain", "meta"))
+      hint = f" Pass a phase's folder: {[str(inside / p) for p in phases]}." if phases else ""
       raise FileNotFoundError(f"no checkpoint in {directory}.{hint}")
     step = steps[-1] if step is None else step
     if step not in steps:

@@ -160,10 +160,11 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def _penalized(scores: jax.Array, length: Any, n: int, length_penalty: float) -> jax.Array:
-  """``scores / length ** length_penalty`` rounded as transformers does: the power in float64 (a Python float
-  there), rounded to float32, then a true float32 division. The table of powers is a constant (``n`` and the
-  penalty are static); the barrier keeps XLA from turning the division by a broadcast into a product with its
-  reciprocal, which differs in the last bit (for 27-98% of float32 scores, by penalty, over lengths 1-128)."""
+  """``scores / length ** length_penalty`` rounded as transformers does on CPU: the power in float64 (a Python float
+  there), rounded to float32, then a true float32 division (torch's CUDA kernel multiplies by the reciprocal). The
+  table of powers is a constant (``n`` and the penalty are static); the barrier keeps XLA from turning the division
+  by a broadcast into a product with its reciprocal, which differs in the last bit (for 27-98% of float32 scores,
+  by penalty, over lengths 1-128)."""
   table = jnp.asarray((np.arange(1, n + 1, dtype=np.float64) ** length_penalty).astype(np.float32))  # length 1..n
   denom = jnp.broadcast_to(table[length - 1], scores.shape)
   return scores / jax.lax.optimization_barrier(denom)

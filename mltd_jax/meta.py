@@ -210,8 +210,13 @@ def split(variables: Variables, fast_regex: str, field: str = "fast_regex") -> t
   hint = f"variable paths look like {sorted(flat)[:3]} (collections: {sorted(variables)})."
   if not fast:
     raise ValueError(f"{field}={fast_regex!r} matches no variable; {hint}")
-  for alt in alternatives(fast_regex):
-    if not any(re.search(alt, k) for k in fast):
+  flags = re.compile(fast_regex).flags  # (?i) at the front applies to every alternative
+  for alt in [] if flags & re.VERBOSE else alternatives(fast_regex):  # (?x): '|' may sit in a comment
+    try:
+      alone = re.compile(alt, flags)
+    except re.error:  # e.g. a back-reference to another alternative's group: not checked alone
+      continue
+    if not any(alone.search(k) for k in fast):
       raise ValueError(f"{field}={fast_regex!r}: its alternative {alt!r} matches no variable; {hint}")
   return fast, {k: v for k, v in flat.items() if k not in fast}
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
+
+log = logging.getLogger("mltd_jax")
 
 
 class MetricWriter:
@@ -27,13 +30,19 @@ class MetricWriter:
 
   def rewind(self, phase: str, step: int) -> None:
     """Drop ``phase``'s metrics (names ``phase/...``) logged after ``step`` from ``metrics.jsonl``: a run resumed
-    from the checkpoint at ``step`` logs those steps again. (TensorBoard's event files keep both; its charts show
-    the replayed points beside the first ones.)"""
+    from the checkpoint at ``step`` (0: none) logs those steps again. A half-written last line (a killed run's) is
+    dropped too. (TensorBoard's event files keep both writes of a replayed step.)"""
     if not self.path.exists():
       return
-    kept = []
-    for line in self.path.read_text().splitlines():
-      row = json.loads(line)
+    kept, lines = [], self.path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        if n == len(lines):  # the half-written last line of a killed run
+          log.warning("%s:%d: dropping an unfinished line (a killed run's)", self.path, n)
+          continue
+        raise ValueError(f"{self.path}:{n}: not a JSON line ({e}); fix or delete the line, then resume.") from e
       if row["step"] > step:
         row = {k: v for k, v in row.items() if not k.startswith(f"{phase}/")}
         if set(row) == {"step"}:

@@ -62,22 +62,27 @@ META_FIELDS = {
 
 
 # The config sections a phase computes from: resuming a phase under other values of these is refused
-# (`check_resume`), less the layout fields below and the phase's own ``steps`` (a run may be extended).
+# (`check_resume`), less the free fields below.
 PHASE_SECTIONS = {
   "pretrain": ("seed", "data", "model", "pretrain"),
   "meta": ("seed", "data", "model", "pretrain", "tarp", "tams", "meta"),
 }
-# How a phase runs, not what it computes: free to change between a run and its resumption.
-LAYOUT_FIELDS = frozenset({
+# Free to change between a run and its resumption: how a phase runs, not what it computes, and meta.steps (its
+# outer schedule does not depend on it, so a longer run continues the same one; pretraining's cosine schedule spans
+# config.pretrain.steps, so more pretraining steps would be another run).
+FREE_FIELDS = frozenset({
   "model.remat", "model.remat_policy", "model.allow_pickle", "meta.task_chunk", "meta.remat", "meta.support_chunks",
-  "meta.inner_backward", "tams.overhead_steps",
+  "meta.inner_backward", "tams.overhead_steps", "meta.steps",
 })  # fmt: skip
+# Fields of a data source's block that shape only the held-out tasks (meta-testing), not a phase's training tasks.
+EVAL_DATA_FIELDS = frozenset({"eval_episodes", "num_eval_tasks", "max_eval_personas", "eval_support_size",
+                              "eval_query_size"})  # fmt: skip
 
 
 def phase_fields(config: Any, name: str) -> dict[str, Any]:
-  """The dotted config fields (JSON values) phase ``name`` computes from: `PHASE_SECTIONS`, less `LAYOUT_FIELDS`,
-  the phase's own ``steps``, the blocks of data sources other than ``config.data.source``, and TAMS's settings when
-  it is off."""
+  """The dotted config fields (JSON values) phase ``name`` computes from: `PHASE_SECTIONS`, less `FREE_FIELDS`,
+  the held-out tasks' `EVAL_DATA_FIELDS`, the blocks of data sources other than ``config.data.source``, and TAMS's
+  settings when it is off."""
   tree = json.loads(config.to_json_best_effort())
   flat: dict[str, Any] = {}
 
@@ -94,10 +99,12 @@ def phase_fields(config: Any, name: str) -> dict[str, Any]:
   unused = {f"data.{k}." for k in data.SOURCES if k != tree.get("data", {}).get("source")}
   if not flat.get("tams.enabled", False):
     unused.add("tams.")
+  source = tree.get("data", {}).get("source")
+  evaluation = {f"data.{source}.{k}" for k in EVAL_DATA_FIELDS}
   return {
     k: v
     for k, v in flat.items()
-    if k not in LAYOUT_FIELDS and k != f"{name}.steps" and (k == "tams.enabled" or not k.startswith(tuple(unused)))
+    if k not in FREE_FIELDS | evaluation and (k == "tams.enabled" or not k.startswith(tuple(unused)))
   }
 
 
@@ -133,13 +140,23 @@ def check_resume(config: Any, workdir: Path, name: str, resuming: bool, record: 
         f"the later phases' checkpoints) to train it again; if the change cannot matter (a moved file), edit {path}."
       )
     return
+  origin = workdir / "checkpoints" / "meta_origin.json"  # the record of mltd_jax before this check
+  if resuming and name == "meta" and origin.exists():
+    started_from = json.loads(origin.read_text())["pretrain_steps"]
+    if started_from != config.pretrain.steps:
+      raise ValueError(
+        f"{workdir}/checkpoints/meta was meta-trained from {started_from} pretraining steps, but config.pretrain.steps="
+        f"{config.pretrain.steps}: use a new --workdir, set it back, or delete {workdir}/checkpoints/meta."
+      )
   if not record:
     return
   if resuming:
     log.warning("%s: %s predates the resume check; this run's settings are taken as the checkpoints'", name, path)
   if sharding.is_main_process():
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(now, indent=1, sort_keys=True))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(now, indent=1, sort_keys=True))
+    tmp.replace(path)  # never half written
 
 
 def rng_streams(seed: int) -> dict[str, jax.Array]:
@@ -255,7 +272,7 @@ def run_phase(
     return state
   if start:
     log.info("%s: resuming from step %d (%s)", name, start, ckpt.directory)
-    writer.rewind(name, start)  # the steps logged after that checkpoint are logged again
+  writer.rewind(name, start)  # steps logged after the checkpoint (or by a run killed before the first) come again
   t_start, t_last, s_last = time.time(), time.time(), start
   try:
     for step, batch in zip(range(start, num_steps), _prefetch(make_batch, range(start, num_steps))):
@@ -398,7 +415,8 @@ def meta_train(
   if tcfg is not None:
     resumed = has_checkpoint(run.workdir, "meta")  # the overhead's row is in metrics.jsonl already
     overhead = tams_overhead(run, state, step_fn, first, inner, config, tcfg, shardings)
-    if not resumed:
+    if not resumed:  # a phase starting afresh: a killed first attempt's rows go, step 0's overhead row too
+      writer.rewind("meta", -1)
       writer.write(0, {f"meta/tams/{k}": v for k, v in overhead.items()})
   state = run_phase(
     "meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"], shardings, True
@@ -600,8 +618,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   """Run every phase of ``config`` in ``workdir`` (resuming what is there) and return the eval.json dict."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if sharding.is_main_process():
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.get("mesh"))
   log.info("mesh: %s", sharding.describe(mesh))
   if advice := hostmem.hint(jax.default_backend()):
@@ -613,6 +629,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
   for name in (n for n in PHASE_SECTIONS if config[n].steps > 0):  # before any phase runs: a later one may refuse
     check_resume(config, workdir, name, has_checkpoint(workdir, name), record=False)
+  if sharding.is_main_process():  # this run's settings, once it is not refused
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   tcfg = tams_run.tams_config(config.get("tams"))
   if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
     inner = dataclasses.replace(inner, fast_regex=tams_run.with_cells(inner.fast_regex, config.tams))

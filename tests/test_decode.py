@@ -103,7 +103,7 @@ def test_beam_search_matches_transformers(hf_and_ours, length_penalty, early_sto
 
 @pytest.mark.parametrize("length_penalty", [0.6, 1.0, 1.2])
 def test_length_penalized_scores_round_like_transformers(length_penalty):
-  """Beam scores / length ** penalty to the last bit of torch's float32 division by a Python float."""
+  """Beam scores / length ** penalty to the last bit of torch's float32 division by a Python float (on CPU)."""
   scores = -np.abs(np.random.default_rng(0).normal(5, 3, (4, 64))).astype(np.float32)
   f = jax.jit(lambda s, i: decode._penalized(s, i, 32, length_penalty))
   for length in range(1, 33):

@@ -102,11 +102,13 @@ def test_main_end_to_end_then_resume(tmp_path):
   assert [r["step"] for r in rows if "meta/query_loss" in r] == [5, 10, 15]
   assert int(checkpoint.load(wd / "checkpoints" / "meta")["step"]) == 15
 
-  # More pretraining under an existing meta-training would be silently dropped: refused before any phase runs.
+  # More pretraining steps are another run (the cosine schedule spans them), under which the meta-training would
+  # silently keep the old one's: refused before any phase runs, with the ways out.
   third = run_main(wd, "--config.pretrain.steps=30", "--config.meta.steps=15", check=False)
   assert third.returncode != 0 and "config.pretrain.steps: 20 then, 30 now" in third.stderr
-  assert "checkpoints/meta was trained under other settings" in third.stderr and "new --workdir" in third.stderr
+  assert "checkpoints/pretrain was trained under other settings" in third.stderr and "new --workdir" in third.stderr
   assert "pretrain: resuming" not in third.stderr + third.stdout
+  assert json.loads((wd / "config.json").read_text())["pretrain"]["steps"] == 20  # the refused run's not written
 
 
 def test_nan_loss_stops_with_a_message(tmp_path):
@@ -193,7 +195,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
 def test_resuming_under_other_settings_is_refused_naming_the_fields(tmp_path):
   """`train.check_resume`: a phase's checkpoints resume only under the config fields they were trained with; layout
-  fields, the phase's own steps, other sources' blocks and TAMS's settings while it is off may change."""
+  fields, meta.steps, the held-out tasks' sizes, other sources' blocks and TAMS's settings while it is off may
+  change; pretrain.steps may not (its cosine schedule spans them)."""
   from mltd_jax import train
 
   cfg = tiny_config()
@@ -202,18 +205,24 @@ def test_resuming_under_other_settings_is_refused_naming_the_fields(tmp_path):
   free = tiny_config()
   free.meta.steps, free.meta.task_chunk, free.model.remat = 99, 3, not cfg.model.remat
   free.data.jsonl.path, free.tams.width = "elsewhere.jsonl", 7  # jsonl is not the source; TAMS is off
+  free.data.facts.num_eval_tasks = 9  # only the held-out tasks
   train.check_resume(free, tmp_path, "meta", resuming=True)
   changed = tiny_config()
-  changed.meta.inner_lr, changed.data.facts.num_eval_tasks, changed.pretrain.steps = 0.5, 9, 3
+  changed.meta.inner_lr, changed.data.facts.n_objects, changed.pretrain.steps = 0.5, 9, 3
   with pytest.raises(ValueError) as error:
     train.check_resume(changed, tmp_path, "meta", resuming=True)
   message = str(error.value)
-  for field in ("config.meta.inner_lr", "config.data.facts.num_eval_tasks", "config.pretrain.steps"):
+  for field in ("config.meta.inner_lr", "config.data.facts.n_objects", "config.pretrain.steps"):
     assert field in message
-  assert "new --workdir" in message and "meta.config.json" in message and "config.meta.steps" not in message
-  train.check_resume(changed, tmp_path, "pretrain", resuming=False)
-  changed.pretrain.steps = 1000  # pretraining may be extended
-  train.check_resume(changed, tmp_path, "pretrain", resuming=True)
+  assert "new --workdir" in message and "meta.config.json" in message and "num_eval_tasks" not in message
+  train.check_resume(cfg, tmp_path, "pretrain", resuming=False)
+  cfg.pretrain.steps += 10
+  with pytest.raises(ValueError, match="config.pretrain.steps"):
+    train.check_resume(cfg, tmp_path, "pretrain", resuming=True)
+  (tmp_path / "checkpoints" / "meta.config.json").unlink()  # a workdir from before the check: its old record
+  (tmp_path / "checkpoints" / "meta_origin.json").write_text(json.dumps({"pretrain_steps": 1}))
+  with pytest.raises(ValueError, match="meta-trained from 1 pretraining steps"):
+    train.check_resume(cfg, tmp_path, "meta", resuming=True)
 
 
 def test_metrics_rewind_drops_the_phase_rows_after_the_checkpoint(tmp_path):
@@ -223,10 +232,17 @@ def test_metrics_rewind_drops_the_phase_rows_after_the_checkpoint(tmp_path):
   for step in (5, 10, 15):
     writer.write(step, {"pretrain/loss": step, "meta/loss": -step})
   writer.rewind("pretrain", 10)
-  writer.close()
   rows = metrics(tmp_path)
   assert [r["step"] for r in rows if "pretrain/loss" in r] == [5, 10]
   assert [r["step"] for r in rows if "meta/loss" in r] == [5, 10, 15]
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 20, "meta/lo')  # a killed run's unfinished line
+  writer.rewind("meta", 5)
+  assert [r["step"] for r in metrics(tmp_path) if "meta/loss" in r] == [5]
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
+    writer.rewind("meta", 0)
+  writer.close()
 
 
 def test_load_names_what_is_there(tmp_path):
@@ -240,8 +256,9 @@ def test_load_names_what_is_there(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a directory"):
     checkpoint.load(tmp_path / "nope")
   assert not (tmp_path / "nope").exists()
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*checkpoints. It holds \['meta'\]"):
-    checkpoint.load(tmp_path / "checkpoints")
+  for parent in (tmp_path / "checkpoints", tmp_path):  # the phases' parent, or the workdir
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .* Pass a phase's folder: \['.*checkpoints/meta'\]"):
+      checkpoint.load(parent)
   with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 .* steps \[3\]"):
     checkpoint.load(tmp_path / "checkpoints" / "meta", step=5)
 

@@ -342,6 +342,8 @@ def test_every_alternative_of_a_fast_regex_must_match():
   assert set(fast) == {"tarp/u", "params/ln_f/scale"} and set(slow) == {"params/h/w"}
   with pytest.raises(ValueError, match=r"config.meta.fast_params='\(\?:\^trap/\)\|ln_': its alternative '\^trap/'"):
     meta.split(variables, "(?:^trap/)|ln_", "config.meta.fast_params")
+  assert len(meta.split(variables, "(?i)LN_|TARP")[0]) == 2  # a leading flag applies to every alternative
+  assert len(meta.split(variables, "(?x) tarp/ | ln_  # not|split")[0]) == 2  # verbose: not split
 
 
 # ---- a second "family": a two-layer MLP regression model with its own loss, through the same meta code ---------

@@ -572,6 +572,8 @@ def from_state_dict(state: dict[str, np.ndarray], cfg: T5Config) -> dict[str, np
   if "shared.weight" not in state and _COPIES[0] in state:
     state["shared.weight"] = state[_COPIES[0]]
   shared = state.get("shared.weight")
+  if shared is None:
+    raise ValueError("no shared.weight (nor encoder.embed_tokens.weight): not a T5ForConditionalGeneration state.")
   for key in _COPIES:
     if key in state and not np.array_equal(np.asarray(state.pop(key)), np.asarray(shared)):
       raise ValueError(
@@ -586,7 +588,7 @@ def from_state_dict(state: dict[str, np.ndarray], cfg: T5Config) -> dict[str, np
         "outputs, else tie_word_embeddings, true): fix config.json (scale_decoder_outputs=false for a T5 v1.1)."
       )
     del state["lm_head.weight"]
-  elif not cfg.tie_word_embeddings and head is None and shared is not None:
+  elif not cfg.tie_word_embeddings and head is None:
     state["lm_head.weight"] = shared
   return {k: (np.asarray(v).T if _LINEAR.search(k) else v) for k, v in state.items() if k not in _DROPPED}
 
