@@ -3,7 +3,7 @@
 Paper setup (needs the hub model `t5-small` or a local save_pretrained directory, and AdaptSum on disk):
   git clone https://github.com/TysonYu/AdaptSum   # its data: <root>/<domain>/{train,valid,test}.{source,target}
   python -m mltd_jax.main --config=configs/adaptsum.py --workdir=runs/adaptsum \
-      --config.data.adaptsum.root=/path/to/AdaptSum/data
+      --config.data.adaptsum.root=/path/to/AdaptSum/dataset
   # hold out another domain:  --config=configs/adaptsum.py:domain=email   (or --config.data.adaptsum.test_domain)
   # each domain in turn: one run per :domain=NAME (README has the loop); eval.json of each has its ROUGE
   # t5-base:                  --config.model.name_or_dir=t5-base --config.data.tokenizer=t5-base

@@ -158,7 +158,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.meta = ml_collections.ConfigDict()
   c.meta.steps = 2000  # outer (meta) steps
-  c.meta.tasks_per_step = 4  # tasks per meta-batch (vmapped)
+  c.meta.tasks_per_step = 4  # tasks per meta-batch (vmapped, or task_chunk at a time)
   c.meta.task_chunk = 1  # tasks adapted in parallel (0 = all vmapped); fewer bounds memory, same result
   c.meta.inner_steps = 1  # T_in: inner steps on the support set per task
   c.meta.inner_lr = 5e-4  # inner learning rate

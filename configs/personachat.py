@@ -16,7 +16,8 @@ Tiny (offline: synthetic personas whose answers reveal their facts, a fresh 2-la
   python -m mltd_jax.main --config=configs/personachat.py:tiny --workdir=runs/personachat_tiny
 
 Every field not set here is documented in configs/multidomain_lm.py, whose defaults this config starts from.
-The optional C-score (persona consistency by an NLI model) is not computed: no NLI model is wired in yet.
+The optional C-score (persona consistency by an NLI model, mltd_jax/consistency.py) is computed when
+--config.eval.decode.nli_model names a transformers NLI checkpoint, and skipped otherwise.
 """
 
 from pathlib import Path
