@@ -18,6 +18,18 @@ class MetricWriter:
 
     self.path = Path(workdir) / "metrics.jsonl"
     self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    self._drop_unfinished_line()
+
+  def _drop_unfinished_line(self) -> None:
+    """A run killed while writing leaves a last line without its newline: cut it, so the next row starts a line."""
+    if not self.path.exists():
+      return
+    text = self.path.read_bytes()
+    if text and not text.endswith(b"\n"):
+      keep = text.rfind(b"\n") + 1
+      log.warning("%s: dropping an unfinished last line (a killed run's): %r", self.path, text[keep:][:80])
+      with self.path.open("r+b") as f:
+        f.truncate(keep)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
@@ -30,18 +42,15 @@ class MetricWriter:
 
   def rewind(self, phase: str, step: int) -> None:
     """Drop ``phase``'s metrics (names ``phase/...``) logged after ``step`` from ``metrics.jsonl``: a run resumed
-    from the checkpoint at ``step`` (0: none) logs those steps again. A half-written last line (a killed run's) is
-    dropped too. (TensorBoard's event files keep both writes of a replayed step.)"""
+    from the checkpoint at ``step`` (0: none) logs those steps again. (TensorBoard's event files keep both writes
+    of a replayed step.)"""
     if not self.path.exists():
       return
-    kept, lines = [], self.path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
+    kept = []
+    for n, line in enumerate(self.path.read_text().splitlines(), 1):
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        if n == len(lines):  # the half-written last line of a killed run
-          log.warning("%s:%d: dropping an unfinished line (a killed run's)", self.path, n)
-          continue
         raise ValueError(f"{self.path}:{n}: not a JSON line ({e}); fix or delete the line, then resume.") from e
       if row["step"] > step:
         row = {k: v for k, v in row.items() if not k.startswith(f"{phase}/")}

@@ -235,8 +235,12 @@ def test_metrics_rewind_drops_the_phase_rows_after_the_checkpoint(tmp_path):
   rows = metrics(tmp_path)
   assert [r["step"] for r in rows if "pretrain/loss" in r] == [5, 10]
   assert [r["step"] for r in rows if "meta/loss" in r] == [5, 10, 15]
+  writer.close()
   with (tmp_path / "metrics.jsonl").open("a") as f:
     f.write('{"step": 20, "meta/lo')  # a killed run's unfinished line
+  writer = MetricWriter(tmp_path)  # the next run cuts it: its rows start their own lines
+  writer.write(25, {"eval/x": 1.0})
+  assert [r["step"] for r in metrics(tmp_path)][-2:] == [15, 25]
   writer.rewind("meta", 5)
   assert [r["step"] for r in metrics(tmp_path) if "meta/loss" in r] == [5]
   (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
