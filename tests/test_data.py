@@ -2,6 +2,7 @@
 
 import collections
 import json
+import logging
 
 import ml_collections
 import numpy as np
@@ -73,7 +74,7 @@ def test_missing_tokenizer_file_is_named(tmp_path):
     data.load_tokenizer(str(tmp_path / "no_dir"))
 
 
-def test_episode_shapes_and_overlong_text():
+def test_episode_shapes_and_overlong_text(caplog, monkeypatch):
   tok = data.word_level_tokenizer(["a", "b"])
   task = Task("t", ("a b", "b"), ("a",))
   enc = episodes.task_arrays(data.CausalLMEncoder(tok, seq_len=4), task)
@@ -83,9 +84,15 @@ def test_episode_shapes_and_overlong_text():
   assert enc["support"]["mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
   with pytest.raises(ValueError, match=r"task 't' support: text 0 has 3 tokens.*config.data.seq_len=2.*truncate=True"):
     episodes.task_arrays(data.CausalLMEncoder(tok, seq_len=2), task)
-  cut = data.CausalLMEncoder(tok, seq_len=3, add_eos=True, truncate=True).encode(["a b a b", "b"])
+  monkeypatch.setattr("mltd_jax.data.encoders._CUT_LOGGED", set())
+  with caplog.at_level(logging.WARNING, logger="mltd_jax"):
+    for _ in range(2):  # the first cut is logged, once
+      cut = data.CausalLMEncoder(tok, seq_len=3, add_eos=True, truncate=True).encode(["a b a b", "b"])
   assert cut["ids"].tolist() == [[tok.bos_token_id, 4, 5], [tok.bos_token_id, 5, tok.eos_token_id]]
   assert cut["mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
+  cuts = [r.getMessage() for r in caplog.records if "cuts texts" in r.getMessage()]
+  assert cuts == ["config.data.truncate=True cuts texts to config.data.seq_len=3 (first: text 0: 6 tokens); later "
+                  "cuts are not logged"]  # fmt: skip
 
 
 def bare_word_tokenizer(**special):

@@ -23,9 +23,22 @@ Padding uses the tokenizer's pad id and ``mask`` is 0 there, so the pad id itsel
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+log = logging.getLogger("mltd_jax")
+_CUT_LOGGED: set[str] = set()  # what `_note_cut` has logged in this process
+
+
+def _note_cut(what: str, where: str, tokens: int, limit: str) -> None:
+  """Log the first cut of each kind (``config.data.truncate``) once per process: a silent cut changes what the
+  losses cover (e.g. a perplexity over each document's first ``seq_len`` tokens)."""
+  if what not in _CUT_LOGGED:
+    _CUT_LOGGED.add(what)
+    log.warning("config.data.truncate=True cuts %s to %s (first: %s%d tokens); later cuts are not logged", what,
+                limit, where, tokens)  # fmt: skip
 
 Batch = dict[str, np.ndarray]
 SEPARATOR = "\n"  # between a dialogue's context and its response (task sources join the context's turns with it)
@@ -140,6 +153,7 @@ class CausalLMEncoder:
             f"{where}text {i} has {len(seq)} tokens (with bos/eos) > config.data.seq_len={self.seq_len}; "
             "raise config.data.seq_len or set config.data.truncate=True."
           )
+        _note_cut("texts", f"{where}text {i}: ", len(seq), f"config.data.seq_len={self.seq_len}")
         seq = seq[: self.seq_len]  # a cut text did not end here, so it keeps no eos
       seqs.append(seq)
     ids, mask = _pack(seqs, self.seq_len, tok.pad_token_id)
@@ -170,6 +184,7 @@ class CausalLMEncoder:
             f"and separator > config.data.seq_len={self.seq_len}; raise config.data.seq_len or set "
             "config.data.truncate=True (which cuts the response)."
           )
+        _note_cut("responses", f"{where}example {i}: ", frame + len(target), f"config.data.seq_len={self.seq_len}")
         target = response[: self.seq_len - frame]  # a cut response did not end here, so it keeps no eos
       head = [*prefix, *_left_cut(context, self.seq_len - frame - len(target)), *sep]
       seqs.append(head + target)
@@ -292,6 +307,7 @@ class Seq2SeqEncoder:
             f"{where}example {i} {side} has {len(seq)} tokens (with eos) > config.data.{side}_len={length}; "
             f"raise config.data.{side}_len or set config.data.truncate=True."
           )
+        _note_cut(f"{side}s", f"{where}example {i}: ", len(seq), f"config.data.{side}_len={length}")
         seq = [*toks[: length - 1], eos]  # eos stays last: T5 reads it as the end of the input
       seqs.append(seq)
     return _pack(seqs, length, self.tokenizer.pad_token_id)
