@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tarp.rank = 16  # paper
 
   c.meta.steps = 3000
+  c.tams.anneal_steps = 3000  # = config.meta.steps (with --config.tams.enabled=True)
   c.meta.tasks_per_step = 4
   c.meta.task_chunk = 1
   c.meta.inner_steps = 20  # paper's T_in

@@ -122,6 +122,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
   c.pretrain.lr = 3e-3
   c.pretrain.warmup_steps = 50
   c.meta.steps = 150
+  c.tams.anneal_steps = 150  # = config.meta.steps (with --config.tams.enabled=True)
   c.meta.tasks_per_step = 4
   c.meta.task_chunk = 0
   c.meta.inner_steps = 3

@@ -50,8 +50,9 @@ class MetricWriter:
     for n, line in enumerate(self.path.read_text().splitlines(), 1):
       try:
         row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{self.path}:{n}: not a JSON line ({e}); fix or delete the line, then resume.") from e
+      except json.JSONDecodeError as e:  # dropped, not raised: only process 0 writes (sharding's docstring)
+        log.warning("%s:%d: dropping a line that is not JSON (%s): %r", self.path, n, e, line[:80])
+        continue
       if row["step"] > step:
         row = {k: v for k, v in row.items() if not k.startswith(f"{phase}/")}
         if set(row) == {"step"}:

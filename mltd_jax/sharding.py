@@ -20,7 +20,9 @@ all-reduce), so the result equals the single-device one up to float summation or
 Multi-host (`initialize_distributed`): every process runs the same program; each builds only its share of each
 batch (`process_part`) and `put_local` assembles the global array (`jax.make_array_from_process_local_data`). The
 mesh lays devices out process-major, so a process's share of a sharded leading axis is one contiguous block. Only
-process 0 writes metrics, files and prints (`is_main_process`, `main_process_writer`).
+process 0 writes metrics, files and prints (`is_main_process`, `main_process_writer`); every process reads the
+workdir (Orbax's checkpoints, the resume check's records), so it must be on a filesystem all hosts share. What only
+process 0 does never raises on its own (a host that stopped alone would leave the others waiting in a collective).
 """
 
 from __future__ import annotations
@@ -278,7 +280,8 @@ def put_global(tree: Any, shardings: Any) -> Any:
   def put(x, s):
     if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
       return jax.device_put(x, s)
-    x = np.asarray(x)
+    if not isinstance(x, jax.Array):  # a host value; a local jax.Array (typed PRNG keys too) is sliced as it is
+      x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
   return jax.tree.map(put, tree, shardings)

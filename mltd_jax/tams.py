@@ -436,8 +436,13 @@ def attach(model: nn.Module, cfg: TamsConfig) -> nn.Module:
   return model.clone(tams=cfg.spec)
 
 
+def _layer_order(path: Path) -> tuple:
+  """Sort key of a module path with its numbers as numbers: block 2 before block 10 (cell c is layer c)."""
+  return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path)
+
+
 def cell_sites(model: nn.Module) -> list[tuple[Path, int]]:
-  """(module path, input features) of every `Cell` the model calls, sorted; traced abstractly like
+  """(module path, input features) of every `Cell` the model calls, in `_layer_order`; traced abstractly like
   `models.layers.dense_paths` (``model.init_params`` under `jax.eval_shape`: nothing is computed)."""
   found = {}
 
@@ -448,13 +453,13 @@ def cell_sites(model: nn.Module) -> list[tuple[Path, int]]:
 
   with nn.intercept_methods(record):
     jax.eval_shape(model.init_params, jax.random.key(0))
-  return sorted(found.items())
+  return sorted(found.items(), key=lambda site: _layer_order(site[0]))
 
 
 def cell_paths(collection: Params) -> list[Path]:
-  """The cells' module paths in a ``'tams'`` collection, sorted (the order of ``per_layer`` alphas)."""
+  """The cells' module paths in a ``'tams'`` collection, in `_layer_order` (the order of ``per_layer`` alphas)."""
   flat = traverse_util.flatten_dict(collection)
-  return sorted({k[:-1] for k in flat if k[-1] == "in_a" and k[0] != "controller"})
+  return sorted({k[:-1] for k in flat if k[-1] == "in_a" and k[0] != "controller"}, key=_layer_order)
 
 
 def init(rng: jax.Array, model: nn.Module, cfg: TamsConfig) -> dict:

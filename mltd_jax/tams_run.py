@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from mltd_jax import models, tams
 from mltd_jax.data import episodes
@@ -40,6 +42,30 @@ def with_cells(regex: str, cfg: Any) -> str:
   """A fast-variable regex that also adapts the TAMS cells' weights (never the controller) when
   ``config.tams.adapt_cells``: ``"(?:regex)|" + tams.FAST_REGEX``; ``regex`` itself otherwise."""
   return f"(?:{regex})|{tams.FAST_REGEX}" if cfg.get("adapt_cells", True) else regex
+
+
+def check_run(model: Any, tcfg: tams.TamsConfig, config: Any) -> None:
+  """Before any compute: no user regex (``config.meta.fast_params``, ``config.eval.methods``) may adapt the controller
+  or the architecture (``arch/``: the controller's choice, an integer at meta-test) in the inner loop; a temperature
+  annealed over more steps than meta-training has is logged (it never reaches its end value)."""
+  collection = tams.init(jax.random.key(0), model, tcfg)  # small (cells and controller): its paths
+  paths = [f"tams/controller/{'/'.join(k)}" for k in traverse_util.flatten_dict(collection["controller"])]
+  paths += ["arch/" + "/".join((*p, "alpha")) for p in tams.cell_paths(collection)]
+  regexes = {"config.meta.fast_params": config.meta.get("fast_params", "^tarp/")} if config.meta.steps > 0 else {}
+  regexes.update({f"config.eval.methods[{m!r}]": r for m, r in config.eval.methods.items()})
+  for field, regex in regexes.items():
+    hit = [p for p in paths if re.search(regex, p)]
+    if hit:
+      raise ValueError(
+        f"{field}={regex!r} matches {hit[:3]}: the TAMS controller and architecture are never adapted in the inner "
+        "loop (the controller is meta-trained, the architecture is its choice); narrow the regex (the cells' "
+        "weights adapt with config.tams.adapt_cells)."
+      )
+  if config.meta.steps > 0 and tcfg.anneal_steps > config.meta.steps:
+    log.warning(
+      "config.tams.anneal_steps=%d > config.meta.steps=%d: the Gumbel-softmax temperature never reaches its end "
+      "value; set them equal to anneal over the whole meta-training", tcfg.anneal_steps, config.meta.steps
+    )
 
 
 def init_tams(run: Run, params: dict, tcfg: tams.TamsConfig) -> dict:

@@ -422,8 +422,12 @@ def meta_train(
     "meta", state, step_fn, make, cfg.steps, tokens, run.workdir, writer, config, run.rngs["meta"], shardings, True
   )
   if tcfg is not None and sharding.is_main_process():
-    png = tams_run.plot_tams(run.workdir, tcfg)
-    log.info("TAMS: operation probabilities per edge over meta-training in %s", png)
+    try:  # process 0 alone: a failed plot must not stop it while the other hosts go on
+      png = tams_run.plot_tams(run.workdir, tcfg)
+      log.info("TAMS: operation probabilities per edge over meta-training in %s", png)
+    except Exception as e:  # noqa: BLE001
+      log.warning("TAMS: the plot of the operation probabilities failed (%s: %s); metrics.jsonl has the values",
+                  type(e).__name__, e)  # fmt: skip
   return state.variables
 
 
@@ -642,6 +646,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
   if tcfg is not None:  # cells in every FFN sublayer; without a 'tams' collection (pretraining) the plain model
     model = tams.attach(model, tcfg)
+    tams_run.check_run(model, tcfg, config)
   run = Run(model, family, tokenizer, encoder, source, rngs, workdir, mesh)
   log.info(
     "model: %s (%s), %.2fM parameters; tokenizer: %d tokens; data: %s",

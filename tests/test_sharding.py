@@ -295,6 +295,18 @@ def test_task_spec_rule():
   assert sharding.task_spec(2, 2, 2, 3) == P("tasks")
 
 
+def test_put_global_on_several_hosts_takes_typed_keys(monkeypatch):
+  """The multi-host branch of `sharding.put_global` (process_count > 1, simulated): host values and local jax
+  arrays, typed PRNG keys among them (meta-test's per-task keys), come out as global arrays of the same values."""
+  mesh = sharding.make_mesh(None)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jax.numpy.arange(4))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  rep = sharding.replicated(mesh)
+  out = sharding.put_global({"keys": keys, "x": np.arange(4.0)}, {"keys": rep, "x": rep})
+  assert (jax.random.key_data(out["keys"]) == jax.random.key_data(keys)).all()
+  assert out["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
 def test_mesh_config_errors_name_the_field():
   mesh_cfg = functools.partial(dict, sharding.DEFAULT)
   assert sharding.mesh_shape(mesh_cfg(), 8) == (8, 1) and sharding.mesh_shape(mesh_cfg(model=2), 8) == (4, 2)

@@ -126,6 +126,15 @@ def lm():
   return types.SimpleNamespace(**locals())
 
 
+def test_cells_are_in_layer_order():
+  """`tams.cell_paths` (the order of per-layer alphas, metric names and eval.json's per-layer architectures) puts
+  block 2 before block 10: cell c is layer c, also past ten layers."""
+  collection = {"h": {str(i): {"mlp": {"cell": {"in_a": 0.0}}} for i in range(12)}, "controller": {"w": 0.0}}
+  assert [p[1] for p in tams.cell_paths(collection)] == [str(i) for i in range(12)]
+  nested = [("decoder", "block", "10"), ("encoder", "block", "2"), ("decoder", "block", "9")]
+  assert sorted(nested, key=tams._layer_order) == [nested[2], nested[0], nested[1]]
+
+
 def test_fresh_cells_and_all_zero_edges_leave_the_model_unchanged(lm):
   sampled = tams.with_arch(lm.fresh, tams.gumbel_softmax(jax.random.key(0), jnp.zeros((9, 6)), 1.0))
   np.testing.assert_array_equal(forward(lm.m, sampled, lm.ids, lm.mask), lm.plain)  # W_out = 0 at init
@@ -313,6 +322,10 @@ def test_train_and_evaluate_with_tams(tmp_path):
 
   rows = [r for r in metrics(tmp_path) if "meta/query_loss" in r]
   assert [r["step"] for r in rows] == [1, 2]
+  cfg.eval.methods = {"all": "."}  # would adapt the controller and the architecture: refused before any compute
+  with pytest.raises(ValueError, match=r"config.eval.methods\['all'\]='\.' matches \['tams/controller/"):
+    train.train_and_evaluate(cfg, tmp_path / "refused")
+  assert not (tmp_path / "refused" / "checkpoints").exists()
   for r in rows:
     for e in range(5):
       p = np.array([r[f"meta/tams/edge{e}_p_{op}"] for op in ops])
