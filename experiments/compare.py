@@ -28,6 +28,7 @@ import collections
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,10 +67,12 @@ def run(name: str, seed: int, out: Path, pretrained: str = "multitask", **overri
     node[leaf] = value
   workdir = out / f"seed{seed}" / name
   if name != pretrained:  # start meta-training from that run's pretrained checkpoint
-    src = out / f"seed{seed}" / pretrained / "checkpoints" / "pretrain"
-    dst = workdir / "checkpoints" / "pretrain"
-    if not dst.exists():
-      shutil.copytree(src, dst)
+    src = out / f"seed{seed}" / pretrained / "checkpoints"
+    dst = workdir / "checkpoints"
+    if not (dst / "pretrain").exists():
+      shutil.copytree(src / "pretrain", dst / "pretrain")
+      # its record too: a reused --out whose copy was pretrained under other settings is then refused on resume
+      shutil.copy2(src / "pretrain.config.json", dst / "pretrain.config.json")
   t0 = time.time()
   result = train.train_and_evaluate(cfg, workdir)
   return result, time.time() - t0
@@ -99,17 +102,22 @@ def markdown(table: dict, k_max: int, title: str) -> list[str]:
   return lines + [""]
 
 
-def baselines(seeds: list[int], out: Path, methods: dict, seconds: dict) -> dict:
-  """The multitask baselines and MLtD first and second order, per seed (the default comparison); returns the last
-  meta-test result (for its settings)."""
+def baselines(seeds: list[int], out: Path, methods: dict, seconds: dict, extra: dict) -> dict:
+  """The multitask baselines and MLtD first and second order, per seed (the default comparison); decoding scores
+  into ``extra["decode"]`` when the config decodes. Returns the last meta-test result (for its settings)."""
+  def record(label: str, res: dict, method: str) -> None:
+    methods.setdefault(label, []).append(res["methods"][method])
+    if "decode" in res:
+      extra.setdefault("decode", {}).setdefault(label, []).append(decoded(res, method))
+
   for seed in seeds:
     base, t = run("multitask", seed, out, **{"meta.steps": 0})
-    methods.setdefault("full fine-tuning (multitask)", []).append(base["methods"]["full"])
-    methods.setdefault("TARP, no meta-training (multitask)", []).append(base["methods"]["tarp"])
+    record("full fine-tuning (multitask)", base, "full")
+    record("TARP, no meta-training (multitask)", base, "tarp")
     for name, first in (("mltd_2nd", False), ("mltd_1st", True)):
       res, t = run(name, seed, out, **{"meta.first_order": first, "eval.methods": {"tarp": "^tarp/"}})
       label = f"MLtD {'first' if first else 'second'}-order (TARP)"
-      methods.setdefault(label, []).append(res["methods"]["tarp"])
+      record(label, res, "tarp")
       seconds.setdefault(label, []).append(t)
   return base
 
@@ -223,7 +231,7 @@ def main() -> None:
   if a.tams:
     base = with_tams(a.seeds, a.out, methods, seconds, extra)
   else:
-    base = baselines(a.seeds, a.out, methods, seconds)
+    base = baselines(a.seeds, a.out, methods, seconds, extra)
   k_max = base["adapt_steps"]
   names = {
     "query": "Overall query perplexity",
@@ -236,8 +244,11 @@ def main() -> None:
     }
     for sel in base["select_by"]
   }
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+  command = "python experiments/compare.py " + " ".join(sys.argv[1:])
   intro = (
-    f"`--config {a.config}`; seeds {a.seeds}; {base['num_test_tasks']} test tasks per seed. Each method's "
+    f"`{command}` at commit {commit.strip() or 'unknown'}; `--config {a.config}`; seeds {a.seeds}; "
+    f"{base['num_test_tasks']} test tasks per seed. Each method's "
     "adaptation learning rate is chosen per k on validation tasks, by "
     + " and by ".join(SELECTION_NAMES.get(s, s) for s in base["select_by"])
     + " (a table each). "
@@ -261,7 +272,8 @@ def main() -> None:
   text = "\n".join(lines)
   a.out.mkdir(parents=True, exist_ok=True)
   (a.out / "compare.md").write_text(text + "\n")
-  summary = {"seeds": a.seeds, "tables": tables, "seconds": seconds, **extra}
+  summary = {"command": command, "commit": commit.strip(), "seeds": a.seeds, "tables": tables, "seconds": seconds,
+             **extra}  # fmt: skip
   (a.out / "compare.json").write_text(json.dumps(summary, indent=2))
   print(text)
 
