@@ -11,8 +11,12 @@ case "${1:-}" in
 esac
 
 setup() {  # $1: requirements file
-  if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
+  if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "run.sh: $("$PY" --version 2>&1) is too old; Python >= 3.11 is needed (set PYTHON=python3.11 or newer)" >&2
+    exit 2
+  fi
+  if ! { [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; }; then
+    "$PY" -m venv --clear .venv  # missing, or half built (a venv killed before pip was in)
   fi
   local stamp=".venv/.installed-$(basename "$1")"
   if [ ! -f "$stamp" ] || [ "$1" -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
@@ -35,7 +39,8 @@ case "$mode" in
     setup requirements-test.txt
     # Two workers (pytest-xdist): XLA compiles on one thread, so a second process keeps both cores busy. Each test
     # file runs on one worker (--dist loadfile), so a module-scoped fixture is built once. TEST_WORKERS=0: no workers.
-    exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile tests "$@"
+    # No path here: pytest.ini's testpaths (tests/) applies unless you name files (./run.sh test tests/test_meta.py).
+    exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   main)
     setup requirements.txt

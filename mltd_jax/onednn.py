@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,10 @@ class Unavailable(RuntimeError):
   """The kernel cannot be built or loaded here; the message says what is missing and how to fix it."""
 
 
+class UnsupportedCPU(Unavailable):
+  """This CPU lacks what the kernel is for (native bfloat16 arithmetic): the machine's property, not the set-up's."""
+
+
 def cache_dir() -> Path:
   return Path(os.environ.get("MLTD_JAX_CACHE") or Path.home() / ".cache" / "mltd_jax")
 
@@ -76,11 +81,11 @@ def _prefix() -> Path:
 
 
 def _command(prefix: Path, out: str) -> list[str]:
-  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-  if not cxx:
+  cxx = shlex.split(os.environ.get("CXX", "")) or [shutil.which("c++") or shutil.which("g++") or ""]  # "ccache g++"
+  if not cxx[0]:
     raise Unavailable(f"oneDNN kernel: no C++ compiler (c++ or g++ on PATH, or $CXX); {_FIX}.")
-  return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type",
-          f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE),
+  return [*cxx, "-O2", "-std=c++17", "-shared", "-fPIC",  # jaxlib's headers as system ones: their warnings only
+          f"-isystem{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE),
           f"-L{prefix / 'lib'}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{prefix / 'lib'}", "-o", out]  # fmt: skip
 
 
@@ -96,12 +101,29 @@ def library_path() -> Path:
   return cache_dir() / f"libmltd_onednn-{digest}.so"
 
 
+def _sizes(path: Path) -> Path:
+  """The file recording a built library's size: a copy cut short (a full disk, a killed copy) is rebuilt, never
+  loaded (loading a truncated library can kill the process with SIGBUS)."""
+  return path.with_suffix(".size")
+
+
+def _intact(path: Path) -> bool:
+  try:
+    return int(_sizes(path).read_text()) == path.stat().st_size
+  except (OSError, ValueError):
+    return False
+
+
 def build(path: Path | None = None) -> Path:
   """Compiles the kernel to ``path`` (default `library_path`), atomically; returns the path. Raises `Unavailable`."""
   path = path or library_path()
   prefix = _prefix()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+  except OSError as e:
+    raise Unavailable(f"oneDNN kernel: cannot write into {path.parent} ({e}); set MLTD_JAX_CACHE to a writable "
+                      f"directory, or {ENV}=0.") from e  # fmt: skip
   os.close(fd)
   try:
     cmd = _command(prefix, tmp)
@@ -111,7 +133,9 @@ def build(path: Path | None = None) -> Path:
       raise Unavailable(f"oneDNN kernel: {' '.join(cmd)} failed: {e}\n{_FIX}.") from e
     if done.returncode != 0:
       raise Unavailable(f"oneDNN kernel: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}\n{_FIX}.")
+    size = os.path.getsize(tmp)
     os.replace(tmp, path)
+    _sizes(path).write_text(str(size))
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
@@ -127,28 +151,36 @@ def _open(path: Path) -> ctypes.CDLL:
   lib = ctypes.CDLL(str(path))
   isa = lib.dnnl_get_effective_cpu_isa()  # found through the kernel's link to libdnnl
   if not any(isa & bits == bits for bits in _BF16_ISAS):
-    raise Unavailable(f"oneDNN kernel: this CPU has no native bfloat16 arithmetic (oneDNN's ISA {isa:#x}; emulated "
+    raise UnsupportedCPU(f"oneDNN kernel: this CPU has no native bfloat16 arithmetic (oneDNN's ISA {isa:#x}; emulated "
                       f"it would be slower than XLA); {ENV}=0 silences this.")  # fmt: skip
   return lib
 
 
 @functools.cache
-def _load() -> str | None:
-  """Builds (when not cached) and registers the kernel once per process: None, or why it is unavailable."""
+def _load() -> Exception | None:
+  """Builds (when not cached or not intact) and registers the kernel once per process: None, or why it is
+  unavailable (the exception; its message says why and the fix)."""
   try:
     path = library_path()
-    if not path.is_file():
+    if not (path.is_file() and _intact(path)):
       build(path)
     try:
       lib = _open(path)
-    except OSError:  # a damaged file: build it again once
+      targets = lib.MltdOnednnMatmul, lib.MltdMaterialize
+    except (OSError, AttributeError):  # damaged, or not this source's: build it again once
       lib = _open(build(path))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MltdOnednnMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(MATERIALIZE, jax.ffi.pycapsule(lib.MltdMaterialize), platform="cpu")
+      targets = lib.MltdOnednnMatmul, lib.MltdMaterialize
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(targets[0]), platform="cpu")
+    jax.ffi.register_ffi_target(MATERIALIZE, jax.ffi.pycapsule(targets[1]), platform="cpu")
   except Exception as e:  # noqa: BLE001  whatever it is, XLA computes the products; the warning says why
     logging.warning("%s XLA computes those products instead.", e)
-    return str(e)
+    return e
   return None
+
+
+def unsupported_cpu() -> bool:
+  """Whether the kernel is unavailable because of this CPU (`UnsupportedCPU`), not of the set-up."""
+  return jax.default_backend() == "cpu" and isinstance(_load(), UnsupportedCPU)
 
 
 def available() -> bool:

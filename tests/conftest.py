@@ -2,12 +2,15 @@
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# Forced, not defaulted: a user's HF_HUB_OFFLINE=0 (README, online use) or a 4-device XLA_FLAGS would let tests reach
+# the hub or change what they measure, and pass here but not in CI. Other XLA flags of yours are kept.
+os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")).split()
+os.environ["XLA_FLAGS"] = " ".join([*_flags, "--xla_force_host_platform_device_count=1"])
 
 # One persistent compilation cache for the session, shared with the subprocess runs of `mltd_jax.main`: the suite
 # compiles the same tiny steps many times (each end-to-end run, each resume), and XLA:CPU reads them back instead.

@@ -12,15 +12,22 @@ import pytest
 
 from mltd_jax import onednn
 
-# The kernel must build and load wherever a C++ compiler is, on XLA:CPU with the kernel not turned off: only those
-# conditions skip. Without the oneDNN wheels (requirements.txt) or on a CPU without native bfloat16 the assertion
-# fails, with the reason.
+# The kernel must build and load wherever a C++ compiler is, on XLA:CPU with the kernel not turned off, and on a CPU
+# with native bfloat16 (`kernel_here` skips the others, saying why): only those conditions skip. Without the oneDNN
+# wheels (requirements.txt) the assertion fails, with the reason.
 needs_kernel = pytest.mark.skipif(
   (shutil.which("c++") is None and shutil.which("g++") is None)
   or jax.default_backend() != "cpu"
   or os.environ.get(onednn.ENV, "1") == "0",
   reason="no C++ compiler, not XLA:CPU, or the kernel turned off",
 )
+
+
+def kernel_here() -> None:
+  """Skip on a CPU the kernel is not for (`onednn.UnsupportedCPU`); elsewhere the kernel must be available."""
+  if onednn.unsupported_cpu():
+    pytest.skip(str(onednn._load()))
+  assert onednn.available(), onednn._load()
 
 
 def _product_and_numpy(b, m, k, n, transpose_a, transpose_b, dtype, seed):
@@ -42,7 +49,7 @@ def _product_and_numpy(b, m, k, n, transpose_a, transpose_b, dtype, seed):
 @pytest.mark.parametrize("transpose_b", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_product_matches_numpy(transpose_a, transpose_b, dtype):
-  assert onednn.available(), onednn._load()
+  kernel_here()
   b, m, n = (2, 3), 7, 5
   got, want = _product_and_numpy(b, m, 33, n, transpose_a, transpose_b, dtype, seed=0)
   assert got.dtype == jnp.float32 and got.shape == (*b, m, n)
@@ -62,7 +69,7 @@ def test_products_cut_into_pieces_match_numpy(b, m, k, n, transpose_a, transpose
   rows than columns, else columns, or batch entries); leading dimensions and offsets of every piece are right. XLA's
   pool has a thread per core: on one core nothing is cut (CI's machines have 2; 5 batch entries cut unevenly for 2,
   3 or 4 threads)."""
-  assert onednn.available(), onednn._load()
+  kernel_here()
   assert 2 * np.prod(b, dtype=int) * m * k * n >= 1e6  # two pieces of the kernel's kMinPieceFlops (0.5e6) or more
   got, want = _product_and_numpy(b, m, k, n, transpose_a, transpose_b, dtype, seed=1)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
@@ -72,7 +79,7 @@ def test_products_cut_into_pieces_match_numpy(b, m, k, n, transpose_a, transpose
 def test_products_in_flight_at_once_do_not_share_a_scratchpad():
   """XLA:CPU runs independent thunks concurrently: each product needs its own scratch memory (oneDNN's default mode
   shares one, and these products came out wrong, relative errors above 1)."""
-  assert onednn.available(), onednn._load()
+  kernel_here()
   rng = np.random.default_rng(0)
   shapes = [((508, 4096), (508, 256)), ((508, 256), (508, 1024)), ((508, 1024), (508, 256)), ((508, 256), (508, 8))]
   xs = [jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s, _ in shapes * 3]
@@ -87,7 +94,7 @@ def test_products_in_flight_at_once_do_not_share_a_scratchpad():
 
 @needs_kernel
 def test_unsupported_operands_are_an_error_naming_the_kernel():
-  assert onednn.available(), onednn._load()
+  kernel_here()
   x = jnp.ones((4, 3), jnp.float16)
   with pytest.raises(Exception, match="onednn_matmul: operands must be float32 or bfloat16"):
     jax.block_until_ready(onednn.product(x, x, transpose_a=True))
@@ -114,12 +121,25 @@ def test_build_errors_say_what_is_missing_and_the_fix(monkeypatch, tmp_path):
   with pytest.raises(onednn.Unavailable, match="failed"):
     onednn.build(tmp_path / "k.so")
   assert list(tmp_path.iterdir()) == []  # no partial file left behind
+  (tmp_path / "file").write_text("")
+  with pytest.raises(onednn.Unavailable, match=r"cannot write into .*file/sub.*set MLTD_JAX_CACHE"):
+    onednn.build(tmp_path / "file" / "sub" / "k.so")
+
+
+@needs_kernel
+def test_a_library_cut_short_is_rebuilt_not_loaded(tmp_path):
+  """A built library records its size; a copy cut short (loading it can kill the process) is not intact."""
+  kernel_here()
+  path = onednn.build(tmp_path / "k.so")
+  assert onednn._intact(path)
+  path.write_bytes(path.read_bytes()[:1000])
+  assert not onednn._intact(path)
 
 
 @needs_kernel
 def test_an_empty_sum_is_zero():
   """K = 0: every entry of the result is an empty sum (oneDNN itself would leave the buffer unwritten)."""
-  assert onednn.available(), onednn._load()
+  kernel_here()
   a, c = jnp.ones((2, 0, 3), jnp.bfloat16), jnp.ones((2, 0, 4), jnp.bfloat16)
   np.testing.assert_array_equal(jax.jit(lambda a, c: onednn.product(a, c, transpose_a=True))(a, c), np.zeros((2, 3, 4)))
 
@@ -130,7 +150,7 @@ def test_a_thin_result_of_a_transposed_product_is_computed_transposed(dtype):
   """a^T c with at most `onednn.THIN` result columns (x^T (dY V)) runs as (c^T a)^T in float32, the faster form here
   (the kernel called with c first, its small result transposed by XLA); bfloat16 keeps the plain call. Both equal
   numpy's product."""
-  assert onednn.available(), onednn._load()
+  kernel_here()
   m, k, n = 300, 508, onednn.THIN
   for b in ((), (2,)):
     got, want = _product_and_numpy(b, m, k, n, True, False, dtype, seed=2)
