@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ./run.sh [main]  set up .venv (when missing) and run the main job on the offline default (:tiny)
+# ./run.sh [main]  set up .venv (when missing or half built) and run the main job on the offline default (:tiny)
 # ./run.sh test    set up .venv with the test requirements and run the whole test suite
 # Extra arguments are passed on: to mltd_jax.main (e.g. --config.meta.steps=100) or to pytest.
 set -euo pipefail
@@ -11,11 +11,15 @@ case "${1:-}" in
 esac
 
 setup() {  # $1: requirements file
-  if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-    echo "run.sh: $("$PY" --version 2>&1) is too old; Python >= 3.11 is needed (set PYTHON=python3.11 or newer)" >&2
-    exit 2
-  fi
   if ! { [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; }; then
+    if ! command -v "$PY" >/dev/null; then
+      echo "run.sh: no $PY; install Python >= 3.11 or set PYTHON to one" >&2
+      exit 2
+    fi
+    if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "run.sh: $("$PY" --version 2>&1) is too old; Python >= 3.11 is needed (set PYTHON=python3.11 or newer)" >&2
+      exit 2
+    fi
     "$PY" -m venv --clear .venv  # missing, or half built (a venv killed before pip was in)
   fi
   local stamp=".venv/.installed-$(basename "$1")"

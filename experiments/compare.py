@@ -27,6 +27,7 @@ import argparse
 import collections
 import json
 import logging
+import shlex
 import shutil
 import subprocess
 import sys
@@ -244,8 +245,11 @@ def main() -> None:
     }
     for sel in base["select_by"]
   }
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-  command = "python experiments/compare.py " + " ".join(sys.argv[1:])
+  try:  # the code the tables came from ("-dirty": with uncommitted edits)
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout
+  except OSError:
+    commit = ""
+  command = "python experiments/compare.py " + shlex.join(sys.argv[1:])
   intro = (
     f"`{command}` at commit {commit.strip() or 'unknown'}; `--config {a.config}`; seeds {a.seeds}; "
     f"{base['num_test_tasks']} test tasks per seed. Each method's "

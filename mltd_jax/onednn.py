@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -57,6 +58,8 @@ _FIX = (
   f"(c++ on PATH, or $CXX); {ENV}=0 turns the kernel off"
 )
 _enabled = True
+# Where requirements.txt installs the oneDNN wheels (they exist for x86-64 Linux only).
+WHEELS_HERE = sys.platform == "linux" and platform.machine() == "x86_64"
 
 
 class Unavailable(RuntimeError):
@@ -133,9 +136,10 @@ def build(path: Path | None = None) -> Path:
       raise Unavailable(f"oneDNN kernel: {' '.join(cmd)} failed: {e}\n{_FIX}.") from e
     if done.returncode != 0:
       raise Unavailable(f"oneDNN kernel: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}\n{_FIX}.")
-    size = os.path.getsize(tmp)
+    record = Path(tmp).with_suffix(".size")  # written before the library: an existing .so always has its record
+    record.write_text(str(os.path.getsize(tmp)))
+    os.replace(record, _sizes(path))
     os.replace(tmp, path)
-    _sizes(path).write_text(str(size))
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
@@ -151,25 +155,25 @@ def _open(path: Path) -> ctypes.CDLL:
   lib = ctypes.CDLL(str(path))
   isa = lib.dnnl_get_effective_cpu_isa()  # found through the kernel's link to libdnnl
   if not any(isa & bits == bits for bits in _BF16_ISAS):
-    raise UnsupportedCPU(f"oneDNN kernel: this CPU has no native bfloat16 arithmetic (oneDNN's ISA {isa:#x}; emulated "
-                      f"it would be slower than XLA); {ENV}=0 silences this.")  # fmt: skip
+    raise UnsupportedCPU(f"oneDNN kernel: this CPU has no native bfloat16 arithmetic (oneDNN's ISA {isa:#x}; "
+                         f"emulated it would be slower than XLA); {ENV}=0 silences this.")  # fmt: skip
   return lib
 
 
 @functools.cache
 def _load() -> Exception | None:
   """Builds (when not cached or not intact) and registers the kernel once per process: None, or why it is
-  unavailable (the exception; its message says why and the fix)."""
+  unavailable (the exception; its message says why and the fix). A loaded library stays loaded for the process
+  (dlopen hands back the same one), so a damaged file that did load is replaced for the next process only."""
   try:
     path = library_path()
     if not (path.is_file() and _intact(path)):
       build(path)
     try:
       lib = _open(path)
-      targets = lib.MltdOnednnMatmul, lib.MltdMaterialize
-    except (OSError, AttributeError):  # damaged, or not this source's: build it again once
+    except OSError:  # damaged (dlopen loaded nothing): build it again once
       lib = _open(build(path))
-      targets = lib.MltdOnednnMatmul, lib.MltdMaterialize
+    targets = lib.MltdOnednnMatmul, lib.MltdMaterialize  # a library without them: the warning names the symbol
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(targets[0]), platform="cpu")
     jax.ffi.register_ffi_target(MATERIALIZE, jax.ffi.pycapsule(targets[1]), platform="cpu")
   except Exception as e:  # noqa: BLE001  whatever it is, XLA computes the products; the warning says why

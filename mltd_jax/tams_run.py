@@ -45,7 +45,7 @@ def with_cells(regex: str, cfg: Any) -> str:
 
 
 def check_run(model: Any, tcfg: tams.TamsConfig, config: Any) -> None:
-  """Before any compute: no user regex (``config.meta.fast_params``, ``config.eval.methods``) may adapt the controller
+  """Before any training: no user regex (``config.meta.fast_params``, ``config.eval.methods``) may adapt the controller
   or the architecture (``arch/``: the controller's choice, an integer at meta-test) in the inner loop; a temperature
   annealed over more steps than meta-training has is logged (it never reaches its end value)."""
   collection = tams.init(jax.random.key(0), model, tcfg)  # small (cells and controller): its paths

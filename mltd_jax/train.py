@@ -633,8 +633,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
   for name in (n for n in PHASE_SECTIONS if config[n].steps > 0):  # before any phase runs: a later one may refuse
     check_resume(config, workdir, name, has_checkpoint(workdir, name), record=False)
-  if sharding.is_main_process():  # this run's settings, once it is not refused
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   tcfg = tams_run.tams_config(config.get("tams"))
   if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
     inner = dataclasses.replace(inner, fast_regex=tams_run.with_cells(inner.fast_regex, config.tams))
@@ -647,6 +645,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if tcfg is not None:  # cells in every FFN sublayer; without a 'tams' collection (pretraining) the plain model
     model = tams.attach(model, tcfg)
     tams_run.check_run(model, tcfg, config)
+  if sharding.is_main_process():  # this run's settings, once nothing refused them
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   run = Run(model, family, tokenizer, encoder, source, rngs, workdir, mesh)
   log.info(
     "model: %s (%s), %.2fM parameters; tokenizer: %d tokens; data: %s",

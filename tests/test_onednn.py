@@ -17,9 +17,10 @@ from mltd_jax import onednn
 # wheels (requirements.txt) the assertion fails, with the reason.
 needs_kernel = pytest.mark.skipif(
   (shutil.which("c++") is None and shutil.which("g++") is None)
+  or not onednn.WHEELS_HERE
   or jax.default_backend() != "cpu"
   or os.environ.get(onednn.ENV, "1") == "0",
-  reason="no C++ compiler, not XLA:CPU, or the kernel turned off",
+  reason="no C++ compiler, no oneDNN wheels for this platform, not XLA:CPU, or the kernel turned off",
 )
 
 
