@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import logging
@@ -160,6 +161,21 @@ def _open(path: Path) -> ctypes.CDLL:
   return lib
 
 
+@contextlib.contextmanager
+def _building(path: Path) -> Iterator[None]:
+  """An exclusive lock on ``path``'s ``.lock`` file while it is built (nothing when the folder is not writable:
+  `build` then says so)."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115  held for the block
+  except OSError:
+    yield
+    return
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
 @functools.cache
 def _load() -> Exception | None:
   """Builds (when not cached or not intact) and registers the kernel once per process: None, or why it is
@@ -168,7 +184,9 @@ def _load() -> Exception | None:
   try:
     path = library_path()
     if not (path.is_file() and _intact(path)):
-      build(path)
+      with _building(path):  # one process builds; another (a pytest-xdist worker) waits, then finds it built
+        if not (path.is_file() and _intact(path)):
+          build(path)
     try:
       lib = _open(path)
     except OSError:  # damaged (dlopen loaded nothing): build it again once
