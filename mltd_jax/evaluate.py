@@ -168,11 +168,7 @@ def check_config(cfg: Any) -> None:
   if decode is not None and decode.metrics:
     from mltd_jax import text_metrics  # rouge-score and sacrebleu stay unimported
 
-    unknown = [m for m in decode.metrics if m not in text_metrics.TEXT_METRICS]
-    if unknown:
-      raise ValueError(
-        f"config.eval.decode.metrics has {unknown}; known metrics: {sorted(text_metrics.TEXT_METRICS)}."
-      )
+    text_metrics.check_names(decode.metrics)
 
 
 def encode_tasks(encoder, tasks: Sequence[Task], cfg: Any) -> dict:

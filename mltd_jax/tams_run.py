@@ -44,14 +44,15 @@ def with_cells(regex: str, cfg: Any) -> str:
   return f"(?:{regex})|{tams.FAST_REGEX}" if cfg.get("adapt_cells", True) else regex
 
 
-def check_run(model: Any, tcfg: tams.TamsConfig, config: Any) -> None:
-  """Before any training: no user regex (``config.meta.fast_params``, ``config.eval.methods``) may adapt the controller
-  or the architecture (``arch/``: the controller's choice, an integer at meta-test) in the inner loop; a temperature
-  annealed over more steps than meta-training has is logged (it never reaches its end value)."""
+def check_run(model: Any, tcfg: tams.TamsConfig, config: Any, fast_regex: str | None) -> None:
+  """Before any training: no user regex (``fast_regex``, meta-training's ``config.meta.fast_params``, None without
+  meta-training; ``config.eval.methods``) may adapt the controller or the architecture (``arch/``: the controller's
+  choice, an integer at meta-test) in the inner loop; a temperature annealed over more steps than meta-training has
+  is logged (it never reaches its end value)."""
   collection = tams.init(jax.random.key(0), model, tcfg)  # small (cells and controller): its paths
   paths = [f"tams/controller/{'/'.join(k)}" for k in traverse_util.flatten_dict(collection["controller"])]
   paths += ["arch/" + "/".join((*p, "alpha")) for p in tams.cell_paths(collection)]
-  regexes = {"config.meta.fast_params": config.meta.get("fast_params", "^tarp/")} if config.meta.steps > 0 else {}
+  regexes = {} if fast_regex is None else {"config.meta.fast_params": fast_regex}
   regexes.update({f"config.eval.methods[{m!r}]": r for m, r in config.eval.methods.items()})
   for field, regex in regexes.items():
     hit = [p for p in paths if re.search(regex, p)]

@@ -48,9 +48,14 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> dict[str, flo
 TEXT_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], dict[str, float]]] = {"rouge": rouge, "bleu": bleu}
 
 
-def score(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-  """All scores of the metrics ``names`` (keys of `TEXT_METRICS`) in one dict."""
+def check_names(names: Sequence[str]) -> None:
+  """Stop on a name of ``config.eval.decode.metrics`` that is not a key of `TEXT_METRICS`."""
   unknown = [n for n in names if n not in TEXT_METRICS]
   if unknown:
     raise ValueError(f"config.eval.decode.metrics has {unknown}; known metrics: {sorted(TEXT_METRICS)}.")
+
+
+def score(names: Sequence[str], predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+  """All scores of the metrics ``names`` (keys of `TEXT_METRICS`) in one dict."""
+  check_names(names)
   return {k: v for n in names for k, v in TEXT_METRICS[n](predictions, references).items()}

@@ -96,10 +96,10 @@ def phase_fields(config: Any, name: str) -> dict[str, Any]:
   for section in PHASE_SECTIONS[name]:
     if section in tree:
       walk(section, tree[section])
-  unused = {f"data.{k}." for k in data.SOURCES if k != tree.get("data", {}).get("source")}
+  source = tree.get("data", {}).get("source")
+  unused = {f"data.{k}." for k in data.SOURCES if k != source}
   if not flat.get("tams.enabled", False):
     unused.add("tams.")
-  source = tree.get("data", {}).get("source")
   evaluation = {f"data.{source}.{k}" for k in EVAL_DATA_FIELDS}
   return {
     k: v
@@ -356,14 +356,11 @@ def check_loop(config: Any) -> None:
   """Stop, naming the field, on loop settings that would fail late or silently: intervals, the number of
   checkpoints kept (Orbax's max_to_keep=0 keeps none) and the phases' tasks per step must be integers >= 1,
   the outer gradient clip > 0."""
-  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
-    value = config[field]
+  counts = {f"config.{f}": config[f] for f in ("log_every", "checkpoint_every", "keep_checkpoints")}
+  counts.update({f"config.{p}.tasks_per_step": config[p].tasks_per_step for p in ("pretrain", "meta")})
+  for field, value in counts.items():
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"config.{field}={value!r} must be an integer >= 1.")
-  for phase in ("pretrain", "meta"):
-    value = config[phase].tasks_per_step
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"config.{phase}.tasks_per_step={value!r} must be an integer >= 1.")
+      raise ValueError(f"{field}={value!r} must be an integer >= 1.")
   clip = config.meta.get("clip_grad_norm", 1.0)
   if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
     raise ValueError(f"config.meta.clip_grad_norm={clip!r} must be a finite number > 0 (it clips the outer gradient).")
@@ -414,7 +411,7 @@ def meta_train(
   step_fn = jit_step(step_fn, shardings)  # compiled once: the overhead measurement and the phase share it
   if tcfg is not None:
     resumed = has_checkpoint(run.workdir, "meta")  # the overhead's row is in metrics.jsonl already
-    overhead = tams_overhead(run, state, step_fn, first, inner, config, tcfg, shardings)
+    overhead = tams_overhead(run, state, step_fn, first, inner, config, tcfg, resumed, shardings)
     if not resumed:  # a phase starting afresh: a killed first attempt's rows go, step 0's overhead row too
       writer.rewind("meta", -1)
       writer.write(0, {f"meta/tams/{k}": v for k, v in overhead.items()})
@@ -501,10 +498,11 @@ def tams_overhead(
   inner: meta.InnerLoop,
   config,
   tcfg: tams.TamsConfig,
+  resumed: bool,
   shardings: sharding.PhaseShardings | None = None,
 ) -> dict:
   """TAMS' parameter overhead and its meta-step time overhead, logged before meta-training and kept in
-  ``tams_overhead.json`` (read back when the phase resumes).
+  ``tams_overhead.json`` (read back when the phase resumes: ``resumed``, it has a checkpoint).
 
   The time is ``config.tams.overhead_steps`` steps on ``batch`` (the first meta-batch) of the phase's jitted
   ``step_fn`` (its compilation is the phase's) against the step without TAMS (the same variables less ``'tams'``,
@@ -512,7 +510,7 @@ def tams_overhead(
   """
   path, cfg = run.workdir / TAMS_OVERHEAD, config.meta
   out = tams_run.param_overhead(state.variables)
-  if path.exists() and has_checkpoint(run.workdir, "meta"):
+  if path.exists() and resumed:
     return {**json.loads(path.read_text()), **out}
   n = int(config.tams.get("overhead_steps", 0))
   if n > 0:
@@ -634,6 +632,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   for name in (n for n in PHASE_SECTIONS if config[n].steps > 0):  # before any phase runs: a later one may refuse
     check_resume(config, workdir, name, has_checkpoint(workdir, name), record=False)
   tcfg = tams_run.tams_config(config.get("tams"))
+  user_fast = None if inner is None else inner.fast_regex  # config.meta.fast_params, before the cells join it
   if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
     inner = dataclasses.replace(inner, fast_regex=tams_run.with_cells(inner.fast_regex, config.tams))
   evaluate.check_config(eval_config(config, tcfg))
@@ -644,7 +643,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
   if tcfg is not None:  # cells in every FFN sublayer; without a 'tams' collection (pretraining) the plain model
     model = tams.attach(model, tcfg)
-    tams_run.check_run(model, tcfg, config)
+    tams_run.check_run(model, tcfg, config, user_fast)
   if sharding.is_main_process():  # this run's settings, once nothing refused them
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   run = Run(model, family, tokenizer, encoder, source, rngs, workdir, mesh)
