@@ -62,7 +62,7 @@ def test_cache_matches_full_forward_at_every_position(hf_and_ours, kind, dtype):
   variables = {"params": params} if kind is None else perturbed_variables(model, params, kind)
   ids, mask = prompts()
   new = np.random.default_rng(1).integers(0, VOCAB, (ids.shape[0], 5))
-  got = np.asarray(cached_logits(model, variables, ids, mask, new, slots=new.shape[1]))  # [b, 6, V]
+  got = np.asarray(cached_logits(model, variables, ids, mask, new, slots=new.shape[1] + 1))  # [b, 6, V]
   full_ids, full_mask = np.concatenate([ids, new], 1), np.concatenate([mask, np.ones_like(new)], 1)
   pos = np.maximum(np.cumsum(full_mask, 1) - 1, 0)
   ref = np.asarray(model.apply(variables, full_ids, attention_mask=full_mask, position_ids=pos))
@@ -157,5 +157,21 @@ def test_bad_arguments_are_refused(hf_and_ours):
   ids, mask = prompts()
   with pytest.raises(ValueError, match="pad prompts on the left"):
     decode.generate(model, {"params": params}, ids, mask[:, ::-1], max_new_tokens=2)
-  with pytest.raises(ValueError, match="n_positions"):
-    decode.generate(model, {"params": params}, ids, mask, max_new_tokens=27)
+  with pytest.raises(ValueError, match="n_positions"):  # 6 + 28 = n_positions + 2
+    decode.generate(model, {"params": params}, ids, mask, max_new_tokens=28)
+
+
+def test_greedy_to_the_last_position_matches_transformers(hf_and_ours):
+  """Prompt + new tokens = n_positions + 1: the last token is never fed, so its position is never needed
+  (transformers allows it; the cache holds P + N - 1 slots)."""
+  hf, model, params = hf_and_ours
+  ids, mask = prompts()
+  n = hf.config.n_positions + 1 - ids.shape[1]
+  with torch.no_grad():
+    ref = hf.generate(
+      torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=n, num_beams=1,
+      eos_token_id=EOS, pad_token_id=PAD,
+    ).numpy()[:, ids.shape[1] :]
+  assert ref.shape == (4, n) and not np.isin(ref[[0, 3]], [EOS, PAD]).any()  # rows 0 and 3 reach the last position
+  ours = decode.generate(model, {"params": params}, ids, mask, max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD)
+  np.testing.assert_array_equal(np.asarray(ours), ref)

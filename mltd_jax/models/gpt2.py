@@ -290,22 +290,25 @@ class GPT2LMHeadModel(nn.Module):
 
   def init_decode(self, variables: dict, input_ids: jax.Array, attention_mask: jax.Array | None, max_new_tokens: int):
     """Runs the prompt ``input_ids`` [B, P] (left-padded: ``attention_mask`` [B, P] has its zeros first) into a
-    cache with room for ``max_new_tokens`` more tokens.
+    cache with room for the ``max_new_tokens - 1`` generated tokens that are fed back (the last one never is).
 
     Positions are cumsum(mask) - 1 (0 on padding), as transformers' ``generate`` makes them for GPT-2, so a padded
-    prompt continues exactly like the unpadded one. Returns (logits [B, vocab] for the first new token, cache).
+    prompt continues exactly like the unpadded one; the last token fed sits at position P + max_new_tokens - 2 at
+    most, so P + max_new_tokens may reach n_positions + 1, as in transformers. Returns (logits [B, vocab] for the
+    first new token, cache).
     """
     cfg = self.config
     b, p = input_ids.shape
-    total = p + max_new_tokens  # T: cache slots
+    fed = max_new_tokens - 1  # generated tokens fed back into the cache
+    total = p + fed  # T: cache slots
     if total > cfg.n_positions:
       raise ValueError(
-        f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds n_positions={cfg.n_positions}; "
+        f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds n_positions + 1 = {cfg.n_positions + 1}; "
         "shorten the prompt or generate fewer tokens."
       )
     mask = jnp.ones((b, p), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)  # [B, P]
-    keys = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), bool)], -1)  # [B, T]: the prompt's real tokens
+    keys = jnp.concatenate([mask, jnp.zeros((b, fed), bool)], -1)  # [B, T]: the prompt's real tokens
     attend = jnp.tril(jnp.ones((p, total), bool))[None, None] & keys[:, None, None, :]  # [B, 1, P, T], causal
     head_dim = cfg.n_embd // cfg.n_head
     empty = jnp.zeros((b, total, cfg.n_head, head_dim), matmul.result_dtype(self.dtype))  # as the layers make k, v
@@ -318,7 +321,7 @@ class GPT2LMHeadModel(nn.Module):
     one past the prompt's last plus ``index``). Returns (logits [B, vocab] for the next token, cache)."""
     mask = cache["mask"]  # [B, P]
     b, p = mask.shape
-    total = cache["kv"][0]["k"].shape[1]  # T = P + max_new_tokens
+    total = cache["kv"][0]["k"].shape[1]  # T = P + max_new_tokens - 1
     last = jnp.maximum(mask.sum(-1) - 1, 0)  # [B]: position of the prompt's last token (0 for an empty prompt)
     positions = (last + 1 + index)[:, None]  # [B, 1]
     written = jnp.arange(total - p) <= index  # [N]: generated slots filled so far, this one included
