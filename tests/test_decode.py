@@ -121,6 +121,10 @@ def test_folded_static_difference_decodes_the_same_tokens(hf_and_ours):
   for x, y in zip(jax.tree.leaves(prepared["params"]), jax.tree.leaves(folded)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   ids, mask = prompts()
+  pos, real = np.maximum(np.cumsum(mask, 1) - 1, 0), mask.astype(bool)
+  want = np.asarray(model.apply(variables, ids, attention_mask=mask, position_ids=pos))[real]  # the difference applied
+  got = np.asarray(model.apply({"params": folded}, ids, attention_mask=mask, position_ids=pos))[real]
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())  # the fold is the same model
   kw = dict(max_new_tokens=N, eos_token_id=EOS, pad_token_id=PAD)
   for num_beams in (1, 3):
     a = decode.generate(model, variables, ids, mask, num_beams=num_beams, **kw)

@@ -139,6 +139,10 @@ def test_folded_static_difference_decodes_the_same_tokens(root):
   folded, left = tarp.fold(variables["params"], variables["tarp"])
   assert not left  # static kinds fold completely
   ids, mask = sources()
+  target = np.random.default_rng(2).integers(0, SIZE["vocab_size"], (ids.shape[0], N)).astype(np.int32)
+  want = np.asarray(jax.jit(model.apply)(variables, ids, target, mask))  # the difference applied, in full
+  got = np.asarray(jax.jit(model.apply)({"params": folded}, ids, target, mask))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())  # the fold is the same model (2e-5 off)
   kw = dict(max_new_tokens=N, eos_token_id=VARIANTS["v1_1"]["eos_token_id"], pad_token_id=PAD)
   for num_beams in (1, 3):
     a = decode.generate(model, variables, ids, mask, num_beams=num_beams, **kw)
