@@ -13,9 +13,15 @@ vocab seq tasks shots inner rank steps, and ``--threads``) and adds its line (``
 it runs under ``torch.autocast(dtype=torch.bfloat16)`` (its products bfloat16 with float32 accumulation, like ours,
 `mltd_jax.matmul`) unless ``--peer_dtype float32`` says otherwise; its line records its ``dtype``. ``--tarp
 dynamic`` and ``--tams`` measure those variants.
-``--rounds R`` repeats all of it R times in turn (ours, the peer, ours, ...) and ends with one ``summary_of_rounds``
-line per setting (median, min, max of each figure and ratio): on a shared machine the speed drifts by 15% or more
-between minutes, so a ratio from one round can mislead.
+``--rounds R`` repeats all of it R times in turn and ends with one ``summary_of_rounds`` line per setting (median,
+min, max of each figure and ratio): on a shared machine the speed drifts by 15% or more between minutes, so a ratio
+from one round can mislead. Within a round each order's peer runs just before ours in even rounds and just after in
+odd ones, so that a drift within the round favours neither side.
+
+Other programs: every measured process's line gets ``others``, the cores that processes other than it kept busy on
+average while it ran (/proc/stat's busy time less its own CPU time, over its wall time) and the hypervisor's steal;
+above 0.1 core a warning is printed. The peer is fragile there: its OpenMP threads spin while they wait, so one busy
+core elsewhere can slow it 40x while ours barely moves, and a ratio from such a minute says nothing. Run alone.
 
 Host memory: the processes measured here, ours and the peer's alike, start with glibc's huge-page tunable
 (``--hugepages 1``, the default: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, replacing a hugetlb value of the caller's,
@@ -490,30 +496,71 @@ AUTOCAST = (
 )
 
 
+BUSY_OTHERS = 0.1  # cores other programs may keep busy during a measurement before it is flagged
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+  """(busy, steal) seconds of all CPUs together since boot (/proc/stat's first line; None where it is missing)."""
+  try:
+    with open("/proc/stat") as f:
+      v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+  except (OSError, ValueError):
+    return None
+  tick = os.sysconf("SC_CLK_TCK")
+  return (sum(v) - v[3] - v[4] - v[7]) / tick, v[7] / tick
+
+
+def with_others(run: Callable[[], dict], what: str) -> dict:
+  """``run()``'s row (``what`` ran in one child process, waited for) with ``others``: ``cores``, the CPUs' busy time
+  during it that was not the child's own, per second of wall time; ``steal_cores``, the hypervisor's steal, alike.
+  Above `BUSY_OTHERS` a warning goes to stderr."""
+  own = lambda: sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])  # noqa: E731  waited-for children's CPU s
+  before, own0, t0 = cpu_seconds(), own(), time.perf_counter()
+  row = run()
+  after, wall = cpu_seconds(), time.perf_counter() - t0
+  if before is None or after is None or wall <= 0:
+    return row
+  others = max(0.0, after[0] - before[0] - (own() - own0)) / wall
+  row["others"] = {"cores": round(others, 3), "steal_cores": round((after[1] - before[1]) / wall, 3)}
+  if others > BUSY_OTHERS or row["others"]["steal_cores"] > BUSY_OTHERS:
+    print(f"meta_step.py: while {what} ran, other programs kept {others:.2f} cores busy (steal "
+          f"{row['others']['steal_cores']:.2f}): its figures are not to be trusted; run alone", file=sys.stderr)  # fmt: skip
+  return row
+
+
 def run_peer(a: argparse.Namespace, env: dict, inner: int, order: int) -> dict:
   """The PyTorch peer (``--peer_script``) with the same settings, in its own process (environment ``env``, as ours),
   under ``torch.autocast`` when its dtype (``--peer_dtype``, by default ``--dtype``) is not float32: its JSON line,
-  with ``dtype`` added."""
+  with ``dtype`` and `with_others`'s record added."""
   dtype = a.dtype if a.peer_dtype == "same" else a.peer_dtype
   values = {**{k: getattr(a, k) for k in PEER_FLAGS}, "inner": inner, "order": order}
   script = [str(a.peer_script), *[f"--{k}={v}" for k, v in values.items()], f"--threads={a.threads}"]
   cmd = [sys.executable, *(script if dtype == "float32" else ["-c", AUTOCAST, dtype, *script])]
-  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  if out.returncode or not out.stdout.strip():
-    return {"error": out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"], "dtype": dtype}
-  return {**json.loads(out.stdout.strip().splitlines()[-1]), "dtype": dtype}
+
+  def run() -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode or not out.stdout.strip():
+      return {"error": out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"], "dtype": dtype}
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "dtype": dtype}
+
+  return with_others(run, f"the peer (order {order})")
 
 
 def child(a: argparse.Namespace, env: dict, mode: str, inner: int, order: int, remat: int, n: int, backward: str):
-  """One setting in a fresh process (its own peak memory): the JSON row, or one with the error."""
+  """One setting in a fresh process (its own peak memory): the JSON row, or one with the error; `with_others`'s
+  record added."""
   cmd = [sys.executable, __file__, "--child", *[f"--{k}={getattr(a, k)}" for k in FIELDS], *(["--tams"] * a.tams)]
   cmd += ["--mode", mode, "--inner", str(inner), "--order", str(order), "--remat", str(remat), "--devices", str(n)]
   cmd += ["--backward", backward]
-  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  if out.returncode == 0 and out.stdout.strip():
-    return json.loads(out.stdout.strip().splitlines()[-1])
-  setting = {"mode": mode, "inner": inner, "order": order, "remat": bool(remat), "devices": n, "backward": backward}
-  return {**setting, "error": out.stderr.strip().splitlines()[-1:]}
+
+  def run() -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode == 0 and out.stdout.strip():
+      return json.loads(out.stdout.strip().splitlines()[-1])
+    setting = {"mode": mode, "inner": inner, "order": order, "remat": bool(remat), "devices": n, "backward": backward}
+    return {**setting, "error": out.stderr.strip().splitlines()[-1:]}
+
+  return with_others(run, f"ours ({mode}, order {order})")
 
 
 def main() -> None:
@@ -573,9 +620,13 @@ def main() -> None:
       if "meta" not in a.mode:
         continue
       for order in a.order:
-        peer = run_peer(a, env, inner, order) if a.peer else None
-        for remat, n, backward in itertools.product(a.remat, devices, a.backward):
-          row = child(a, env, "meta", inner, order, remat, n, backward)
+        peer_first = r % 2 == 0  # alternate: the peer before ours in even rounds, after in odd ones
+        peer = run_peer(a, env, inner, order) if a.peer and peer_first else None
+        settings = list(itertools.product(a.remat, devices, a.backward))
+        rows = [child(a, env, "meta", inner, order, *s) for s in settings]
+        if a.peer and not peer_first:
+          peer = run_peer(a, env, inner, order)
+        for (remat, n, backward), row in zip(settings, rows):
           if fwdbwd and "tokens_per_s" in row and "tokens_per_s" in fwdbwd:
             row["of_fwdbwd"] = round(row["tokens_per_s"] / fwdbwd["tokens_per_s"], 3)  # share of the plain rate
           if peer is not None:
@@ -622,6 +673,9 @@ def summarize(setting: tuple, inner: int, rows: list[dict]) -> dict:
   if setting[0] == "meta":
     out["peer_dtype"] = agreed(lambda r: r.get("peer", {}).get("dtype"))
   out["peak_rss_mb"] = stat(lambda r: r.get("peak_rss_mb", r.get("peak_device_mb")))
+  others = lambda r: (r.get("others") or {}).get("cores")  # noqa: E731
+  busy = [v for r in rows for v in (others(r), others(r.get("peer") or {})) if v is not None]
+  out["others_cores_max"] = max(busy) if busy else None  # the busiest minute's other programs, ours or the peer's
   return out
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,31 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   assert "glibc.malloc.hugetlb=1" in step["peer"]["tunables"].split(":")  # the peer starts in our environment
   assert step["vs_peer"]["tokens_per_s"] == pytest.approx(step["tokens_per_s"] / 100.0, rel=1e-2)
   assert step["vs_peer"]["peak_mb"] == pytest.approx(step["peak_rss_mb"] / 50, rel=1e-2)
+  for r in (*rows, step["peer"]):  # other programs' load while each ran (`meta_step.with_others`)
+    assert r["others"]["cores"] >= 0 and r["others"]["steal_cores"] >= 0
+
+
+def test_other_programs_load_is_recorded_and_flagged(capsys):
+  """`meta_step.with_others`: a busy loop elsewhere while the measured child only sleeps shows as other programs'
+  cores (the child's own CPU is not counted) and is warned about; a summary keeps the busiest round's figure."""
+  sys.path.insert(0, str(SCRIPT.parent))
+  import meta_step
+
+  def sleeper() -> dict:  # the measured child: sleeps, its own CPU time near 0
+    subprocess.run([sys.executable, "-c", "import time; time.sleep(1)"], check=True)
+    return {}
+
+  hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+  try:
+    time.sleep(0.3)  # the hog is spinning
+    row = meta_step.with_others(sleeper, "the test's sleeper")
+  finally:
+    hog.kill()
+    hog.wait()
+  assert row["others"]["cores"] > 0.5, row
+  assert "while the test's sleeper ran, other programs kept" in capsys.readouterr().err
+  rows = [{"others": {"cores": 0.05}, "peer": {"others": {"cores": 0.7}}}, {"others": {"cores": 0.2}}]
+  assert meta_step.summarize(("meta", 2, 1, 1, "auto"), 4, rows)["others_cores_max"] == 0.7
 
 
 def test_profile_meta_step_prints_time_by_kind_of_op(tmp_path):
