@@ -193,6 +193,45 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
   assert logged == list(range(5, 201, 5)), logged
 
 
+def test_a_resumed_phase_ends_where_an_uninterrupted_one_does(tmp_path):
+  """train.run_phase run to step 2, then again to step 4 in the same workdir, ends with the state of 4 steps in one
+  go: the same batches (a pure function of the step), keys (the step folded in) and Adam moments (restored)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from mltd_jax import meta, train
+  from mltd_jax.metric_writer import MetricWriter
+  from mltd_jax.state import TrainState
+
+  def loss_fn(variables, batch, rng):  # depends on the step's batch and on its key
+    return jnp.sum((variables["params"]["w"] - batch["x"] - jax.random.normal(rng, (3,))) ** 2)
+
+  tx = optax.adam(0.1)
+  step_fn = meta.make_train_step(loss_fn, tx)
+  cfg = tiny_config()
+  cfg.checkpoint_every, cfg.log_every = 2, 1
+
+  def run(workdir, steps):
+    writer = MetricWriter(workdir)
+    state = TrainState.create({"params": {"w": jnp.zeros(3)}}, tx)
+    make = lambda step: {"x": np.full(3, float(step), np.float32)}  # noqa: E731
+    try:
+      return jax.device_get(train.run_phase("pretrain", state, step_fn, make, steps, 1, workdir, writer, cfg,
+                                            jax.random.key(0)))  # fmt: skip
+    finally:
+      writer.close()
+
+  once = run(tmp_path / "once", 4)
+  assert int(run(tmp_path / "twice", 2).step) == 2
+  twice = run(tmp_path / "twice", 4)
+  assert int(twice.step) == 4
+  for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(twice)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  assert [r["step"] for r in metrics(tmp_path / "twice")] == [1, 2, 3, 4]
+
+
 def test_resuming_under_other_settings_is_refused_naming_the_fields(tmp_path):
   """`train.check_resume`: a phase's checkpoints resume only under the config fields they were trained with; layout
   fields, meta.steps, the held-out tasks' sizes, other sources' blocks and TAMS's settings while it is off may

@@ -135,6 +135,63 @@ def test_cells_are_in_layer_order():
   assert sorted(nested, key=tams._layer_order) == [nested[2], nested[0], nested[1]]
 
 
+def reference_cell(weights, alpha, h, spec, causal, mask):
+  """The cell written out in numpy (float64), edge by edge and position by position: node 0 = h in_a, node 1 =
+  h in_b, node j = sum over i < j of the mixture alpha[edge (i, j)] of the operations on node i (zero on padding),
+  output = mean of the intermediate nodes @ out."""
+  w = jax.tree.map(lambda a: np.asarray(a, np.float64), weights)
+  gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))  # noqa: E731
+
+  def conv(x, kernel, bias, k):  # x [b, t, w]; kernel [k, w, w]: position t reads t-k+1..t (causal) or is centered
+    first = -(k - 1) if causal else -((k - 1) // 2)
+    y = np.zeros_like(x) + bias
+    for t in range(x.shape[1]):
+      for j in range(k):
+        if 0 <= t + first + j < x.shape[1]:
+          y[:, t] += x[:, t + first + j] @ kernel[j]
+    return gelu(y)
+
+  def op(name, e, x):
+    if name == "linear":
+      return gelu(x @ w["linear"]["w"][e] + w["linear"]["b"][e])
+    if name in ("conv3", "conv5"):
+      return conv(x, w[name]["w"][e], w[name]["b"][e], int(name[-1]))
+    if name == "glu":
+      a, g = np.split(x @ w["glu"]["w"][e] + w["glu"]["b"][e], 2, axis=-1)
+      return a / (1 + np.exp(-g))
+    return {"zero": 0 * x, "skip": x}[name]
+
+  m = np.asarray(mask, np.float64)[..., None]
+  h = np.asarray(h, np.float64)
+  nodes = [h @ w["in_a"] * m, h @ w["in_b"] * m]
+  for j in range(2, 2 + spec.nodes):
+    total = 0.0
+    for i in range(j):
+      e = spec.edges.index((i, j))
+      mix = np.eye(len(spec.ops))[int(alpha[e])] if np.ndim(alpha) == 1 else np.asarray(alpha[e], np.float64)
+      total = total + sum(mix[o] * op(name, e, nodes[i]) for o, name in enumerate(spec.ops) if mix[o])
+    nodes.append(total * m)
+  return np.mean(nodes[2:], axis=0) @ w["out"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cell_matches_a_numpy_reference(causal):
+  """`tams.cell` against `reference_cell` with every weight random (out and the biases too): a fixed architecture
+  using every operation (integer alpha) and a soft mixture of all of them, with padding."""
+  spec = CFG.spec
+  weights = perturb(tams._draw(jax.random.key(0), tams.cell_layout(8, CFG)), 0.3)
+  rng = np.random.default_rng(0)
+  h = rng.standard_normal((2, 7, 8)).astype(np.float32)
+  mask = np.ones((2, 7), np.float32)
+  mask[1, 5:] = 0
+  soft = jax.nn.softmax(jnp.asarray(rng.standard_normal((len(spec.edges), len(spec.ops))), jnp.float32))
+  for alpha in (MIXED, soft):
+    got, _ = tams.cell(weights, alpha, h, spec, causal=causal, token_mask=mask)
+    want = reference_cell(weights, np.asarray(alpha), h, spec, causal, mask)
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
 def test_fresh_cells_and_all_zero_edges_leave_the_model_unchanged(lm):
   sampled = tams.with_arch(lm.fresh, tams.gumbel_softmax(jax.random.key(0), jnp.zeros((9, 6)), 1.0))
   np.testing.assert_array_equal(forward(lm.m, sampled, lm.ids, lm.mask), lm.plain)  # W_out = 0 at init
