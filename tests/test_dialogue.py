@@ -48,7 +48,8 @@ def test_candidate_hits_rank_by_summed_response_loss():
 def check_decoded(workdir, metrics=("bleu", "hits@1")):
   """eval.json has perplexity, each metric before and after adaptation, and BLEU equals sacrebleu's on the outputs."""
   result = json.loads((workdir / "eval.json").read_text())
-  assert result["methods"]["tarp"]["selections"]["query"]["query"]["ppl_mean"][0] > 1
+  before = [s["query"]["ppl_mean"][0] for m in result["methods"].values() for s in m["selections"].values()]
+  assert np.isfinite(before).all() and np.allclose(before, before[0], rtol=1e-6)  # k = 0: nothing adapted yet
   decoded = result["decode"]
   records = [json.loads(line) for line in (workdir / "predictions.jsonl").read_text().splitlines()]
   for label, entry in [("before", decoded["before"]), *decoded["methods"].items()]:

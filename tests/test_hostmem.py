@@ -40,9 +40,19 @@ def test_hugepages_needs_the_tunable_only_where_the_kernel_waits_for_advice(tmp_
   assert not hostmem.hugepages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0"}, mode("[madvise]"))
 
 
-def test_glibc_version_is_a_pair_of_ints_here():
+def test_glibc_version_is_the_c_librarys_own():
+  """The (major, minor) that glibc's own gnu_get_libc_version() returns (called through ctypes); None where the C
+  library has no such function (not glibc: musl, macOS)."""
+  import ctypes
+
   version = hostmem.glibc_version()
-  assert version is None or (len(version) == 2 and version >= (2, 0))
+  try:
+    get = ctypes.CDLL(None).gnu_get_libc_version
+  except (AttributeError, OSError):
+    assert version is None
+    return
+  get.restype = ctypes.c_char_p
+  assert version == tuple(int(v) for v in get().decode().split(".")[:2])
 
 
 def test_hint_only_for_a_cpu_process_without_huge_pages(monkeypatch):

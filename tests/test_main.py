@@ -1,6 +1,7 @@
 """End-to-end runs of `python -m mltd_jax.main` on the :tiny config (shrunk), in subprocesses like a user."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,12 @@ def test_train_and_evaluate_one_step_in_process(tmp_path):
   cfg.data.facts.num_eval_tasks = 2
   result = train.train_and_evaluate(cfg, tmp_path)
   assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(result))
+  before = []
   for method in result["methods"].values():
     for s in method["selections"].values():
-      assert len(s["query"]["ppl_mean"]) == 2 and all(v > 1 for v in s["query"]["ppl_mean"])
+      assert len(s["query"]["ppl_mean"]) == 2 and all(math.isfinite(v) for v in s["query"]["ppl_mean"])
+      before.append(s["query"]["ppl_mean"][0])
+  assert max(before) - min(before) <= 1e-6 * before[0]  # k = 0: every method scores the same, unadapted model
   assert [r["step"] for r in metrics(tmp_path) if "meta/query_loss" in r] == [1]
 
 
@@ -191,6 +195,25 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
   assert int(checkpoint.load(ckpts)["step"]) == 200
   logged = [r["step"] for r in metrics(wd) if "pretrain/loss" in r]  # the replayed steps logged once
   assert logged == list(range(5, 201, 5)), logged
+
+
+def test_outer_schedule_warms_up_then_decays_as_inverse_square_root():
+  """`train.outer_schedule` (the paper's Transformer schedule, configs/adaptsum.py's default): update s + 1 gets
+  outer_lr * min(1, (s + 1) / warmup) * sqrt(warmup / max(s + 1, warmup)); constant without warmup."""
+  import ml_collections
+  import numpy as np
+
+  from mltd_jax import train
+
+  cfg = lambda **kw: ml_collections.ConfigDict({"outer_lr": 2.0, **kw})  # noqa: E731
+  paper = train.outer_schedule(cfg(outer_warmup_steps=4, outer_schedule="inverse_sqrt"))
+  want = 2.0 * np.array([0.25, 0.5, 0.75, 1, np.sqrt(4 / 5), np.sqrt(4 / 6), np.sqrt(4 / 7), np.sqrt(4 / 8)])
+  np.testing.assert_allclose([float(paper(s)) for s in range(8)], want, rtol=1e-6)
+  bare = train.outer_schedule(cfg(outer_schedule="inverse_sqrt"))
+  np.testing.assert_allclose([float(bare(s)) for s in range(3)], 2.0 / np.sqrt([1, 2, 3]), rtol=1e-6)
+  assert [float(train.outer_schedule(cfg())(s)) for s in (0, 9)] == [2.0, 2.0]
+  with pytest.raises(ValueError, match="config.meta.outer_schedule='cosine'"):
+    train.outer_schedule(cfg(outer_schedule="cosine"))
 
 
 def test_a_resumed_phase_ends_where_an_uninterrupted_one_does(tmp_path):

@@ -219,8 +219,9 @@ def test_sum_of_products_equals_two_products_at_every_order_and_under_vmap(dtype
   p, q = jnp.ones((n, r)), jnp.ones((c, r))
   for transform in (jax.grad, jax.hessian, lambda f, argnums: jax.jacrev(jax.grad(f, argnums), argnums)):
     ours, ref = (jax.jit(transform(scalar(f), argnums=(0, 1)))(p, q) for f in (matmul.sum_of_products, _two_products))
-    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
-      np.testing.assert_allclose(x, y, **(tol if dtype == jnp.float32 else dict(rtol=5e-2, atol=0.1)))
+    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):  # bfloat16: sums in other orders
+      loose = dict(rtol=1e-2, atol=1e-2 * float(jnp.abs(y).max()))
+      np.testing.assert_allclose(x, y, **(tol if dtype == jnp.float32 else loose))
   batched = jax.vmap(matmul.sum_of_products, in_axes=(0, None, 0, None))(*cast(jnp.stack([a1, -a1]), b1,
                                                                                jnp.stack([a2, a2]), b2))
   np.testing.assert_allclose(batched[1], _two_products(*cast(-a1, b1, a2, b2)), **tol)
