@@ -3,8 +3,12 @@
 For each seed:
   1. ``multitask``: multitask pretraining only; meta-test with full fine-tuning ("full") and with TARP adaptation of
      a zero-initialized difference ("tarp") -- the two baselines without meta-training.
-  2. ``mltd_2nd``: the same pretrained checkpoint, then exact second-order MLtD meta-training; meta-test with TARP.
-  3. ``mltd_1st``: the same with first-order meta-training (FOMAML), the same number of meta-steps.
+  2. ``multitask_longer``: the same baselines on a model pretrained longer, by as many more tasks as MLtD's
+     meta-training draws (meta.steps x meta.tasks_per_step, in steps of pretrain.tasks_per_step; a run of its own,
+     the cosine schedule spanning all its steps): is MLtD's gain more than more multitask training? The control
+     sees tasks the stream has not shown before, where meta-training revisits pretraining's first ones.
+  3. ``mltd_2nd``: the pretrained checkpoint of 1, then exact second-order MLtD meta-training; meta-test with TARP.
+  4. ``mltd_1st``: the same with first-order meta-training (FOMAML), the same number of meta-steps.
 Every method's adaptation learning rate is chosen per k on validation tasks (`mltd_jax.evaluate`).
 
 With ``--tams`` (issue #9) it compares, per seed, MLtD second order without and with TAMS at the same budget
@@ -104,17 +108,23 @@ def markdown(table: dict, k_max: int, title: str) -> list[str]:
 
 
 def baselines(seeds: list[int], out: Path, methods: dict, seconds: dict, extra: dict) -> dict:
-  """The multitask baselines and MLtD first and second order, per seed (the default comparison); decoding scores
-  into ``extra["decode"]`` when the config decodes. Returns the last meta-test result (for its settings)."""
+  """The multitask baselines (also pretrained longer: the module's docstring) and MLtD first and second order, per
+  seed (the default comparison); decoding scores into ``extra["decode"]`` when the config decodes. Returns a
+  multitask run's meta-test result (for its settings)."""
   def record(label: str, res: dict, method: str) -> None:
     methods.setdefault(label, []).append(res["methods"][method])
     if "decode" in res:
       extra.setdefault("decode", {}).setdefault(label, []).append(decoded(res, method))
 
+  cfg = get_config()
+  longer = cfg.pretrain.steps + -(-cfg.meta.steps * cfg.meta.tasks_per_step // cfg.pretrain.tasks_per_step)
   for seed in seeds:
     base, t = run("multitask", seed, out, **{"meta.steps": 0})
     record("full fine-tuning (multitask)", base, "full")
     record("TARP, no meta-training (multitask)", base, "tarp")
+    res, t = run("multitask_longer", seed, out, "multitask_longer", **{"meta.steps": 0, "pretrain.steps": longer})
+    record(f"full fine-tuning (multitask, {longer} steps)", res, "full")
+    record(f"TARP, no meta-training (multitask, {longer} steps)", res, "tarp")
     for name, first in (("mltd_2nd", False), ("mltd_1st", True)):
       res, t = run(name, seed, out, **{"meta.first_order": first, "eval.methods": {"tarp": "^tarp/"}})
       label = f"MLtD {'first' if first else 'second'}-order (TARP)"
