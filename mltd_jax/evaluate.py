@@ -64,9 +64,18 @@ def eval_inner(cfg: Any, method: str, regex: str) -> meta.InnerLoop:
   )
 
 
+def grid_field(cfg: Any, method: str) -> str:
+  """The config field that holds method ``method``'s learning-rate grid: its own entry, else 'default'."""
+  if method not in cfg.lr_grid and "default" not in cfg.lr_grid:
+    raise ValueError(
+      f"config.eval.lr_grid has no entry for method {method!r} and no 'default' (its keys: {sorted(cfg.lr_grid)})."
+    )
+  return f"config.eval.lr_grid[{method!r}]" if method in cfg.lr_grid else "config.eval.lr_grid['default']"
+
+
 def lr_grid(cfg: Any, method: str) -> list[float]:
   """Method ``method``'s learning-rate grid (``config.eval.lr_grid[method]``, else ``["default"]``), checked."""
-  field = f"config.eval.lr_grid[{method!r}]" if method in cfg.lr_grid else "config.eval.lr_grid['default']"
+  field = grid_field(cfg, method)
   grid = list(cfg.lr_grid[method] if method in cfg.lr_grid else cfg.lr_grid["default"])
   if not grid or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0 for lr in grid):
     raise ValueError(f"{field}={tuple(grid)} must be a non-empty tuple of finite learning rates >= 0.")
@@ -115,12 +124,13 @@ def make_scorer(
   return jax.jit(scorer)
 
 
-def select_lr(grid: Sequence[float], mean_loss: np.ndarray) -> list[float]:
+def select_lr(grid: Sequence[float], mean_loss: np.ndarray, field: str = "the grid") -> list[float]:
   """The learning rate of ``grid`` with the lowest mean validation loss, for each k.
 
   Args:
     grid: the candidate rates.
     mean_loss: [len(grid), K + 1] mean validation loss of each rate after k steps.
+    field: the config field the grid came from, for the error.
 
   Returns:
     K + 1 rates (ties go to the earlier rate of the grid; a rate whose loss is NaN is never chosen).
@@ -134,7 +144,10 @@ def select_lr(grid: Sequence[float], mean_loss: np.ndarray) -> list[float]:
   diverged = np.isnan(mean_loss)
   if diverged.all(axis=0).any():
     k = int(np.flatnonzero(diverged.all(axis=0))[0])
-    raise ValueError(f"every learning rate of {list(grid)} gives a NaN loss after {k} steps; lower the grid.")
+    raise ValueError(
+      f"every learning rate of {field}={list(grid)} gives a NaN loss after {k} steps; lower the grid (a rerun in the "
+      "same workdir restores the finished phases and only meta-tests again)."
+    )
   return [grid[i] for i in np.argmin(np.where(diverged, np.inf, mean_loss), axis=0)]
 
 
@@ -177,6 +190,39 @@ def encode_tasks(encoder, tasks: Sequence[Task], cfg: Any) -> dict:
   query = arrays.pop("query")
   arrays["eval"] = {m: METRICS[m](encoder, query, cfg) for m in cfg.metrics}
   return arrays
+
+
+def check_data(encoder, source, cfg: Any) -> None:
+  """Encode the held-out tasks before any training (``cfg`` is ``config.eval``): a text too long for the
+  encoder, a split without tasks, chunk counts that do not divide the support or query sets, or (with decoding
+  metrics) no room for a prompt beside ``max_new_tokens`` stop the run here, not after meta-training."""
+  for split in ("validation", "test"):
+    tasks = list(source.eval_tasks(split))
+    if not tasks:
+      raise ValueError(
+        f"the data source has no {split} tasks: check its held-out settings in config.data (the held-out "
+        "tasks or domain, eval_episodes or num_eval_tasks >= 1)."
+      )
+    arrays = encode_tasks(encoder, tasks, cfg)
+    sizes = {"config.eval.support_chunks": (cfg.support_chunks, jax.tree.leaves(arrays["support"])[0].shape[1])}
+    for batch in arrays["eval"].values():
+      sizes["config.eval.query_chunks"] = (cfg.get("query_chunks", 1), jax.tree.leaves(batch)[0].shape[1])
+    for field, (chunks, n) in sizes.items():
+      if not isinstance(chunks, int) or chunks < 1 or n % chunks:
+        raise ValueError(
+          f"{field}={chunks!r} must be an integer >= 1 that divides the {split} tasks' {n} examples; set it to a "
+          f"divisor of {n}."
+        )
+  decoding = cfg.get("decode")
+  if decoding is not None and decoding.metrics:
+    try:
+      encoder.prompts(tasks[0].query[:1], max_new_tokens=decoding.max_new_tokens)
+    except ValueError as e:
+      raise ValueError(
+        f"config.eval.decode.max_new_tokens={decoding.max_new_tokens} leaves no room for a prompt in "
+        f"config.data.seq_len={getattr(encoder, 'seq_len', '?')} ({str(e).rstrip('.')}); lower it or raise "
+        "config.data.seq_len."
+      ) from e
 
 
 def _run(scorer: Callable, variables, arrays: dict, rng, lr: float, chunk: int) -> dict[str, np.ndarray]:
@@ -229,7 +275,7 @@ def meta_test(
     test_runs: dict[float, dict] = {}
     selections = {}
     for sel in select_by:
-      lrs = select_lr(grid, np.stack([r[sel].mean(0) for r in val_runs]))
+      lrs = select_lr(grid, np.stack([r[sel].mean(0) for r in val_runs]), grid_field(cfg, method))
       for lr in set(lrs) - set(test_runs):
         test_runs[lr] = run(test, lr)
       # Column k of each metric at the rate chosen for k steps.

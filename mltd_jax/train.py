@@ -448,11 +448,28 @@ class Run:
   mesh: Any = None  # the device mesh (sharding.make_mesh); None: no shardings, one device
 
 
-def init_tarp(run: Run, params: dict, cfg: Any) -> tuple[dict, tarp.TarpConfig]:
-  """The difference of ``config.tarp`` (targets "" = the family's defaults) for ``params``."""
+def tarp_config(run: Run, cfg: Any) -> tarp.TarpConfig:
+  """``config.tarp`` as a TarpConfig (targets "" = the family's defaults)."""
   fields = dict(cfg)
   fields["targets"] = fields["targets"] or run.family.default_targets
-  tcfg = tarp.TarpConfig(**fields)
+  return tarp.TarpConfig(**fields)
+
+
+def check_methods(run: Run, params: dict, config, tcfg: tams.TamsConfig | None) -> None:
+  """Each meta-test method's regex (``config.eval.methods``, with TAMS's cells joined) must match variables of the
+  model meta-testing will adapt: checked on their shapes before any phase runs."""
+  dense = models.dense_paths(run.model)
+  difference = jax.eval_shape(lambda p: tarp.init(run.rngs["tarp"], p, tarp_config(run, config.tarp), dense), params)
+  shapes = {"params": params, "tarp": difference}
+  if tcfg is not None:
+    shapes["tams"] = tams.init(jax.random.key(0), run.model, tcfg)  # its structure (one small draw)
+  for method, regex in eval_config(config, tcfg).methods.items():
+    meta.split(shapes, regex, f"config.eval.methods[{method!r}]")
+
+
+def init_tarp(run: Run, params: dict, cfg: Any) -> tuple[dict, tarp.TarpConfig]:
+  """The difference of ``config.tarp`` (targets "" = the family's defaults) for ``params``."""
+  tcfg = tarp_config(run, cfg)
   dense = models.dense_paths(run.model)
   difference = tarp.init(run.rngs["tarp"], params, tcfg, dense)
   log.info(
@@ -640,13 +657,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if config.eval.get("decode") is not None and config.eval.decode.metrics:
     decode_eval.check_pairs(source.train_task(0))  # a text source fails here, not after training
   encoder = data.build_encoder(family.encoder, tokenizer, config.data)
+  evaluate.check_data(encoder, source, eval_config(config, tcfg))  # held-out texts too long etc.: before training
   model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
   if tcfg is not None:  # cells in every FFN sublayer; without a 'tams' collection (pretraining) the plain model
     model = tams.attach(model, tcfg)
     tams_run.check_run(model, tcfg, config, user_fast)
+  run = Run(model, family, tokenizer, encoder, source, rngs, workdir, mesh)
+  check_methods(run, params, config, tcfg)
   if sharding.is_main_process():  # this run's settings, once nothing refused them
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  run = Run(model, family, tokenizer, encoder, source, rngs, workdir, mesh)
   log.info(
     "model: %s (%s), %.2fM parameters; tokenizer: %d tokens; data: %s",
     type(model).__name__,

@@ -267,6 +267,20 @@ def test_jsonl_errors_name_the_file_and_fix(tmp_path):
   small = write_jsonl(tmp_path / "small.jsonl", [{"task": "a", "text": "x"}] * 3)
   with pytest.raises(ValueError, match=r"\['a'\].*support_size"):
     JsonlTasks(str(small), support_size=2, query_size=2)
+  for field, value in (("eval_episodes", 0), ("support_size", 0), ("query_size", -1)):
+    with pytest.raises(ValueError, match=rf"config.data.jsonl.{field}={value} must be an int >= 1"):
+      JsonlTasks(str(small), **{field: value})
+  with pytest.raises(ValueError, match="config.data.jsonl.path is not set"):
+    JsonlTasks("")
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(ValueError, match="empty.jsonl has no records"):
+    JsonlTasks(str(tmp_path / "empty.jsonl"))
+  rows = [{"task": d, "text": f"{d} {i}"} for d in "abc" for i in range(4)]
+  bom = tmp_path / "bom.jsonl"
+  bom.write_bytes(b"\xef\xbb\xbf" + write_jsonl(tmp_path / "plain.jsonl", rows).read_bytes())  # an editor's mark
+  assert JsonlTasks(str(bom), support_size=2, query_size=2).examples == JsonlTasks(
+    str(tmp_path / "plain.jsonl"), support_size=2, query_size=2
+  ).examples
 
 
 def test_jsonl_validation_and_test_tasks_are_disjoint(tmp_path):
@@ -279,6 +293,18 @@ def test_jsonl_validation_and_test_tasks_are_disjoint(tmp_path):
   assert only_test.validation_names == ["c"] and only_test.test_names == ["d"] and only_test.train_names == ["a", "b"]
   one = JsonlTasks(path, support_size=2, query_size=2, validation_tasks="a", test_tasks=("b", "b"))  # a str is one name
   assert one.validation_names == ["a"] and one.test_names == ["b"] and one.train_names == ["c", "d"]
+
+
+def test_directory_with_a_bare_tokenizer_json_finds_its_specials(tmp_path):
+  """A directory holding only a tokenizer.json (as ../shared/data/gpt2-tokenizer) loads like the file itself: its
+  special tokens found by name (AutoTokenizer would declare none, and there would be no eos or pad)."""
+  vocab = {"<|endoftext|>": 0, "a": 1, "b": 2}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  (tmp_path / "tok").mkdir()
+  tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+  loaded = data.load_tokenizer(str(tmp_path / "tok"))
+  assert loaded.bos_token == loaded.eos_token == loaded.pad_token == "<|endoftext|>"
 
 
 def test_directory_tokenizer_keeps_its_declared_specials(tmp_path):

@@ -160,3 +160,25 @@ def test_decoding_domains_and_references_are_checked():
   assert decode_eval.references([pairs]) == [["the target"]]
   with pytest.raises(ValueError, match="plain texts as query examples.*config.eval.decode.metrics=()"):
     decode_eval.references([Task("d#1", ("a text",), ("the query document",))])
+
+
+def test_check_data_finds_held_out_problems_before_training(tmp_path):
+  """`evaluate.check_data` encodes the held-out tasks up front: chunk counts that do not divide their sets, and a
+  decoding budget that leaves no room for the prompt, are refused naming the field."""
+  import json
+
+  from mltd_jax.data import byte_level_tokenizer
+  from mltd_jax.data.jsonl import JsonlTasks
+
+  rows = [{"task": d, "source": f"{d} says {i}", "target": f"reply {i}"} for d in "abc" for i in range(4)]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  source = JsonlTasks(str(tmp_path / "p.jsonl"), kind="pair", support_size=2, query_size=2, eval_episodes=1)
+  encoder = CausalLMEncoder(byte_level_tokenizer(), seq_len=32)
+  decoding = ml_collections.ConfigDict(dict(metrics=("rouge",), max_new_tokens=8))
+  cfg = eval_config(metrics=("query",), select_by=("query",), decode=decoding)
+  evaluate.check_data(encoder, source, cfg)  # fits
+  with pytest.raises(ValueError, match=r"config.eval.support_chunks=4 must be .* divides the validation tasks' 2"):
+    evaluate.check_data(encoder, source, eval_config(metrics=("query",), select_by=("query",), support_chunks=4))
+  decoding.max_new_tokens = 31
+  with pytest.raises(ValueError, match=r"decode.max_new_tokens=31 leaves no room .*seq_len=32 \(prompt_len=1 must"):
+    evaluate.check_data(encoder, source, cfg)

@@ -146,15 +146,21 @@ def test_misspelt_config_field_is_named(tmp_path):
     ("eval.select_by", ("bleu",), "config.eval.select_by"),
     ("eval.decode.metrics", ("rouge1",), "known metrics"),
     ("eval.decode.metrics", ("rouge",), "plain texts as query examples"),  # the facts family's are texts
+    ("eval.methods", {"tarp": "^tarp/", "x": "^foo/"}, "config.eval.methods['x']='^foo/' matches no variable"),
+    ("eval.support_chunks", 3, "config.eval.support_chunks=3 must be an integer >= 1 that divides"),
+    ("eval.query_chunks", 3, "config.eval.query_chunks=3 must be an integer >= 1 that divides"),
+    ("eval.lr_grid", {"tarp": (0.1,)}, "config.eval.lr_grid has no entry for method 'full' and no 'default'"),
+    ("data.facts.num_eval_tasks", 0, "no validation tasks"),
+    ("data.seq_len", 8, "> config.data.seq_len=8"),  # a held-out text too long: found before training
   ],
 )
 def test_bad_config_values_name_the_field(tmp_path, field, value, message):
-  """In process (CI time): the error train_and_evaluate raises names the field, before any phase or meta-test runs;
-  main prints it (the misspelt-field test above goes through main)."""
+  """In process (CI time): the error train_and_evaluate raises names the field, before any phase runs (nothing
+  is checkpointed) or meta-test; main prints it (the misspelt-field test above goes through main)."""
   from mltd_jax import train
 
   cfg = tiny_config()
-  cfg.pretrain.steps = cfg.meta.steps = 0
+  cfg.pretrain.steps = cfg.meta.steps = 1
   *parents, leaf = field.split(".")
   node = cfg
   for p in parents:
@@ -163,6 +169,7 @@ def test_bad_config_values_name_the_field(tmp_path, field, value, message):
   with pytest.raises((ValueError, OSError)) as error:
     train.train_and_evaluate(cfg, tmp_path / "bad")
   assert message in str(error.value)
+  assert not (tmp_path / "bad" / "checkpoints").exists()  # refused up front
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):

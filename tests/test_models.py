@@ -1,5 +1,6 @@
 """The family registry: build from a config block (fresh or from a directory), save/load through the family."""
 
+import logging
 import re
 
 import jax
@@ -42,7 +43,18 @@ def test_build_fresh_then_from_its_directory(tmp_path):
   )  # the directory's weights, not the new key's
 
 
-def test_build_errors_name_the_field(tmp_path):
+class _Tokens:
+  """A stand-in tokenizer of ``n`` tokens with the special-token ids ``ids`` (e.g. eos_token_id=3)."""
+
+  def __init__(self, n, **ids):
+    self.__dict__.update(ids)
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+
+def test_build_errors_name_the_field(tmp_path, caplog):
   tok = word_level_tokenizer(["a"])
   with pytest.raises(ValueError, match=r"config.model.family='t6' is not supported.*\['gpt2', 't5'\]"):
     models.build(model_config(family="t6"), tok, 8, jax.random.key(0))
@@ -55,6 +67,14 @@ def test_build_errors_name_the_field(tmp_path):
   big = word_level_tokenizer([f"w{i}" for i in range(20)])
   with pytest.raises(ValueError, match="the tokenizer has 24 tokens but .* vocab_size=5"):
     models.build(model_config(name_or_dir=str(tmp_path / "m")), big, 8, jax.random.key(0))
+  other = _Tokens(1, eos_token_id=model.config.eos_token_id + 1)  # another model's tokenizer
+  with caplog.at_level(logging.WARNING, logger="mltd_jax.models.registry"):
+    models.build(model_config(name_or_dir=str(tmp_path / "m")), other, 8, jax.random.key(0))
+  assert f"the tokenizer's eos_token_id is {model.config.eos_token_id + 1}" in caplog.text
+  n = model.config.n_positions  # the loss feeds a causal LM all but the last token: n + 1 tokens fit
+  models.build(model_config(name_or_dir=str(tmp_path / "m")), tok, n + 1, jax.random.key(0))
+  with pytest.raises(ValueError, match=rf"sequences are {n + 2} tokens long \(config.data.seq_len\).* at most {n + 1}"):
+    models.build(model_config(name_or_dir=str(tmp_path / "m")), tok, n + 2, jax.random.key(0))
 
 
 def test_every_registered_family_is_complete():

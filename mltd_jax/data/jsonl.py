@@ -50,6 +50,11 @@ class JsonlTasks:
   ):
     if kind not in KINDS:
       raise ValueError(f"config.data.jsonl.kind={kind!r} is not one of {KINDS} (text: causal LM, pair: seq2seq).")
+    for name, value in (("support_size", support_size), ("query_size", query_size), ("eval_episodes", eval_episodes)):
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"config.data.jsonl.{name}={value!r} must be an int >= 1.")
+    if not str(path).strip():
+      raise ValueError("config.data.jsonl.path is not set; give it a JSON Lines file of tasks' examples.")
     file = Path(path).expanduser()
     self.keys = (text_key,) if kind == "text" else (source_key, target_key)
     if not file.is_file():
@@ -60,6 +65,8 @@ class JsonlTasks:
     self.task_key, self.kind = task_key, kind
     self.other_keys = (source_key, target_key) if kind == "text" else (text_key,)
     self.examples = self._read(file)
+    if not self.examples:
+      raise ValueError(f"{file} has no records (config.data.jsonl.path): one JSON object per line is expected.")
     need = support_size + query_size
     small = [t for t, v in self.examples.items() if len(v) < need]
     if small:
@@ -76,7 +83,7 @@ class JsonlTasks:
     examples: dict[str, list[Example]] = collections.defaultdict(list)
     # Iterating the file splits at "\n" only; str.splitlines would also split inside a JSON string holding a raw
     # U+2028 or U+0085, which json.dumps(..., ensure_ascii=False) writes as is.
-    with file.open(encoding="utf-8", newline="\n") as f:
+    with file.open(encoding="utf-8-sig", newline="\n") as f:  # -sig: a byte-order mark some editors write
       for n, line in enumerate(f, 1):
         if line.strip():
           name, example = self._parse(line, f"{file}:{n}")

@@ -38,6 +38,8 @@ class Family:
     task_tokens: ``batch -> (ids [..., L], mask [..., L])``, the input tokens whose mean embedding describes a task
       (TAMS' task embedding, `mltd_jax.tams.task_embedding`); None: the family does not support TAMS.
     embedding: ``params -> token embedding table [V, D]`` (the table ``task_tokens`` index); None as above.
+    max_len: ``config -> the longest sequence its encoder may make`` (GPT-2: n_positions + 1, the last token
+      only a target), or None for no limit (T5's relative positions); checked when a saved model is loaded.
   """
 
   model_type: str
@@ -53,3 +55,4 @@ class Family:
   encoder: str
   task_tokens: Callable[[Any], tuple[Any, Any]] | None = None
   embedding: Callable[[dict], Any] | None = None
+  max_len: Callable[[Any], int | None] = lambda config: None

@@ -426,4 +426,5 @@ FAMILY = Family(
   encoder="causal_lm",
   task_tokens=lambda batch: (batch["ids"], batch["mask"]),
   embedding=lambda params: params["transformer"]["wte"]["weight"],
+  max_len=lambda config: config.n_positions + 1,  # the loss feeds ids[..., :-1]
 )

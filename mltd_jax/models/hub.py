@@ -72,7 +72,7 @@ def read_state_dict(directory: Path, allow_pickle: bool = False) -> tuple[dict[s
     if not allow_pickle:
       raise ValueError(
         f"{pickle} is a pickle checkpoint, which can run arbitrary code when loaded; convert it to "
-        "safetensors, or pass allow_pickle=True if you trust its source."
+        "safetensors, or pass allow_pickle=True (--config.model.allow_pickle=True) if you trust its source."
       )
     try:
       import torch  # only for trusted pickle checkpoints

@@ -7,6 +7,7 @@ our names, then checks every name and shape against the family's own parameter t
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from flax import traverse_util
 
 from mltd_jax.models import gpt2, hub, t5
 from mltd_jax.models.family import Family
+
+log = logging.getLogger(__name__)
 
 # config.json's model_type -> family. A new family is one module plus one line here.
 FAMILIES: dict[str, Family] = {
@@ -128,7 +131,8 @@ def build(cfg: Any, tokenizer, max_len: int, rng: jax.Array) -> tuple[Any, dict,
 
   From ``cfg.name_or_dir`` when set (the family is read from its config.json; ``cfg.family``, if set, must agree);
   else a fresh model of family ``cfg.family`` and size ``cfg.init`` whose vocabulary and special tokens fit
-  ``tokenizer`` and whose positions cover ``max_len``.
+  ``tokenizer`` and whose positions cover ``max_len`` (a loaded model must take ``max_len`` too:
+  `Family.max_len`).
   """
   if cfg.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}.")
@@ -145,6 +149,19 @@ def build(cfg: Any, tokenizer, max_len: int, rng: jax.Array) -> tuple[Any, dict,
       raise ValueError(
         f"the tokenizer has {len(tokenizer)} tokens but {cfg.name_or_dir} has vocab_size="
         f"{model.config.vocab_size}; use the model's own tokenizer (config.data.tokenizer)."
+      )
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):  # a tokenizer made for another model
+      ours, theirs = getattr(tokenizer, name, None), getattr(model.config, name, None)
+      if ours is not None and theirs is not None and ours != theirs:
+        log.warning(
+          "the tokenizer's %s is %s but %s's config.json says %s: is config.data.tokenizer the model's own?",
+          name, ours, cfg.name_or_dir, theirs,
+        )  # fmt: skip
+    limit = family.max_len(model.config)
+    if limit is not None and max_len > limit:
+      raise ValueError(
+        f"the data's sequences are {max_len} tokens long (config.data.seq_len) but {cfg.name_or_dir} takes at most "
+        f"{limit}; lower config.data.seq_len (config.data.truncate=True cuts longer texts)."
       )
     return model, params, family
   model, params = fresh(cfg.family, cfg.init, tokenizer, max_len, rng, dtype=dtype, dropout=cfg.dropout, remat=remat)
