@@ -15,13 +15,14 @@ it runs under ``torch.autocast(dtype=torch.bfloat16)`` (its products bfloat16 wi
 dynamic`` and ``--tams`` measure those variants.
 ``--rounds R`` repeats all of it R times in turn and ends with one ``summary_of_rounds`` line per setting (median,
 min, max of each figure and ratio): on a shared machine the speed drifts by 15% or more between minutes, so a ratio
-from one round can mislead. Within a round each order's peer runs just before ours in even rounds and just after in
-odd ones, so that a drift within the round favours neither side.
+from one round can mislead. Within a round each order's peer runs just before ours in even rounds (0, 2, ...) and
+just after in odd ones, so that over an even number of rounds a drift within a round favours neither side.
 
-Other programs: every measured process's line gets ``others``, the cores that processes other than it kept busy on
-average while it ran (/proc/stat's busy time less its own CPU time, over its wall time) and the hypervisor's steal;
-above 0.1 core a warning is printed. The peer is fragile there: its OpenMP threads spin while they wait, so one busy
-core elsewhere can slow it 40x while ours barely moves, and a ratio from such a minute says nothing. Run alone.
+Other programs: every line gets ``others`` (`Load`), the cores that other processes kept busy on average (our CPUs'
+busy time in /proc/stat less the measured process's own CPU time, per second of wall time) and the hypervisor's
+steal: ours over its timed steps, the peer's over its whole process (its script is not ours to instrument); above
+0.1 core a warning is printed. The peer is fragile there: its OpenMP threads spin while they wait, so one busy core
+elsewhere can slow it 40x while ours barely moves, and a ratio from such a minute says nothing. Run alone.
 
 Host memory: the processes measured here, ours and the peer's alike, start with glibc's huge-page tunable
 (``--hugepages 1``, the default: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, replacing a hugetlb value of the caller's,
@@ -264,7 +265,8 @@ def meta_batch(rng, a: argparse.Namespace) -> dict:
 
 def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[float, float, Any, Any]:
   """Compile ``step(state, batch, key) -> (state, metrics)``, warm it up, then time ``steps`` calls, threading the
-  state. Returns (median seconds per call, compile seconds, the compiled step, the last metrics)."""
+  state. Returns (median seconds per call, compile seconds, the compiled step, the last metrics with ``others``:
+  other programs' load during the timed calls, `Load`)."""
   import jax
 
   from mltd_jax import train
@@ -274,21 +276,21 @@ def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[flo
   compile_s = time.perf_counter() - t0
   state, m = compiled(state, batch_fn(), key)  # warm-up
   jax.block_until_ready((state, m))
-  times = []
+  times, load = [], Load()
   for _ in range(steps):
     batch = batch_fn()
     t0 = time.perf_counter()
     state, m = compiled(state, batch, key)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
-  return statistics.median(times), compile_s, compiled, m
+  return statistics.median(times), compile_s, compiled, {**m, "others": load.others()}
 
 
 def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], key, rounds: int) -> dict[str, tuple]:
   """Compile and warm up each of ``steps`` (name -> jitted ``fn(variables, batch, key)``), then time them in turn
   (A B, then B A, ...) for ``rounds`` rounds, one fresh batch per round, so that the machine's drifts in speed
   (large on a shared 2-core VM) reach every step alike. Returns name -> (per-round seconds, compile seconds, the
-  compiled step)."""
+  compiled step, other programs' load during the timed rounds: `Load`)."""
   import jax
 
   from mltd_jax import train
@@ -299,13 +301,15 @@ def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], ke
     compiled[name] = train.compile_step(step, variables, batch_fn(), key)
     compile_s[name] = time.perf_counter() - t0
     jax.block_until_ready(compiled[name](variables, batch_fn(), key))  # warm-up
+  load = Load()
   for r in range(rounds):
     batch = batch_fn()
     for name, c in list(compiled.items())[:: 1 if r % 2 == 0 else -1]:  # A B, B A, ...: no side always goes first
       t0 = time.perf_counter()
       jax.block_until_ready(c(variables, batch, key))
       times[name].append(time.perf_counter() - t0)
-  return {name: (times[name], compile_s[name], compiled[name]) for name in steps}
+  others = load.others()
+  return {name: (times[name], compile_s[name], compiled[name], others) for name in steps}
 
 
 def _task_chunk(a: argparse.Namespace) -> int:
@@ -445,7 +449,8 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     steps = {name: jax.jit(_adapt_step(loss_fn, regex, 1e-3)) for name, regex in regexes.items()}
     flops, flops_source = _count(_adapt_step(loss_fn, regexes["tarp"], 1e-3), variables, batch(), key)
     timed = _alternate(steps, variables, batch, key, a.steps)
-    (full, _, _), (ours, compile_s, compiled) = timed["full"], timed["tarp"]
+    (full, _, _, others), (ours, compile_s, compiled, _) = timed["full"], timed["tarp"]
+    m = {"others": others}
     med, full_s = statistics.median(ours), statistics.median(full)
     ratios = sorted(f / t for f, t in zip(full, ours))  # per round: drifts cancel within a pair
     row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
@@ -467,7 +472,7 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     "xla_temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
     "xla_args_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
     "flops_per_step": flops, "flops_source": flops_source, "device": dev.device_kind,
-    "hugepages": hostmem.hugepages(), "thp": hostmem.transparent_hugepages(),
+    "hugepages": hostmem.hugepages(), "thp": hostmem.transparent_hugepages(), "others": m["others"],
   })  # fmt: skip
   if dev.platform == "cpu":
     row["gflops_per_s"] = round(flops / med / 1e9, 1) if flops else None
@@ -500,67 +505,82 @@ BUSY_OTHERS = 0.1  # cores other programs may keep busy during a measurement bef
 
 
 def cpu_seconds() -> tuple[float, float] | None:
-  """(busy, steal) seconds of all CPUs together since boot (/proc/stat's first line; None where it is missing)."""
+  """(busy, steal) seconds since boot of the CPUs this process may run on (/proc/stat's ``cpuN`` lines for N in
+  its affinity: a container's or a big host's other CPUs do not count; None where there is no /proc/stat)."""
+  mine = {f"cpu{n}" for n in os.sched_getaffinity(0)}
+  busy = steal = 0
   try:
     with open("/proc/stat") as f:
-      v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+      for line in f:
+        name, *fields = line.split()
+        if name in mine:
+          v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal (guest is in user)
+          busy, steal = busy + sum(v) - v[3] - v[4] - v[7], steal + v[7]
   except (OSError, ValueError):
     return None
   tick = os.sysconf("SC_CLK_TCK")
-  return (sum(v) - v[3] - v[4] - v[7]) / tick, v[7] / tick
+  return busy / tick, steal / tick
 
 
-def with_others(run: Callable[[], dict], what: str) -> dict:
-  """``run()``'s row (``what`` ran in one child process, waited for) with ``others``: ``cores``, the CPUs' busy time
-  during it that was not the child's own, per second of wall time; ``steal_cores``, the hypervisor's steal, alike.
-  Above `BUSY_OTHERS` a warning goes to stderr."""
-  own = lambda: sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])  # noqa: E731  waited-for children's CPU s
-  before, own0, t0 = cpu_seconds(), own(), time.perf_counter()
-  row = run()
-  after, wall = cpu_seconds(), time.perf_counter() - t0
-  if before is None or after is None or wall <= 0:
-    return row
-  others = max(0.0, after[0] - before[0] - (own() - own0)) / wall
-  row["others"] = {"cores": round(others, 3), "steal_cores": round((after[1] - before[1]) / wall, 3)}
-  if others > BUSY_OTHERS or row["others"]["steal_cores"] > BUSY_OTHERS:
-    print(f"meta_step.py: while {what} ran, other programs kept {others:.2f} cores busy (steal "
-          f"{row['others']['steal_cores']:.2f}): its figures are not to be trusted; run alone", file=sys.stderr)  # fmt: skip
+class Load:
+  """Other programs' load on our CPUs over a span (from creation to `others`): the cores they kept busy on average
+  (the CPUs' busy time less the CPU time of this process, or of its waited-for child processes with ``children``)
+  and the hypervisor's steal, per second of wall time."""
+
+  def __init__(self, children: bool = False):
+    self.who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    self.start = cpu_seconds(), self._own(), time.perf_counter()
+
+  def _own(self) -> float:
+    return sum(resource.getrusage(self.who)[:2])
+
+  def others(self) -> dict | None:
+    (before, own0, t0), after = self.start, cpu_seconds()
+    wall = time.perf_counter() - t0
+    if before is None or after is None or wall <= 0:
+      return None
+    busy = after[0] - before[0] - (self._own() - own0)
+    return {"cores": round(busy / wall, 3), "steal_cores": round((after[1] - before[1]) / wall, 3)}
+
+
+def warn_if_busy(row: dict, what: str) -> dict:
+  """Print a warning when ``row["others"]`` (`Load.others`) exceeds `BUSY_OTHERS`; returns ``row``."""
+  o = row.get("others") or {}
+  if max(o.get("cores", 0.0), o.get("steal_cores", 0.0)) > BUSY_OTHERS:
+    print(f"meta_step.py: while {what} ran, other programs kept {o['cores']:.2f} cores busy (steal "
+          f"{o['steal_cores']:.2f}): its figures are not to be trusted; run alone", file=sys.stderr)  # fmt: skip
   return row
 
 
 def run_peer(a: argparse.Namespace, env: dict, inner: int, order: int) -> dict:
   """The PyTorch peer (``--peer_script``) with the same settings, in its own process (environment ``env``, as ours),
   under ``torch.autocast`` when its dtype (``--peer_dtype``, by default ``--dtype``) is not float32: its JSON line,
-  with ``dtype`` and `with_others`'s record added."""
+  with ``dtype`` and ``others`` (`Load`, over its whole process) added."""
   dtype = a.dtype if a.peer_dtype == "same" else a.peer_dtype
   values = {**{k: getattr(a, k) for k in PEER_FLAGS}, "inner": inner, "order": order}
   script = [str(a.peer_script), *[f"--{k}={v}" for k, v in values.items()], f"--threads={a.threads}"]
   cmd = [sys.executable, *(script if dtype == "float32" else ["-c", AUTOCAST, dtype, *script])]
 
-  def run() -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode or not out.stdout.strip():
-      return {"error": out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"], "dtype": dtype}
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), "dtype": dtype}
-
-  return with_others(run, f"the peer (order {order})")
+  load = Load(children=True)  # the peer's whole process (its script is not ours to instrument)
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if out.returncode or not out.stdout.strip():
+    return {"error": out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"], "dtype": dtype}
+  row = {**json.loads(out.stdout.strip().splitlines()[-1]), "dtype": dtype, "others": load.others()}
+  return warn_if_busy(row, f"the peer (order {order})")
 
 
 def child(a: argparse.Namespace, env: dict, mode: str, inner: int, order: int, remat: int, n: int, backward: str):
-  """One setting in a fresh process (its own peak memory): the JSON row, or one with the error; `with_others`'s
-  record added."""
+  """One setting in a fresh process (its own peak memory): the JSON row (``others``: `Load` over its timed steps),
+  or one with the error."""
   cmd = [sys.executable, __file__, "--child", *[f"--{k}={getattr(a, k)}" for k in FIELDS], *(["--tams"] * a.tams)]
   cmd += ["--mode", mode, "--inner", str(inner), "--order", str(order), "--remat", str(remat), "--devices", str(n)]
   cmd += ["--backward", backward]
 
-  def run() -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode == 0 and out.stdout.strip():
-      return json.loads(out.stdout.strip().splitlines()[-1])
-    setting = {"mode": mode, "inner": inner, "order": order, "remat": bool(remat), "devices": n, "backward": backward}
-    return {**setting, "error": out.stderr.strip().splitlines()[-1:]}
-
-  return with_others(run, f"ours ({mode}, order {order})")
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if out.returncode == 0 and out.stdout.strip():
+    return warn_if_busy(json.loads(out.stdout.strip().splitlines()[-1]), f"ours ({mode}, order {order})")
+  setting = {"mode": mode, "inner": inner, "order": order, "remat": bool(remat), "devices": n, "backward": backward}
+  return {**setting, "error": out.stderr.strip().splitlines()[-1:]}
 
 
 def main() -> None:

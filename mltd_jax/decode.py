@@ -51,7 +51,8 @@ class Decoder(Protocol):
     self, variables: dict, input_ids: jax.Array, attention_mask: jax.Array | None, max_new_tokens: int
   ) -> tuple[jax.Array, Any]:
     """Runs the prompt (causal LM: left-padded ids [B, P]; seq2seq: the source [B, S]) with room in the cache for
-    ``max_new_tokens`` new tokens. Returns (float32 logits [B, V] for the first new token, cache)."""
+    the tokens `generate` feeds back while making ``max_new_tokens`` (all but the last; T5 feeds its start token
+    too). Returns (float32 logits [B, V] for the first new token, cache)."""
 
   def decode_step(self, variables: dict, cache: Any, tokens: jax.Array, index: jax.Array) -> tuple[jax.Array, Any]:
     """Feeds ``tokens`` [B] int32, generated token number ``index`` (0-based, an int32 scalar), into ``cache``.

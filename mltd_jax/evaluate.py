@@ -163,7 +163,8 @@ def summarize(loss: np.ndarray) -> dict[str, list]:
 
 def check_config(cfg: Any) -> None:
   """Stop on a bad ``config.eval`` value (naming the field) before anything is computed: the metrics and
-  ``select_by``, each method's adaptation settings and learning-rate grid, the decoding metrics' names."""
+  ``select_by``, each method's adaptation settings and learning-rate grid, the decoding metrics' names and
+  settings."""
   unknown = [m for m in cfg.metrics if m not in METRICS]
   if unknown or not cfg.metrics:
     raise ValueError(f"config.eval.metrics={tuple(cfg.metrics)} must name some of {sorted(METRICS)}.")
@@ -182,6 +183,13 @@ def check_config(cfg: Any) -> None:
     from mltd_jax import text_metrics  # rouge-score and sacrebleu stay unimported
 
     text_metrics.check_names(decode.metrics)
+    least = {"num_beams": 1, "max_new_tokens": 1, "batch_size": 0}
+    for name, low in least.items():
+      value = decode.get(name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"config.eval.decode.{name}={value!r} must be an integer >= {low}.")
+    if not isinstance(decode.get("length_penalty"), (int, float)) or not math.isfinite(decode.length_penalty):
+      raise ValueError(f"config.eval.decode.length_penalty={decode.get('length_penalty')!r} must be a finite number.")
 
 
 def encode_tasks(encoder, tasks: Sequence[Task], cfg: Any) -> dict:

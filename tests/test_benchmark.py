@@ -54,24 +54,35 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   assert "glibc.malloc.hugetlb=1" in step["peer"]["tunables"].split(":")  # the peer starts in our environment
   assert step["vs_peer"]["tokens_per_s"] == pytest.approx(step["tokens_per_s"] / 100.0, rel=1e-2)
   assert step["vs_peer"]["peak_mb"] == pytest.approx(step["peak_rss_mb"] / 50, rel=1e-2)
-  for r in (*rows, step["peer"]):  # other programs' load while each ran (`meta_step.with_others`)
-    assert r["others"]["cores"] >= 0 and r["others"]["steal_cores"] >= 0
+  for r in (*rows, step["peer"]):  # other programs' load while each ran (`meta_step.Load`)
+    assert set(r["others"]) == {"cores", "steal_cores"}
 
 
-def test_other_programs_load_is_recorded_and_flagged(capsys):
-  """`meta_step.with_others`: a busy loop elsewhere while the measured child only sleeps shows as other programs'
-  cores (the child's own CPU is not counted) and is warned about; a summary keeps the busiest round's figure."""
+def test_other_programs_load_is_measured_and_flagged(monkeypatch, capsys):
+  """`meta_step.Load`: the CPUs' busy time less this process's own, per second of wall time (exact arithmetic on
+  stubbed readings), and a real busy loop in another process while this one sleeps shows and is warned about; a
+  summary keeps the busiest round's figure."""
+  import resource
+  import types
+
   sys.path.insert(0, str(SCRIPT.parent))
   import meta_step
 
-  def sleeper() -> dict:  # the measured child: sleeps, its own CPU time near 0
-    subprocess.run([sys.executable, "-c", "import time; time.sleep(1)"], check=True)
-    return {}
+  readings = {"clock": iter([10.0, 12.0]), "cpus": iter([(100.0, 5.0), (103.0, 5.1)])}
+  rusage = iter([(0.5, 0.3), (1.4, 0.6)])  # (user, system) of this process: 1.2 s of its own in the span
+  with monkeypatch.context() as m:
+    m.setattr(meta_step, "cpu_seconds", lambda: next(readings["cpus"]))
+    m.setattr(meta_step, "time", types.SimpleNamespace(perf_counter=lambda: next(readings["clock"])))
+    m.setattr(resource, "getrusage", lambda who: next(rusage))
+    load = meta_step.Load()
+    assert load.others() == {"cores": 0.9, "steal_cores": 0.05}  # (3 - 1.2) / 2 and 0.1 / 2
 
-  hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+  hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
   try:
     time.sleep(0.3)  # the hog is spinning
-    row = meta_step.with_others(sleeper, "the test's sleeper")
+    load = meta_step.Load()
+    time.sleep(1.0)  # this process does nothing
+    row = meta_step.warn_if_busy({"others": load.others()}, "the test's sleeper")
   finally:
     hog.kill()
     hog.wait()
@@ -79,7 +90,6 @@ def test_other_programs_load_is_recorded_and_flagged(capsys):
   assert "while the test's sleeper ran, other programs kept" in capsys.readouterr().err
   rows = [{"others": {"cores": 0.05}, "peer": {"others": {"cores": 0.7}}}, {"others": {"cores": 0.2}}]
   assert meta_step.summarize(("meta", 2, 1, 1, "auto"), 4, rows)["others_cores_max"] == 0.7
-
 
 def test_profile_meta_step_prints_time_by_kind_of_op(tmp_path):
   """`benchmarks/profile_meta_step.py`: one JSON line with the step's seconds, FLOPs and thunk time by kind; with

@@ -166,16 +166,18 @@ def test_bad_arguments_are_refused(hf_and_ours):
 
 
 def test_greedy_to_the_last_position_matches_transformers(hf_and_ours):
-  """Prompt + new tokens = n_positions + 1: the last token is never fed, so its position is never needed
-  (transformers allows it; the cache holds P + N - 1 slots)."""
+  """Prompt + new tokens = n_positions + 1, greedy and beam search: the last token is never fed, so its position is
+  never needed (transformers allows it; the cache holds P + N - 1 slots)."""
   hf, model, params = hf_and_ours
   ids, mask = prompts()
   n = hf.config.n_positions + 1 - ids.shape[1]
-  with torch.no_grad():
-    ref = hf.generate(
-      torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=n, num_beams=1,
-      eos_token_id=EOS, pad_token_id=PAD,
-    ).numpy()[:, ids.shape[1] :]
-  assert ref.shape == (4, n) and not np.isin(ref[[0, 3]], [EOS, PAD]).any()  # rows 0 and 3 reach the last position
-  ours = decode.generate(model, {"params": params}, ids, mask, max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD)
-  np.testing.assert_array_equal(np.asarray(ours), ref)
+  for beams in (1, 3):
+    with torch.no_grad():
+      ref = hf.generate(
+        torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=n, num_beams=beams,
+        eos_token_id=EOS, pad_token_id=PAD,
+      ).numpy()[:, ids.shape[1] :]
+    ref = np.pad(ref, ((0, 0), (0, n - ref.shape[1])), constant_values=PAD)  # transformers crops to the longest row
+    assert not np.isin(ref[0], [EOS, PAD]).any()  # row 0 reaches the last position
+    kw = dict(num_beams=beams, max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD)
+    np.testing.assert_array_equal(np.asarray(decode.generate(model, {"params": params}, ids, mask, **kw)), ref)

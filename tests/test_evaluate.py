@@ -1,5 +1,7 @@
 """Meta-testing: adapt-and-score columns, select_lr on a hand-made table, and the eval.json fields."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -182,3 +184,19 @@ def test_check_data_finds_held_out_problems_before_training(tmp_path):
   decoding.max_new_tokens = 31
   with pytest.raises(ValueError, match=r"decode.max_new_tokens=31 leaves no room .*seq_len=32 \(prompt_len=1 must"):
     evaluate.check_data(encoder, source, cfg)
+
+
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("num_beams", 0, "config.eval.decode.num_beams=0 must be an integer >= 1"),
+    ("max_new_tokens", 0, "config.eval.decode.max_new_tokens=0 must be an integer >= 1"),
+    ("batch_size", -1, "config.eval.decode.batch_size=-1 must be an integer >= 0"),
+    ("length_penalty", float("nan"), "config.eval.decode.length_penalty=nan must be a finite number"),
+  ],
+)
+def test_decoding_settings_are_checked_up_front(field, value, message):
+  decoding = dict(metrics=("rouge",), num_beams=2, max_new_tokens=8, length_penalty=1.0, batch_size=0)
+  evaluate.check_config(eval_config(decode=ml_collections.ConfigDict(decoding)))
+  with pytest.raises(ValueError, match=re.escape(message)):
+    evaluate.check_config(eval_config(decode=ml_collections.ConfigDict({**decoding, field: value})))

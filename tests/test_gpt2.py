@@ -100,7 +100,8 @@ def test_loss_matches_transformers(tmp_path):
   for w in (None, weights):
     labels = np.where((mask if w is None else w) == 1, ids, -100)
     with torch.no_grad():
-      ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels, dtype=torch.long)).loss.item()
+      out = hf(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels, dtype=torch.long))
+    ref = out.loss.item()
     b = {"ids": ids, "mask": mask} if w is None else {"ids": ids, "mask": mask, "weights": w}
     total, count = loss_fn({"params": params}, b, None)
     assert int(count) == int((labels[:, 1:] != -100).sum())

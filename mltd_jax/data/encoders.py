@@ -204,7 +204,7 @@ class CausalLMEncoder:
       examples: (context, response) pairs (the response is not used) or context texts.
       where: a prefix for error messages.
       prompt_len: P, the prompt length (default ``seq_len - max_new_tokens``); the context is cut from the left to
-        fit. Leave room for the generated tokens: P + max_new_tokens must fit the model's positions.
+        fit. Leave room for the generated tokens: P + max_new_tokens - 1 must fit the model's positions.
       max_new_tokens: the tokens that will be generated after the prompt (sets the default P).
 
     Returns:

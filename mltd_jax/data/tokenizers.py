@@ -60,15 +60,16 @@ def _declare_special_tokens(tok) -> None:
 def load_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
   """A tokenizer from ``spec``: "bytes", a tokenizer.json file, a local directory, or a hub name.
 
-  A bare tokenizer.json (also alone in a directory, without tokenizer_config.json) names no special tokens, so they
-  are found by name in its vocabulary. A tokenizer without a pad token pads with eos; one without a bos token keeps
-  none (the encoders then prepend nothing).
+  A bare tokenizer.json (also alone in a directory, without tokenizer_config.json or special_tokens_map.json) names
+  no special tokens, so they are found by name in its vocabulary. A tokenizer without a pad token pads with eos;
+  one without a bos token keeps none (the encoders then prepend nothing).
   """
   path = Path(spec).expanduser()
   bare = False
   if spec == "bytes":
     return byte_level_tokenizer()
-  if path.is_dir() and (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").exists():
+  declared = ("tokenizer_config.json", "special_tokens_map.json")  # files that name the special tokens
+  if path.is_dir() and (path / "tokenizer.json").is_file() and not any((path / f).exists() for f in declared):
     spec, path = str(path / "tokenizer.json"), path / "tokenizer.json"  # a directory with a bare tokenizer.json
   if spec.endswith(".json") or path.suffix == ".json":
     if not path.is_file():

@@ -152,7 +152,8 @@ def build(cfg: Any, tokenizer, max_len: int, rng: jax.Array) -> tuple[Any, dict,
       )
     for name in ("eos_token_id", "bos_token_id", "pad_token_id"):  # a tokenizer made for another model
       ours, theirs = getattr(tokenizer, name, None), getattr(model.config, name, None)
-      if ours is not None and theirs is not None and ours != theirs:
+      allowed = set(theirs) if isinstance(theirs, (list, tuple)) else {theirs}  # T5 may list several eos ids
+      if ours is not None and theirs is not None and ours not in allowed:
         log.warning(
           "the tokenizer's %s is %s but %s's config.json says %s: is config.data.tokenizer the model's own?",
           name, ours, cfg.name_or_dir, theirs,
