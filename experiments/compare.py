@@ -3,9 +3,10 @@
 For each seed:
   1. ``multitask``: multitask pretraining only; meta-test with full fine-tuning ("full") and with TARP adaptation of
      a zero-initialized difference ("tarp") -- the two baselines without meta-training.
-  2. ``multitask_longer``: the same baselines on a model pretrained longer, by as many more tasks as MLtD's
-     meta-training draws (meta.steps x meta.tasks_per_step, in steps of pretrain.tasks_per_step; a run of its own,
-     the cosine schedule spanning all its steps): is MLtD's gain more than more multitask training? The control
+  2. ``multitask_<N>``: the same baselines on a model pretrained for N steps instead (a run of its own, the cosine
+     schedule spanning all its steps): is MLtD's gain more than more multitask training? By default N adds as many
+     tasks as MLtD's meta-training draws (meta.steps x meta.tasks_per_step, in steps of pretrain.tasks_per_step);
+     ``--control_steps N [N ...]`` sets other lengths (e.g. one matching meta-training's wall time). The control
      sees tasks the stream has not shown before, where meta-training revisits pretraining's first ones.
   3. ``mltd_2nd``: the pretrained checkpoint of 1, then exact second-order MLtD meta-training; meta-test with TARP.
   4. ``mltd_1st``: the same with first-order meta-training (FOMAML), the same number of meta-steps.
@@ -107,7 +108,9 @@ def markdown(table: dict, k_max: int, title: str) -> list[str]:
   return lines + [""]
 
 
-def baselines(seeds: list[int], out: Path, methods: dict, seconds: dict, extra: dict) -> dict:
+def baselines(
+  seeds: list[int], out: Path, methods: dict, seconds: dict, extra: dict, control_steps: list[int] | None = None
+) -> dict:
   """The multitask baselines (also pretrained longer: the module's docstring) and MLtD first and second order, per
   seed (the default comparison); decoding scores into ``extra["decode"]`` when the config decodes. Returns a
   multitask run's meta-test result (for its settings)."""
@@ -117,14 +120,15 @@ def baselines(seeds: list[int], out: Path, methods: dict, seconds: dict, extra: 
       extra.setdefault("decode", {}).setdefault(label, []).append(decoded(res, method))
 
   cfg = get_config()
-  longer = cfg.pretrain.steps + -(-cfg.meta.steps * cfg.meta.tasks_per_step // cfg.pretrain.tasks_per_step)
+  equal_tasks = cfg.pretrain.steps + -(-cfg.meta.steps * cfg.meta.tasks_per_step // cfg.pretrain.tasks_per_step)
   for seed in seeds:
     base, t = run("multitask", seed, out, **{"meta.steps": 0})
     record("full fine-tuning (multitask)", base, "full")
     record("TARP, no meta-training (multitask)", base, "tarp")
-    res, t = run("multitask_longer", seed, out, "multitask_longer", **{"meta.steps": 0, "pretrain.steps": longer})
-    record(f"full fine-tuning (multitask, {longer} steps)", res, "full")
-    record(f"TARP, no meta-training (multitask, {longer} steps)", res, "tarp")
+    for n in control_steps or [equal_tasks]:
+      res, t = run(f"multitask_{n}", seed, out, f"multitask_{n}", **{"meta.steps": 0, "pretrain.steps": n})
+      record(f"full fine-tuning (multitask, {n} steps)", res, "full")
+      record(f"TARP, no meta-training (multitask, {n} steps)", res, "tarp")
     for name, first in (("mltd_2nd", False), ("mltd_1st", True)):
       res, t = run(name, seed, out, **{"meta.first_order": first, "eval.methods": {"tarp": "^tarp/"}})
       label = f"MLtD {'first' if first else 'second'}-order (TARP)"
@@ -223,6 +227,14 @@ def tams_lines(per_seed: list[dict], out: Path) -> list[str]:
   return lines
 
 
+def describe_commit() -> str:
+  """The code's commit (``git describe --always --dirty``: "-dirty" with uncommitted edits), or "" outside git."""
+  try:
+    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout
+  except OSError:
+    return ""
+
+
 def main() -> None:
   global CONFIG
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,9 +242,12 @@ def main() -> None:
   p.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
   p.add_argument("--tams", action="store_true", help="MLtD second order without and with TAMS (issue #9)")
   p.add_argument("--config", default=CONFIG, help="<file in configs/>:<variant>, e.g. adaptsum:tiny")
+  control_help = "pretraining steps of the longer multitask controls (default: as many more tasks as meta-training)"
+  p.add_argument("--control_steps", type=int, nargs="*", default=None, help=control_help)
   a = p.parse_args()
   CONFIG = a.config
   get_config()  # a wrong --config fails here, before any run
+  commit = describe_commit()  # at the start: the runs import the code as it is now, whatever is committed later
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -242,7 +257,7 @@ def main() -> None:
   if a.tams:
     base = with_tams(a.seeds, a.out, methods, seconds, extra)
   else:
-    base = baselines(a.seeds, a.out, methods, seconds, extra)
+    base = baselines(a.seeds, a.out, methods, seconds, extra, a.control_steps)
   k_max = base["adapt_steps"]
   names = {
     "query": "Overall query perplexity",
@@ -255,10 +270,6 @@ def main() -> None:
     }
     for sel in base["select_by"]
   }
-  try:  # the code the tables came from ("-dirty": with uncommitted edits)
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout
-  except OSError:
-    commit = ""
   command = "python experiments/compare.py " + shlex.join(sys.argv[1:])
   intro = (
     f"`{command}` at commit {commit.strip() or 'unknown'}; `--config {a.config}`; seeds {a.seeds}; "
