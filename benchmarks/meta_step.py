@@ -20,8 +20,9 @@ just after in odd ones, so that over an even number of rounds a drift within a r
 
 Other programs: every line gets ``others`` (`Load`), the cores that other processes kept busy on average (our CPUs'
 busy time in /proc/stat less the measured process's own CPU time, per second of wall time) and the hypervisor's
-steal: ours over its timed steps, the peer's over its whole process (its script is not ours to instrument); above
-0.1 core a warning is printed. The peer is fragile there: its OpenMP threads spin while they wait, so one busy core
+steal, and the span's ``seconds``: ours over its timed steps, the peer's over its whole process (its script is not
+ours to instrument: imports and warm-up dilute load during its timed steps, so its figure is a lower bound); above
+0.1 core over a second or more a warning is printed. The peer is fragile there: its OpenMP threads spin while they wait, so one busy core
 elsewhere can slow it 40x while ours barely moves, and a ratio from such a minute says nothing. Run alone.
 
 Host memory: the processes measured here, ours and the peer's alike, start with glibc's huge-page tunable
@@ -506,17 +507,20 @@ BUSY_OTHERS = 0.1  # cores other programs may keep busy during a measurement bef
 
 def cpu_seconds() -> tuple[float, float] | None:
   """(busy, steal) seconds since boot of the CPUs this process may run on (/proc/stat's ``cpuN`` lines for N in
-  its affinity: a container's or a big host's other CPUs do not count; None where there is no /proc/stat)."""
+  its affinity: a container's or a big host's other CPUs do not count); None where /proc/stat is missing or does
+  not list each of those CPUs (no figure rather than a wrong one)."""
   mine = {f"cpu{n}" for n in os.sched_getaffinity(0)}
-  busy = steal = 0
+  busy = steal = found = 0
   try:
     with open("/proc/stat") as f:
       for line in f:
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if name in mine:
           v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal (guest is in user)
-          busy, steal = busy + sum(v) - v[3] - v[4] - v[7], steal + v[7]
-  except (OSError, ValueError):
+          busy, steal, found = busy + sum(v) - v[3] - v[4] - v[7], steal + v[7], found + 1
+  except (OSError, ValueError, IndexError):
+    return None
+  if found < len(mine):
     return None
   tick = os.sysconf("SC_CLK_TCK")
   return busy / tick, steal / tick
@@ -540,13 +544,15 @@ class Load:
     if before is None or after is None or wall <= 0:
       return None
     busy = after[0] - before[0] - (self._own() - own0)
-    return {"cores": round(busy / wall, 3), "steal_cores": round((after[1] - before[1]) / wall, 3)}
+    steal = after[1] - before[1]
+    return {"cores": round(busy / wall, 3), "steal_cores": round(steal / wall, 3), "seconds": round(wall, 2)}
 
 
 def warn_if_busy(row: dict, what: str) -> dict:
-  """Print a warning when ``row["others"]`` (`Load.others`) exceeds `BUSY_OTHERS`; returns ``row``."""
+  """Print a warning when ``row["others"]`` (`Load.others`) exceeds `BUSY_OTHERS` over a span of a second or more
+  (/proc/stat counts in 10 ms ticks: shorter spans are noise); returns ``row``."""
   o = row.get("others") or {}
-  if max(o.get("cores", 0.0), o.get("steal_cores", 0.0)) > BUSY_OTHERS:
+  if o.get("seconds", 0.0) >= 1.0 and max(o.get("cores", 0.0), o.get("steal_cores", 0.0)) > BUSY_OTHERS:
     print(f"meta_step.py: while {what} ran, other programs kept {o['cores']:.2f} cores busy (steal "
           f"{o['steal_cores']:.2f}): its figures are not to be trusted; run alone", file=sys.stderr)  # fmt: skip
   return row

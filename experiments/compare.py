@@ -243,10 +243,16 @@ def main() -> None:
   p.add_argument("--tams", action="store_true", help="MLtD second order without and with TAMS (issue #9)")
   p.add_argument("--config", default=CONFIG, help="<file in configs/>:<variant>, e.g. adaptsum:tiny")
   control_help = "pretraining steps of the longer multitask controls (default: as many more tasks as meta-training)"
-  p.add_argument("--control_steps", type=int, nargs="*", default=None, help=control_help)
+  p.add_argument("--control_steps", type=int, nargs="+", default=None, help=control_help)
   a = p.parse_args()
   CONFIG = a.config
   get_config()  # a wrong --config fails here, before any run
+  if a.control_steps is not None:
+    if a.tams:
+      p.error("--control_steps: the multitask controls belong to the default comparison, not to --tams")
+    if min(a.control_steps) < 1:
+      p.error(f"--control_steps {a.control_steps}: pretraining steps must be >= 1")
+    a.control_steps = sorted(set(a.control_steps))  # a repeated length would record its rows twice per seed
   commit = describe_commit()  # at the start: the runs import the code as it is now, whatever is committed later
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "orbax", "jax"):
