@@ -203,7 +203,8 @@ def encode_tasks(encoder, tasks: Sequence[Task], cfg: Any) -> dict:
 def check_data(encoder, source, cfg: Any) -> None:
   """Encode the held-out tasks before any training (``cfg`` is ``config.eval``): a text too long for the
   encoder, a split without tasks, chunk counts that do not divide the support or query sets, or (with decoding
-  metrics) no room for a prompt beside ``max_new_tokens`` stop the run here, not after meta-training."""
+  metrics) no room for a prompt beside ``max_new_tokens`` stop the run here, not after meta-training; so does a
+  meta-training example the encoder refuses, for a source that can check them all (``source.check_examples``)."""
   for split in ("validation", "test"):
     tasks = list(source.eval_tasks(split))
     if not tasks:
@@ -221,6 +222,9 @@ def check_data(encoder, source, cfg: Any) -> None:
           f"{field}={chunks!r} must be an integer >= 1 that divides the {split} tasks' {n} examples; set it to a "
           f"divisor of {n}."
         )
+  check_examples = getattr(source, "check_examples", None)  # optional (`mltd_jax.data.tasks.TaskSource`)
+  if check_examples is not None:
+    check_examples(encoder)
   decoding = cfg.get("decode")
   if decoding is not None and decoding.metrics:
     try:

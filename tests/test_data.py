@@ -283,6 +283,20 @@ def test_jsonl_errors_name_the_file_and_fix(tmp_path):
   ).examples
 
 
+def test_jsonl_meta_training_examples_are_checked_up_front_by_file_and_line(tmp_path):
+  """`JsonlTasks.check_examples` (called by `evaluate.check_data` before training) encodes every meta-training
+  example: one too long for the encoder is named by its file and line; with truncate it passes."""
+  rows = [{"task": d, "text": f"{d} {i}"} for d in "abcd" for i in range(4)]
+  rows[5]["text"] = " ".join(["word"] * 40)  # line 6, task b (meta-training: c and d are held out)
+  src = JsonlTasks(str(write_jsonl(tmp_path / "x.jsonl", rows)), support_size=2, query_size=2)
+  assert src.train_names == ["a", "b"]
+  tok = data.byte_level_tokenizer()
+  with pytest.raises(ValueError, match=r"x.jsonl:6: text 0 has \d+ tokens .* > config.data.seq_len=16"):
+    src.check_examples(data.CausalLMEncoder(tok, seq_len=16), chunk=3)
+  src.check_examples(data.CausalLMEncoder(tok, seq_len=16, truncate=True))
+  src.check_examples(data.CausalLMEncoder(tok, seq_len=256))
+
+
 def test_jsonl_validation_and_test_tasks_are_disjoint(tmp_path):
   path = str(write_jsonl(tmp_path / "x.jsonl", [{"task": d, "text": f"{d} {i}"} for d in "abcd" for i in range(4)]))
   with pytest.raises(ValueError, match=r"\['b'\] are in both config.data.jsonl.validation_tasks and .*test_tasks"):

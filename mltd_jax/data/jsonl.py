@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -64,7 +64,8 @@ class JsonlTasks:
       )
     self.task_key, self.kind = task_key, kind
     self.other_keys = (source_key, target_key) if kind == "text" else (text_key,)
-    self.examples = self._read(file)
+    self.file = file
+    self.examples, self.lines = self._read(file)
     if not self.examples:
       raise ValueError(f"{file} has no records (config.data.jsonl.path): one JSON object per line is expected.")
     need = support_size + query_size
@@ -78,9 +79,10 @@ class JsonlTasks:
     self.support_size, self.query_size = support_size, query_size
     self.eval_episodes, self.seed = eval_episodes, seed
 
-  def _read(self, file: Path) -> dict[str, list[Example]]:
-    """Examples per task name, sorted by name."""
+  def _read(self, file: Path) -> tuple[dict[str, list[Example]], dict[str, list[int]]]:
+    """Examples per task name, sorted by name, and the line number of each."""
     examples: dict[str, list[Example]] = collections.defaultdict(list)
+    lines: dict[str, list[int]] = collections.defaultdict(list)
     # Iterating the file splits at "\n" only; str.splitlines would also split inside a JSON string holding a raw
     # U+2028 or U+0085, which json.dumps(..., ensure_ascii=False) writes as is.
     with file.open(encoding="utf-8-sig", newline="\n") as f:  # -sig: a byte-order mark some editors write
@@ -88,7 +90,21 @@ class JsonlTasks:
         if line.strip():
           name, example = self._parse(line, f"{file}:{n}")
           examples[name].append(example)
-    return dict(sorted(examples.items()))
+          lines[name].append(n)
+    return dict(sorted(examples.items())), dict(lines)
+
+  def check_examples(self, encoder: Any, chunk: int = 256) -> None:
+    """Encode every meta-training example (``chunk`` at a time) before training: one the encoder refuses (too long
+    without config.data.truncate) stops the run here, named by file and line, not when its step draws it."""
+    for name in self.train_names:
+      pool, lines = self.examples[name], self.lines[name]
+      for start in range(0, len(pool), chunk):
+        try:
+          encoder.encode(pool[start : start + chunk], where=f"{self.file}: task {name!r}: ")
+        except ValueError:
+          for example, line in zip(pool[start : start + chunk], lines[start : start + chunk]):
+            encoder.encode([example], where=f"{self.file}:{line}: ")  # raises, naming the line
+          raise
 
   def _parse(self, line: str, where: str) -> tuple[str, Example]:
     """(task name, example) of one line; ``where`` is ``file:line`` for errors."""

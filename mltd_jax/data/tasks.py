@@ -58,7 +58,9 @@ class TaskSource(Protocol):
   """A distribution of tasks: an endless meta-training stream and fixed held-out tasks.
 
   ``train_task(i)`` is a pure function of ``i`` (and the source's seed), so a resumed run sees the same tasks
-  without saving any iterator state.
+  without saving any iterator state. A source that holds all its meta-training examples may also define
+  ``check_examples(encoder)``, which `mltd_jax.evaluate.check_data` calls before training to encode them all (an
+  example the encoder refuses then stops the run up front, not when a step draws it; `JsonlTasks` does).
   """
 
   def train_task(self, index: int) -> Task: ...
