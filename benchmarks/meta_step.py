@@ -507,23 +507,26 @@ BUSY_OTHERS = 0.1  # cores other programs may keep busy during a measurement bef
 
 def cpu_seconds() -> tuple[float, float] | None:
   """(busy, steal) seconds since boot of the CPUs this process may run on (/proc/stat's ``cpuN`` lines for N in
-  its affinity: a container's or a big host's other CPUs do not count); None where /proc/stat is missing or does
-  not list each of those CPUs (no figure rather than a wrong one)."""
+  its affinity: a container's or a big host's other CPUs do not count; where those lines are not all there, the
+  ``cpu`` line of every CPU together); None where there is no /proc/stat."""
   mine = {f"cpu{n}" for n in os.sched_getaffinity(0)}
-  busy = steal = found = 0
+  per_cpu: dict[str, tuple[int, int]] = {}
   try:
     with open("/proc/stat") as f:
       for line in f:
         name, *fields = line.split() or [""]
-        if name in mine:
+        if name == "cpu" or name in mine:
           v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal (guest is in user)
-          busy, steal, found = busy + sum(v) - v[3] - v[4] - v[7], steal + v[7], found + 1
+          per_cpu[name] = (sum(v) - v[3] - v[4] - v[7], v[7])
   except (OSError, ValueError, IndexError):
     return None
-  if found < len(mine):
-    return None
+  total = per_cpu.pop("cpu", None)
+  if len(per_cpu) < len(mine):  # our CPUs not all listed (e.g. a virtualized /proc/stat): every CPU together
+    if total is None:
+      return None
+    per_cpu = {"cpu": total}
   tick = os.sysconf("SC_CLK_TCK")
-  return busy / tick, steal / tick
+  return sum(b for b, _ in per_cpu.values()) / tick, sum(s for _, s in per_cpu.values()) / tick
 
 
 class Load:
