@@ -45,6 +45,70 @@ def test_candidate_hits_rank_by_summed_response_loss():
   assert summary["per_domain"]["p"] == pytest.approx({"bleu": 100.0, "hits@1": 0.5})
 
 
+def test_sequence_losses_are_each_rows_summed_response_loss():
+  """`decode_eval.make_sequence_losses` on a real GPT-2 against each row's NLL summed over its weighted targets,
+  computed from the model's logits here; hits@1 through it ranks candidates by those sums."""
+  import jax
+
+  from mltd_jax.data import CausalLMEncoder, word_level_tokenizer
+  from mltd_jax.models import gpt2
+  from tests.helpers import tiny_gpt2
+
+  tok = word_level_tokenizer(["hi", "there", "tea", "dog", "rex", "red", "sky"])
+  model, params = tiny_gpt2(vocab=len(tok), d=16, seed=3)
+  variables = {"params": params}
+  encoder = CausalLMEncoder(tok, seq_len=10)
+  pairs = [("hi there", "tea dog"), ("hi", "red sky rex"), ("dog", "hi"), ("sky red", "rex rex tea")]
+  batch = encoder.encode(pairs)
+  got = np.asarray(decode_eval.make_sequence_losses(gpt2.make_loss(model))(variables, batch))
+  ids, weights = batch["ids"], batch["weights"]
+  logp = np.asarray(jax.nn.log_softmax(model.apply(variables, ids, attention_mask=batch["mask"]), -1))
+  want = -(np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0] * weights[:, 1:]).sum(1)
+  assert (weights[:, 1:].sum(1) >= 1).all() and len(set(np.round(want, 4))) == 4  # responses count, rows differ
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+  def direct(context, responses):  # summed response NLLs from the logits, as above
+    rows = encoder.encode([(context, r) for r in responses])
+    lp = np.asarray(jax.nn.log_softmax(model.apply(variables, rows["ids"], attention_mask=rows["mask"]), -1))
+    return -(np.take_along_axis(lp[:, :-1], rows["ids"][:, 1:, None], -1)[..., 0] * rows["weights"][:, 1:]).sum(1)
+
+  options = ["red sky rex", "hi", "tea dog", "rex rex tea"]
+  best = options[int(np.argmin(direct("hi there", options)))]  # its gold is the likeliest: a hit
+  worst = options[int(np.argmax(direct("sky red", options)))]  # its gold is the least likely: a miss
+  task = Task("p#0", ("s",), (("hi there", best), ("sky red", worst)),
+              candidates=(tuple(o for o in options if o != best) + (best,),
+                          tuple(o for o in options if o != worst) + (worst,)))  # fmt: skip
+  scores = decode_eval.make_sequence_losses(gpt2.make_loss(model))
+  assert decode_eval.candidate_hits(scores, encoder, variables, task) == [True, False]
+
+
+def test_generate_texts_in_batches_equals_one_at_a_time():
+  """`decode_eval.generate_texts` with batch_size 2 over 5 examples (a short last batch padded with copies) gives
+  what one call over all of them gives, and what `decode.generate` gives for each example alone."""
+  import ml_collections
+
+  from mltd_jax import decode
+  from mltd_jax.data import CausalLMEncoder, word_level_tokenizer
+  from tests.helpers import tiny_gpt2
+
+  tok = word_level_tokenizer(["hi", "there", "tea", "dog", "rex", "red", "sky"])
+  model, params = tiny_gpt2(vocab=len(tok), d=16, seed=5)
+  variables = {"params": params}
+  encoder = CausalLMEncoder(tok, seq_len=10)
+  examples = [("hi there", "x"), ("dog", "x"), ("red sky rex", "x"), ("tea", "x"), ("sky dog hi", "x")]
+  cfg = ml_collections.ConfigDict(dict(num_beams=2, max_new_tokens=3, length_penalty=1.0, batch_size=2))
+  batched = decode_eval.generate_texts(model, variables, encoder, tok, examples, cfg)
+  cfg.batch_size = 0
+  assert batched == decode_eval.generate_texts(model, variables, encoder, tok, examples, cfg)
+  alone = []
+  for ex in examples:
+    ids, mask = encoder.prompts([ex], max_new_tokens=3)
+    out = decode.generate(model, variables, ids, mask, num_beams=2, max_new_tokens=3, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)  # fmt: skip
+    alone.append(tok.batch_decode(np.asarray(out), skip_special_tokens=True)[0].strip())
+  assert batched == alone and len(set(alone)) > 1
+
+
 def check_decoded(workdir, metrics=("bleu", "hits@1")):
   """eval.json has perplexity, each metric before and after adaptation, and BLEU equals sacrebleu's on the outputs."""
   result = json.loads((workdir / "eval.json").read_text())
@@ -135,18 +199,30 @@ def test_c_score_sums_nli_labels_over_the_persona(tmp_path, caplog):
     id2label=labels, label2id={v: k for k, v in labels.items()},
   )  # fmt: skip
   torch.manual_seed(0)
-  transformers.BertForSequenceClassification(config).eval().save_pretrained(tmp_path / "nli")
-  scorer = consistency.load(str(tmp_path / "nli"), batch_size=3)
+  nli = transformers.BertForSequenceClassification(config).eval()
   persona, responses = ["i like tea .", "i am a cook ."], ["my dog is rex .", "i like tea .", "a cook ."]
-  model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "nli").eval()
   tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "nli")
+  every = tok([p for _ in responses for p in persona], [r for r in responses for _ in persona], padding=True,
+              return_tensors="pt")  # fmt: skip
+  with torch.no_grad():  # centre the logits over the pairs: a random head alone says one label for every pair
+    nli.classifier.bias.sub_(nli(**every).logits.mean(0))
+  nli.save_pretrained(tmp_path / "nli")
+  scorer = consistency.load(str(tmp_path / "nli"), batch_size=3)
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "nli").eval()
   value = {0: 1, 1: 0, 2: -1}
-  expected = []
+  expected, seen = [], set()
   for r in responses:
     with torch.no_grad():
       logits = model(**tok(persona, [r] * len(persona), padding=True, return_tensors="pt")).logits
+    seen |= set(logits.argmax(-1).tolist())
     expected.append(sum(value[int(i)] for i in logits.argmax(-1)))
+  assert len(seen) >= 2, seen  # pairs of different labels: batching and order errors would show
   assert scorer(persona, responses) == expected
+  with torch.no_grad():  # every pair entailed: +1 per persona sentence
+    nli.classifier.weight.zero_()
+    nli.classifier.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+  nli.save_pretrained(tmp_path / "nli")
+  assert consistency.load(str(tmp_path / "nli"), batch_size=4)(persona, responses) == [2, 2, 2]
   with caplog.at_level(logging.INFO, logger="mltd_jax"):
     assert consistency.load("") is None
   assert "C-score skipped" in caplog.text

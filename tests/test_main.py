@@ -334,6 +334,11 @@ def test_load_names_what_is_there(tmp_path):
       checkpoint.load(parent)
   with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 .* steps \[3\]"):
     checkpoint.load(tmp_path / "checkpoints" / "meta", step=5)
+  kept = checkpoint.Checkpointer(tmp_path / "kept", max_to_keep=2)  # config.keep_checkpoints: the newest 2 stay
+  for step in (1, 2, 3):
+    kept.save(step, {"step": np.int32(step)})
+  kept.close()
+  assert sorted(int(p.name) for p in (tmp_path / "kept").iterdir() if p.name.isdigit()) == [2, 3]
 
 
 def test_restoring_a_state_of_another_structure_names_the_directory(tmp_path):
