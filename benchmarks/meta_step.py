@@ -22,8 +22,9 @@ Other programs: every line gets ``others`` (`Load`), the cores that other proces
 busy time in /proc/stat less the measured process's own CPU time, per second of wall time) and the hypervisor's
 steal, and the span's ``seconds``: ours over its timed steps, the peer's over its whole process (its script is not
 ours to instrument: imports and warm-up dilute load during its timed steps, so its figure is a lower bound); above
-0.1 core over a second or more a warning is printed. The peer is fragile there: its OpenMP threads spin while they wait, so one busy core
-elsewhere can slow it 40x while ours barely moves, and a ratio from such a minute says nothing. Run alone.
+0.1 core over a second or more a warning is printed. The peer is fragile there: its OpenMP threads spin while
+they wait, so one busy core elsewhere can slow it 40x while ours barely moves, and a ratio from such a minute says
+nothing. Run alone.
 
 Host memory: the processes measured here, ours and the peer's alike, start with glibc's huge-page tunable
 (``--hugepages 1``, the default: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, replacing a hugetlb value of the caller's,
@@ -266,8 +267,8 @@ def meta_batch(rng, a: argparse.Namespace) -> dict:
 
 def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[float, float, Any, Any]:
   """Compile ``step(state, batch, key) -> (state, metrics)``, warm it up, then time ``steps`` calls, threading the
-  state. Returns (median seconds per call, compile seconds, the compiled step, the last metrics with ``others``:
-  other programs' load during the timed calls, `Load`)."""
+  state. Returns (median seconds per call, compile seconds, the compiled step, the last metrics, other programs'
+  load during the timed calls: `Load`)."""
   import jax
 
   from mltd_jax import train
@@ -284,7 +285,7 @@ def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[flo
     state, m = compiled(state, batch, key)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
-  return statistics.median(times), compile_s, compiled, {**m, "others": load.others()}
+  return statistics.median(times), compile_s, compiled, m, load.others()
 
 
 def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], key, rounds: int) -> dict[str, tuple]:
@@ -432,7 +433,9 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     state = sharding.put_global(state, shardings.state)
     if calls is not None:
       calls.clear()  # the twin's trace called them too; `_run` traces the timed step
-    med, compile_s, compiled, m = _run(step, state, lambda: sharding.put_local(batch(), shardings.batch), key, a.steps)
+    med, compile_s, compiled, m, others = _run(
+      step, state, lambda: sharding.put_local(batch(), shardings.batch), key, a.steps
+    )
     row.update(order=a.order, remat=bool(a.remat), backward=a.backward, inner=a.inner)
     row.update(loss=round(float(m["query_loss"]), 4), tasks_per_s=round(a.tasks / med, 2))
   elif a.mode == "fwdbwd":  # a plain training step (Adam on every parameter) over the meta-step's tokens
@@ -441,7 +444,7 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     state = TrainState.create({"params": variables["params"]}, tx)
     n = a.tasks * (a.inner + 1) * a.shots
     flops, flops_source = _count(meta.make_train_step(loss_fn, tx), state, lm(n, a.seq), key)
-    med, compile_s, compiled, m = _run(step, state, lambda: lm(n, a.seq), key, a.steps)
+    med, compile_s, compiled, m, others = _run(step, state, lambda: lm(n, a.seq), key, a.steps)
     row.update(inner=a.inner, loss=round(float(m["loss"]), 4))
   else:  # adapt: one TARP adaptation step against one full fine-tuning step, same model and batch
     tokens = a.tasks * a.shots * a.seq
@@ -451,7 +454,6 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     flops, flops_source = _count(_adapt_step(loss_fn, regexes["tarp"], 1e-3), variables, batch(), key)
     timed = _alternate(steps, variables, batch, key, a.steps)
     (full, _, _, others), (ours, compile_s, compiled, _) = timed["full"], timed["tarp"]
-    m = {"others": others}
     med, full_s = statistics.median(ours), statistics.median(full)
     ratios = sorted(f / t for f, t in zip(full, ours))  # per round: drifts cancel within a pair
     row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
@@ -473,7 +475,7 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     "xla_temp_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
     "xla_args_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
     "flops_per_step": flops, "flops_source": flops_source, "device": dev.device_kind,
-    "hugepages": hostmem.hugepages(), "thp": hostmem.transparent_hugepages(), "others": m["others"],
+    "hugepages": hostmem.hugepages(), "thp": hostmem.transparent_hugepages(), "others": others,
   })  # fmt: skip
   if dev.platform == "cpu":
     row["gflops_per_s"] = round(flops / med / 1e9, 1) if flops else None

@@ -64,19 +64,23 @@ def eval_inner(cfg: Any, method: str, regex: str) -> meta.InnerLoop:
   )
 
 
-def grid_field(cfg: Any, method: str) -> str:
-  """The config field that holds method ``method``'s learning-rate grid: its own entry, else 'default'."""
+def _grid_key(cfg: Any, method: str) -> str:
+  """The key of ``config.eval.lr_grid`` that holds method ``method``'s grid: its own entry, else 'default'."""
   if method not in cfg.lr_grid and "default" not in cfg.lr_grid:
     raise ValueError(
       f"config.eval.lr_grid has no entry for method {method!r} and no 'default' (its keys: {sorted(cfg.lr_grid)})."
     )
-  return f"config.eval.lr_grid[{method!r}]" if method in cfg.lr_grid else "config.eval.lr_grid['default']"
+  return method if method in cfg.lr_grid else "default"
+
+
+def grid_field(cfg: Any, method: str) -> str:
+  """The config field that holds method ``method``'s learning-rate grid, for messages."""
+  return f"config.eval.lr_grid[{_grid_key(cfg, method)!r}]"
 
 
 def lr_grid(cfg: Any, method: str) -> list[float]:
   """Method ``method``'s learning-rate grid (``config.eval.lr_grid[method]``, else ``["default"]``), checked."""
-  field = grid_field(cfg, method)
-  grid = list(cfg.lr_grid[method] if method in cfg.lr_grid else cfg.lr_grid["default"])
+  field, grid = grid_field(cfg, method), list(cfg.lr_grid[_grid_key(cfg, method)])
   if not grid or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0 for lr in grid):
     raise ValueError(f"{field}={tuple(grid)} must be a non-empty tuple of finite learning rates >= 0.")
   return grid
@@ -205,18 +209,19 @@ def check_data(encoder, source, cfg: Any) -> None:
   encoder, a split without tasks, chunk counts that do not divide the support or query sets, or (with decoding
   metrics) no room for a prompt beside ``max_new_tokens`` stop the run here, not after meta-training; so does a
   meta-training example the encoder refuses, for a source that can check them all (``source.check_examples``)."""
+  tasks = {}
   for split in ("validation", "test"):
-    tasks = list(source.eval_tasks(split))
-    if not tasks:
+    tasks[split] = list(source.eval_tasks(split))
+    if not tasks[split]:
       raise ValueError(
         f"the data source has no {split} tasks: check its held-out settings in config.data (the held-out "
         "tasks or domain, eval_episodes or num_eval_tasks >= 1)."
       )
-    arrays = encode_tasks(encoder, tasks, cfg)
-    sizes = {"config.eval.support_chunks": (cfg.support_chunks, jax.tree.leaves(arrays["support"])[0].shape[1])}
-    for batch in arrays["eval"].values():
-      sizes["config.eval.query_chunks"] = (cfg.get("query_chunks", 1), jax.tree.leaves(batch)[0].shape[1])
-    for field, (chunks, n) in sizes.items():
+    arrays = encode_tasks(encoder, tasks[split], cfg)
+    batches = [("config.eval.support_chunks", cfg.support_chunks, arrays["support"])]
+    batches += [("config.eval.query_chunks", cfg.get("query_chunks", 1), b) for b in arrays["eval"].values()]
+    for field, chunks, batch in batches:  # each [tasks, examples, ...]: a task's examples are chunked
+      n = jax.tree.leaves(batch)[0].shape[1]
       if not isinstance(chunks, int) or chunks < 1 or n % chunks:
         raise ValueError(
           f"{field}={chunks!r} must be an integer >= 1 that divides the {split} tasks' {n} examples; set it to a "
@@ -228,7 +233,7 @@ def check_data(encoder, source, cfg: Any) -> None:
   decoding = cfg.get("decode")
   if decoding is not None and decoding.metrics:
     try:
-      encoder.prompts(tasks[0].query[:1], max_new_tokens=decoding.max_new_tokens)
+      encoder.prompts(tasks["test"][0].query[:1], max_new_tokens=decoding.max_new_tokens)
     except ValueError as e:
       raise ValueError(
         f"config.eval.decode.max_new_tokens={decoding.max_new_tokens} leaves no room for a prompt in "

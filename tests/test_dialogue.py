@@ -59,18 +59,19 @@ def test_sequence_losses_are_each_rows_summed_response_loss():
   variables = {"params": params}
   encoder = CausalLMEncoder(tok, seq_len=10)
   pairs = [("hi there", "tea dog"), ("hi", "red sky rex"), ("dog", "hi"), ("sky red", "rex rex tea")]
+  def summed_nll(rows):  # each row's NLL over its weighted targets, from the model's logits
+    logp = np.asarray(jax.nn.log_softmax(model.apply(variables, rows["ids"], attention_mask=rows["mask"]), -1))
+    return -(np.take_along_axis(logp[:, :-1], rows["ids"][:, 1:, None], -1)[..., 0] * rows["weights"][:, 1:]).sum(1)
+
   batch = encoder.encode(pairs)
   got = np.asarray(decode_eval.make_sequence_losses(gpt2.make_loss(model))(variables, batch))
-  ids, weights = batch["ids"], batch["weights"]
-  logp = np.asarray(jax.nn.log_softmax(model.apply(variables, ids, attention_mask=batch["mask"]), -1))
-  want = -(np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0] * weights[:, 1:]).sum(1)
-  assert (weights[:, 1:].sum(1) >= 1).all() and len(set(np.round(want, 4))) == 4  # responses count, rows differ
+  want = summed_nll(batch)
+  assert (batch["weights"][:, 1:].sum(1) >= 1).all()  # every response counts
+  assert len(set(np.round(want, 4))) == 4  # the rows differ
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
-  def direct(context, responses):  # summed response NLLs from the logits, as above
-    rows = encoder.encode([(context, r) for r in responses])
-    lp = np.asarray(jax.nn.log_softmax(model.apply(variables, rows["ids"], attention_mask=rows["mask"]), -1))
-    return -(np.take_along_axis(lp[:, :-1], rows["ids"][:, 1:, None], -1)[..., 0] * rows["weights"][:, 1:]).sum(1)
+  def direct(context, responses):
+    return summed_nll(encoder.encode([(context, r) for r in responses]))
 
   options = ["red sky rex", "hi", "tea dog", "rex rex tea"]
   best = options[int(np.argmin(direct("hi there", options)))]  # its gold is the likeliest: a hit
