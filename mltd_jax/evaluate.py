@@ -208,7 +208,8 @@ def check_data(encoder, source, cfg: Any) -> None:
   """Encode the held-out tasks before any training (``cfg`` is ``config.eval``): a text too long for the
   encoder, a split without tasks, chunk counts that do not divide the support or query sets, or (with decoding
   metrics) no room for a prompt beside ``max_new_tokens`` stop the run here, not after meta-training; so does a
-  meta-training example the encoder refuses, for a source that can check them all (``source.check_examples``)."""
+  meta-training example the encoder refuses, for a source that can check them all (``source.check_examples``; not
+  when the encoder truncates, which refuses no example for its length)."""
   tasks = {}
   for split in ("validation", "test"):
     tasks[split] = list(source.eval_tasks(split))
@@ -228,7 +229,7 @@ def check_data(encoder, source, cfg: Any) -> None:
           f"divisor of {n}."
         )
   check_examples = getattr(source, "check_examples", None)  # optional (`mltd_jax.data.tasks.TaskSource`)
-  if check_examples is not None:
+  if check_examples is not None and not encoder.truncate:  # a truncating encoder refuses no example for its length
     check_examples(encoder)
   decoding = cfg.get("decode")
   if decoding is not None and decoding.metrics:

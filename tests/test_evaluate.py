@@ -184,6 +184,13 @@ def test_check_data_finds_held_out_problems_before_training(tmp_path):
   decoding.max_new_tokens = 31
   with pytest.raises(ValueError, match=r"decode.max_new_tokens=31 leaves no room .*seq_len=32 \(prompt_len=1 must"):
     evaluate.check_data(encoder, source, cfg)
+  rows[1]["target"] = "a reply far too long for thirty-two bytes"  # line 2: task a, meta-training only
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  source = JsonlTasks(str(tmp_path / "p.jsonl"), kind="pair", support_size=2, query_size=2, eval_episodes=1)
+  cfg = eval_config(metrics=("query",), select_by=("query",))
+  with pytest.raises(ValueError, match=r"p.jsonl:2: example 0: its response has 4\d tokens"):
+    evaluate.check_data(encoder, source, cfg)  # the source's check_examples
+  evaluate.check_data(CausalLMEncoder(byte_level_tokenizer(), seq_len=32, truncate=True), source, cfg)  # none cut
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,22 @@ def test_non_utf8_and_long_lines(corpus, caplog):
   assert (turn.response, turn.candidates) == ("d10r0", ("x100" + "z" * 21, "d10r0"))  # cut inside the candidates
 
 
+def test_meta_training_turns_are_checked_up_front(corpus):
+  """`PersonaChatTasks.check_examples` (called by `evaluate.check_data`) encodes every meta-training turn: a response
+  too long for config.data.seq_len is named by its dialogue's first line and its turn; held-out personas are not
+  meta-training data."""
+  path, _ = corpus
+  lines = (path / "train_self_original.txt").read_text().splitlines()
+  at = next(i for i, line in enumerate(lines) if "d4r1" in line)  # persona B's dialogue 4 (first line 18), turn 1
+  lines[at] = lines[at].replace("d4r1", "d4r1 " + "z" * 40)
+  (path / "train_self_original.txt").write_text("\n".join(lines) + "\n")
+  src = source(path)
+  tok = data.byte_level_tokenizer()
+  src.check_examples(data.CausalLMEncoder(tok, seq_len=64))
+  with pytest.raises(ValueError, match=r"train_self_original.txt:18: turn 1: example 0: its response has 4\d tokens"):
+    src.check_examples(data.CausalLMEncoder(tok, seq_len=32))
+
+
 def test_encoder_weights_exactly_on_the_response_and_left_truncation():
   tok = data.word_level_tokenizer(["a", "b", "c", "d", "r", "s"])  # <pad>=0 <bos>=1 <eos>=2 <unk>=3 a=4 .. s=9
   enc = data.CausalLMEncoder(tok, seq_len=6, add_eos=True)

@@ -117,6 +117,22 @@ def test_adaptsum_errors_name_file_line_and_fix(tmp_path):
     [src.train_task(i) for i in range(20)]
 
 
+def test_adaptsum_training_examples_are_checked_up_front_by_file_and_line(tmp_path):
+  """`AdaptSumTasks.check_examples` (called by `evaluate.check_data` before training) encodes every training
+  domain's train split: a document too long for config.data.source_len is named by both files' line."""
+  root = adaptsum_tree(tmp_path)
+  docs = lines(root / "email" / "train.source")
+  docs[8] = " ".join(["word"] * 20)  # line 9 of a training domain's full train split: no task need draw it
+  (root / "email" / "train.source").write_text("".join(d + "\n" for d in docs))
+  src = AdaptSumTasks(str(root), domains=("dialog", "email", "science"), support_size=2, query_size=2)
+  tok = data.byte_level_tokenizer()
+  where = r"email/train.source:9 / .*email/train.target:9: example 0 source has 10\d tokens .* > config.data.source_len"
+  for chunk in (4, 256):
+    with pytest.raises(ValueError, match=where):
+      src.check_examples(data.Seq2SeqEncoder(tok, source_len=64, target_len=32), chunk=chunk)
+  src.check_examples(data.Seq2SeqEncoder(tok, source_len=128, target_len=32))
+
+
 def write_jsonl(path, rows):
   path.write_text("\n".join(json.dumps(r) if isinstance(r, dict) else r for r in rows) + "\n")
   return path
@@ -227,6 +243,10 @@ def test_tfds_prepared_array_record_and_errors(tmp_path):
   first6 = {r["doc"].decode() for r in tfds.data_source("mltd_tiny_pairs", split="train[:6]", data_dir=str(tmp_path))}
   assert len(first6) == 6 and {s for t in src.eval_tasks("test") for s, _ in t.support} <= first6
   assert all(s.startswith("va doc") for t in src.eval_tasks("test") for s, _ in t.query)
+  src.check_examples(data.Seq2SeqEncoder(data.byte_level_tokenizer(), source_len=16, target_len=16))
+  with pytest.raises(ValueError, match=r"TFDS 'mltd_tiny_pairs' split 'train\[:6\]' \(domain 'a'\) record 0: example 0 "
+                     r"source has 1\d tokens"):  # fmt: skip
+    src.check_examples(data.Seq2SeqEncoder(data.byte_level_tokenizer(), source_len=8, target_len=16), chunk=4)
   with pytest.raises(ValueError, match=r"target_field='n'.*is a Scalar, not a Text"):
     mocked_tfds(**kw, source_field="doc", target_field="n")
   with pytest.raises(ValueError, match=r"test_split='test' for TFDS 'mltd_tiny_pairs'.*Unknown split 'test'"):

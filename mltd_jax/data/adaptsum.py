@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mltd_jax.data.tasks import Example, Task
+from mltd_jax.data.tasks import Example, Task, check_encodable
 
 DOMAINS = ("dialog", "email", "movie_review", "debate", "social_media", "science")
 MODES = ("pair", "text")
@@ -99,6 +99,17 @@ class DomainEpisodes:
 
   def _where(self, domain: str, role: str) -> str:
     raise NotImplementedError
+
+  def _example_where(self, domain: str, role: str, index: int) -> str:
+    """Where example ``index`` of the pool of (domain, role) was read, for errors."""
+    return f"{self._where(domain, role)} example {index}"
+
+  def check_examples(self, encoder, chunk: int = 256) -> None:
+    """Encode every example of the training domains' train splits before training (`check_encodable`): one the
+    encoder refuses stops the run here, named by where it was read, not when its step draws it."""
+    for domain in self.train_domains:
+      pool = self._pool(domain, "train")
+      check_encodable(encoder, pool, lambda i: self._example_where(domain, "train", i), chunk)
 
   def _check_size(self, domain: str, role: str, sizes: tuple[str, ...]) -> Sequence[Example]:
     """The pool of (domain, role), refused when it holds fewer examples than the size fields ``sizes`` add up to."""
@@ -285,6 +296,9 @@ class AdaptSumTasks(DomainEpisodes):
 
   def _where(self, domain: str, role: str) -> str:
     return "{} / {}".format(*self._files(domain, role))
+
+  def _example_where(self, domain: str, role: str, index: int) -> str:
+    return "{0}:{2} / {1}:{2}".format(*self._files(domain, role), index + 1)  # line i + 1 of both files
 
   def split_examples(self, domain: str, split: str) -> list[Example]:
     """All examples of a domain's split (at most ``max_examples``), e.g. to fine-tune on every training document.

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mltd_jax.data.tasks import Example, Task
+from mltd_jax.data.tasks import Example, Task, check_encodable
 
 KINDS = ("text", "pair")
 
@@ -94,17 +94,11 @@ class JsonlTasks:
     return dict(sorted(examples.items())), dict(lines)
 
   def check_examples(self, encoder: Any, chunk: int = 256) -> None:
-    """Encode every meta-training example (``chunk`` at a time) before training: one the encoder refuses (too long
-    without config.data.truncate) stops the run here, named by file and line, not when its step draws it."""
+    """Encode every meta-training example before training (`mltd_jax.data.tasks.check_encodable`): one the
+    encoder refuses stops the run here, named by file and line, not when its step draws it."""
     for name in self.train_names:
-      pool, lines = self.examples[name], self.lines[name]
-      for start in range(0, len(pool), chunk):
-        try:
-          encoder.encode(pool[start : start + chunk], where=f"{self.file}: task {name!r}: ")
-        except ValueError:
-          for example, line in zip(pool[start : start + chunk], lines[start : start + chunk]):
-            encoder.encode([example], where=f"{self.file}:{line}: ")  # raises, naming the line
-          raise
+      lines = self.lines[name]
+      check_encodable(encoder, self.examples[name], lambda i: f"{self.file}:{lines[i]}", chunk)
 
   def _parse(self, line: str, where: str) -> tuple[str, Example]:
     """(task name, example) of one line; ``where`` is ``file:line`` for errors."""

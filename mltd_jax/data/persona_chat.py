@@ -53,7 +53,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from mltd_jax.data.encoders import SEPARATOR
-from mltd_jax.data.tasks import Task
+from mltd_jax.data.tasks import Task, check_encodable
 
 logger = logging.getLogger("mltd_jax")
 
@@ -454,6 +454,14 @@ class PersonaChatTasks:
   @property
   def train_names(self) -> list[str]:
     return list(self.pools["train"])
+
+  def check_examples(self, encoder: Any) -> None:
+    """Encode every turn of the meta-training personas' dialogues before training (`check_encodable`): a response
+    the encoder refuses stops the run here, named by its dialogue's first line and the turn, not when a step draws
+    it (the contexts are cut from the left, never refused)."""
+    for dialogues in self.pools["train"].values():
+      turns = [(d, j, example) for d in dialogues for j, (example, _) in enumerate(self.examples(d))]
+      check_encodable(encoder, [t[2] for t in turns], lambda i: f"{turns[i][0].where}: turn {turns[i][1]}")
 
   # TaskSource interface
   def train_task(self, index: int) -> Task:

@@ -12,7 +12,7 @@ hits@1): one tuple per query example, **the gold response last** (``GOLD_INDEX``
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 Example = str | tuple[str, str]  # a text (causal LM) or a (source, target) / (context, response) pair
 GOLD_INDEX = -1  # where a query example's gold response sits among its candidates: last
@@ -54,13 +54,29 @@ class Task:
         )
 
 
+def check_encodable(encoder: Any, examples: Sequence[Example], where: Callable[[int], str], chunk: int = 256) -> None:
+  """Encode ``examples`` ``chunk`` at a time, so that one the encoder refuses (too long for config.data.seq_len
+  without config.data.truncate) stops a run before training; the error names the example by ``where(i)``, its
+  place in the data (``file:line``, a record), with the encoder's message and fix."""
+  for start in range(0, len(examples), chunk):
+    part = [examples[i] for i in range(start, min(start + chunk, len(examples)))]
+    try:
+      encoder.encode(part, where=f"{where(start)} and the {len(part) - 1} examples after it: ")
+    except ValueError:
+      for i, example in enumerate(part, start):
+        encoder.encode([example], where=f"{where(i)}: ")  # raises, naming the example
+      raise
+
+
 class TaskSource(Protocol):
   """A distribution of tasks: an endless meta-training stream and fixed held-out tasks.
 
   ``train_task(i)`` is a pure function of ``i`` (and the source's seed), so a resumed run sees the same tasks
   without saving any iterator state. A source that holds all its meta-training examples may also define
-  ``check_examples(encoder)``, which `mltd_jax.evaluate.check_data` calls before training to encode them all (an
-  example the encoder refuses then stops the run up front, not when a step draws it; `JsonlTasks` does).
+  ``check_examples(encoder)``, which `mltd_jax.evaluate.check_data` calls before training, unless the encoder
+  truncates, to encode them all (`check_encodable`): an example the encoder refuses then stops the run up front, not
+  when a step draws it, and a resumed run would refuse a changed config.data.seq_len. `JsonlTasks`, the domain
+  sources (`AdaptSumTasks`, `TfdsTasks`) and `PersonaChatTasks` do.
   """
 
   def train_task(self, index: int) -> Task: ...

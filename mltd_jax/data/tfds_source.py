@@ -195,6 +195,9 @@ class TfdsTasks(DomainEpisodes):
   def _where(self, domain: str, role: str) -> str:
     return f"TFDS {self.datasets[domain]!r} split {self._split(domain, role)[1]!r} (domain {domain!r})"
 
+  def _example_where(self, domain: str, role: str, index: int) -> str:
+    return f"{self._where(domain, role)} record {index}"
+
   def _check_feature(self, builder, domain: str, config_field: str, feature: str) -> None:
     features = builder.info.features
     listing = ", ".join(f"{k}: {type(v).__name__}" for k, v in features.items())
