@@ -115,7 +115,7 @@ class InnerLoop:
     if self.backward == "hvp" and self.first_order:
       bad("backward", "is the second-order backward, but first_order=True differentiates nothing through the steps; "
           "use 'auto'.")  # fmt: skip
-    if not isinstance(self.support_chunks, int) or self.support_chunks < 1:
+    if not isinstance(self.support_chunks, int) or isinstance(self.support_chunks, bool) or self.support_chunks < 1:
       bad("support_chunks", "must be an integer >= 1.")
     if not isinstance(self.unroll, bool):
       bad("unroll", "must be True or False.")

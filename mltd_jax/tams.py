@@ -180,9 +180,9 @@ class TamsConfig:
     unknown = [o for o in self.ops if o not in OPS]
     if not self.ops or unknown or len(set(self.ops)) != len(self.ops):
       raise ValueError(f"config.tams.ops={self.ops!r} must be distinct names among {tuple(OPS)}.")
-    for name in ("width", "nodes", "hidden", "anneal_steps"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"config.tams.{name}={getattr(self, name)!r} must be an integer >= 1.")
+    for name, value in ((n, getattr(self, n)) for n in ("width", "nodes", "hidden", "anneal_steps")):
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # True is no width
+        raise ValueError(f"config.tams.{name}={value!r} must be an integer >= 1.")
     if len(self.tau) != 3 or self.tau[2] not in SCHEDULES:
       raise ValueError(f"config.tams.tau={self.tau!r} must be (start, end, schedule) with schedule in {SCHEDULES}.")
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in self.tau[:2]):

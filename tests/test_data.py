@@ -209,8 +209,9 @@ def test_build_encoder_reads_config_data():
     data.build_encoder("seq2seq", tok, ml_collections.ConfigDict(dict(target_len=3, truncate=False)))
   with pytest.raises(ValueError, match=r"'bert'.*\['causal_lm', 'seq2seq'\]"):
     data.build_encoder("bert", tok, cfg)
-  with pytest.raises(ValueError, match=r"config.data.seq_len=0"):
-    data.CausalLMEncoder(tok, 0)
+  for bad in (0, True):  # a bool is not read as 1
+    with pytest.raises(ValueError, match=rf"config.data.seq_len={bad} must be a positive integer"):
+      data.CausalLMEncoder(tok, bad)
   no_eos = bare_word_tokenizer(pad_token="<pad>")
   assert data.CausalLMEncoder(no_eos, 4).encode(["a"])["ids"].tolist() == [[3, 0, 0, 0]]
   for make in (lambda: data.CausalLMEncoder(no_eos, 4, add_eos=True), lambda: data.Seq2SeqEncoder(no_eos, 4, 4)):

@@ -299,6 +299,7 @@ def test_support_chunks_give_the_same_meta_gradient_with_unequal_token_counts():
     ("steps", 0, "config.meta.inner_steps=0 must be an integer >= 1"),
     ("lr", float("nan"), "config.meta.inner_lr=nan must be a finite number"),
     ("support_chunks", 0, "config.meta.support_chunks=0"),
+    ("support_chunks", True, "config.meta.support_chunks=True must be an integer >= 1"),  # not read as 1
     ("fast_regex", "(", "config.meta.fast_params='(' is not a valid regex"),
     ("backward", "newton", "config.meta.inner_backward='newton' is not one of"),
   ],

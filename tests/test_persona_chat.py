@@ -94,6 +94,8 @@ def test_txt_groups_by_persona_set_and_keeps_candidates(corpus, caplog):
   assert tasks[persona_name(held[3])].candidates == () and len(tasks[persona_name(held[0])].candidates) == 2
   with pytest.raises(ValueError, match=r"config.data.personachat.query_size=-1 must be an integer >= 0"):
     source(root, query_size=-1)
+  with pytest.raises(ValueError, match=r"config.data.personachat.support_dialogues=True must be an integer >= 1"):
+    source(root, support_dialogues=True)  # a bool is not read as 1
 
 
 def test_episodes_never_share_a_dialogue_and_are_seeded(corpus):

@@ -94,6 +94,8 @@ def test_adaptsum_errors_name_file_line_and_fix(tmp_path):
   root = adaptsum_tree(tmp_path / "a", domains=("dialog", "science"))
   with pytest.raises(FileNotFoundError, match=r"domains \['email'\]; it holds \['dialog', 'science'\]"):
     AdaptSumTasks(str(root), **kw)
+  with pytest.raises(ValueError, match=r"config.data.adaptsum.eval_episodes=True must be an int >= 1"):
+    AdaptSumTasks(str(root), **kw, eval_episodes=True)  # a bool is not read as 1
   with pytest.raises(ValueError, match=r"test_domain='news' is not one of the domains"):
     AdaptSumTasks(str(root), domains=("dialog", "science"), test_domain="news")
   root = adaptsum_tree(tmp_path / "b")

@@ -101,6 +101,8 @@ def test_tau_schedules_config_checks_and_summary():
     tams.TamsConfig(ops=("conv7",))
   with pytest.raises(ValueError, match="config.tams.tau="):
     tams.TamsConfig(tau=(1.0, 0.0, "linear"))
+  with pytest.raises(ValueError, match=r"config.tams.width=True must be an integer >= 1"):
+    tams.TamsConfig(width=True)  # a bool is not read as 1
   logits = np.zeros((9, 6))
   logits[:, 3] = np.log(3.0)  # glu: probability 3/8 on every edge
   summary = tams.arch_summary(logits, CFG.ops)

@@ -76,7 +76,7 @@ class DomainEpisodes:
     """
     for name, value in zip(("support_size", "query_size", "eval_episodes", "max_examples"), sizes):
       least = 0 if name == "max_examples" else 1
-      if not isinstance(value, (int, np.integer)) or value < least:
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
         raise ValueError(f"{self.field}.{name}={value!r} must be an int >= {least}.")
     self.support_size, self.query_size, self.eval_episodes, self.max_examples = (int(v) for v in sizes)
     self.domains, self.seed = list(dict.fromkeys(domains)), seed

@@ -91,7 +91,7 @@ def _check_tokenizer(tokenizer, length_fields: Mapping[str, int], need_eos: bool
         "this one has none (config.data.tokenizer)."
       )
   for name, value in length_fields.items():
-    if not isinstance(value, (int, np.integer)) or value < 1:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.data.{name}={value!r} must be a positive integer.")
 
 

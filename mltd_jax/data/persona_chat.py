@@ -340,7 +340,7 @@ class PersonaChatTasks:
     counts = dict(support_dialogues=support_dialogues, query_dialogues=query_dialogues, eval_episodes=eval_episodes)
     sizes = dict(support_size=support_size, query_size=query_size, max_history_turns=max_history_turns)
     for name, value in {**counts, **sizes, "max_eval_personas": max_eval_personas}.items():
-      if not isinstance(value, int) or value < (1 if name in counts else 0):
+      if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name in counts else 0):
         raise ValueError(f"{FIELD}.{name}={value!r} must be an integer >= {1 if name in counts else 0}.")
     self.support_dialogues, self.query_dialogues = support_dialogues, query_dialogues
     self.support_size, self.query_size = support_size, query_size
