@@ -6,7 +6,8 @@ Modes (``--mode``, several per call):
   * ``fwdbwd``: a plain forward+backward+Adam step over the same tokens (the rate a meta-step is compared with: its
     line's ``of_fwdbwd``, when both ran in the same call);
   * ``adapt``: one TARP adaptation step against one full fine-tuning step (SGD) on one task batch, the two timed
-    in turn (``tarp_speedup``: the median over ``--steps`` rounds of full / TARP seconds, and its range).
+    in turn (``tarp_speedup``: the median over ``--steps`` rounds of full / TARP seconds, and its range; the FLOPs
+    of each, ``flops_per_step`` and ``full_flops_per_step``).
 ``--peer`` runs ../shared/bench/torch_meta_ref.py (``--peer_script``) with the same flags (order layers d heads
 vocab seq tasks shots inner rank steps, and ``--threads``) and adds its line (``peer``) and the ratios ours / peer
 (``vs_peer``: tokens/s and peak memory) to each meta line. The peer computes in float32; with ``--dtype bfloat16``
@@ -456,7 +457,8 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     (full, _, _, others), (ours, compile_s, compiled, _) = timed["full"], timed["tarp"]
     med, full_s = statistics.median(ours), statistics.median(full)
     ratios = sorted(f / t for f, t in zip(full, ours))  # per round: drifts cancel within a pair
-    row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
+    full_flops = _count(_adapt_step(loss_fn, regexes["full"], 1e-3), variables, batch(), key)[0]
+    row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1), full_flops_per_step=full_flops)
     row.update(tarp_speedup=round(statistics.median(ratios), 3))
     row.update(tarp_speedup_range=[round(ratios[0], 3), round(ratios[-1], 3)])
   if lacks_kernel(compiled, a.dtype):

@@ -204,12 +204,13 @@ def encode_tasks(encoder, tasks: Sequence[Task], cfg: Any) -> dict:
   return arrays
 
 
-def check_data(encoder, source, cfg: Any) -> None:
+def check_data(encoder, source, cfg: Any, train_examples: bool = True) -> None:
   """Encode the held-out tasks before any training (``cfg`` is ``config.eval``): a text too long for the
   encoder, a split without tasks, chunk counts that do not divide the support or query sets, or (with decoding
   metrics) no room for a prompt beside ``max_new_tokens`` stop the run here, not after meta-training; so does a
-  meta-training example the encoder refuses, for a source that can check them all (``source.check_examples``; not
-  when the encoder truncates, which refuses no example for its length)."""
+  meta-training example the encoder refuses, for a source that can check them all (``source.check_examples``),
+  unless ``train_examples`` is False (no phase draws training tasks) or the encoder truncates (it refuses no example
+  for its length)."""
   tasks = {}
   for split in ("validation", "test"):
     tasks[split] = list(source.eval_tasks(split))
@@ -223,13 +224,13 @@ def check_data(encoder, source, cfg: Any) -> None:
     batches += [("config.eval.query_chunks", cfg.get("query_chunks", 1), b) for b in arrays["eval"].values()]
     for field, chunks, batch in batches:  # each [tasks, examples, ...]: a task's examples are chunked
       n = jax.tree.leaves(batch)[0].shape[1]
-      if not isinstance(chunks, int) or chunks < 1 or n % chunks:
+      if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1 or n % chunks:
         raise ValueError(
           f"{field}={chunks!r} must be an integer >= 1 that divides the {split} tasks' {n} examples; set it to a "
           f"divisor of {n}."
         )
   check_examples = getattr(source, "check_examples", None)  # optional (`mltd_jax.data.tasks.TaskSource`)
-  if check_examples is not None and not encoder.truncate:  # a truncating encoder refuses no example for its length
+  if check_examples is not None and train_examples and not getattr(encoder, "truncate", False):
     check_examples(encoder)
   decoding = cfg.get("decode")
   if decoding is not None and decoding.metrics:

@@ -54,14 +54,14 @@ def mesh_shape(cfg: Any, num_devices: int) -> tuple[int, int]:
     ValueError: a size is not a positive integer (or -1 for tasks), or the mesh needs more devices than there are.
   """
   model, tasks = cfg["model"], cfg["tasks"]
-  if not isinstance(model, int) or model < 1 or num_devices % model:
+  if not isinstance(model, int) or isinstance(model, bool) or model < 1 or num_devices % model:
     raise ValueError(
       f"config.mesh.model={model!r} must be a positive integer that divides the {num_devices} devices; set it to 1 "
       "(no parameter sharding) or a divisor of the device count."
     )
   if tasks == -1:
     tasks = num_devices // model
-  if not isinstance(tasks, int) or tasks < 1 or tasks * model > num_devices:
+  if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1 or tasks * model > num_devices:
     raise ValueError(
       f"config.mesh.tasks={cfg['tasks']!r} with config.mesh.model={model} needs more than the {num_devices} devices "
       "there are; set config.mesh.tasks=-1 (all devices) or a smaller positive integer."

@@ -657,7 +657,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if config.eval.get("decode") is not None and config.eval.decode.metrics:
     decode_eval.check_pairs(source.train_task(0))  # a text source fails here, not after training
   encoder = data.build_encoder(family.encoder, tokenizer, config.data)
-  evaluate.check_data(encoder, source, eval_config(config, tcfg))  # held-out texts too long etc.: before training
+  training = any(config[n].steps > 0 for n in PHASE_SECTIONS)  # a phase draws meta-training examples
+  evaluate.check_data(encoder, source, eval_config(config, tcfg), training)  # e.g. too long texts: before training
   model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
   if tcfg is not None:  # cells in every FFN sublayer; without a 'tams' collection (pretraining) the plain model
     model = tams.attach(model, tcfg)

@@ -190,7 +190,18 @@ def test_check_data_finds_held_out_problems_before_training(tmp_path):
   cfg = eval_config(metrics=("query",), select_by=("query",))
   with pytest.raises(ValueError, match=r"p.jsonl:2: example 0: its response has 4\d tokens"):
     evaluate.check_data(encoder, source, cfg)  # the source's check_examples
-  evaluate.check_data(CausalLMEncoder(byte_level_tokenizer(), seq_len=32, truncate=True), source, cfg)  # none cut
+  calls = []
+
+  class Recorded:  # the source, its check_examples recorded
+    eval_tasks = source.eval_tasks
+
+    def check_examples(self, enc):
+      calls.append(enc.truncate)
+
+  evaluate.check_data(CausalLMEncoder(byte_level_tokenizer(), seq_len=32, truncate=True), Recorded(), cfg)
+  evaluate.check_data(encoder, Recorded(), cfg, train_examples=False)  # no phase draws meta-training examples
+  evaluate.check_data(encoder, Recorded(), cfg)
+  assert calls == [False]  # only the last: a truncating encoder refuses no example for its length
 
 
 @pytest.mark.parametrize(

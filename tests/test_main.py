@@ -149,6 +149,7 @@ def test_misspelt_config_field_is_named(tmp_path):
     ("eval.methods", {"tarp": "^tarp/", "x": "^foo/"}, "config.eval.methods['x']='^foo/' matches no variable"),
     ("eval.support_chunks", 3, "config.eval.support_chunks=3 must be an integer >= 1 that divides"),
     ("eval.query_chunks", 3, "config.eval.query_chunks=3 must be an integer >= 1 that divides"),
+    ("eval.query_chunks", True, "config.eval.query_chunks=True must be an integer >= 1 that divides"),
     ("eval.lr_grid", {"tarp": (0.1,)}, "config.eval.lr_grid has no entry for method 'full' and no 'default'"),
     ("data.facts.num_eval_tasks", 0, "no validation tasks"),
     ("data.seq_len", 8, "> config.data.seq_len=8"),  # a held-out text too long: found before training

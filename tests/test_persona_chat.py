@@ -200,19 +200,27 @@ def test_non_utf8_and_long_lines(corpus, caplog):
   assert (turn.response, turn.candidates) == ("d10r0", ("x100" + "z" * 21, "d10r0"))  # cut inside the candidates
 
 
-def test_meta_training_turns_are_checked_up_front(corpus):
+def test_meta_training_turns_are_checked_up_front(corpus, tmp_path):
   """`PersonaChatTasks.check_examples` (called by `evaluate.check_data`) encodes every meta-training turn: a response
-  too long for config.data.seq_len is named by its dialogue's first line and its turn; held-out personas are not
-  meta-training data."""
+  too long for config.data.seq_len is named by its line (txt) or JSON path; held-out personas and personas left out
+  of meta-training (too few dialogues) are not meta-training data."""
   path, _ = corpus
-  lines = (path / "train_self_original.txt").read_text().splitlines()
-  at = next(i for i, line in enumerate(lines) if "d4r1" in line)  # persona B's dialogue 4 (first line 18), turn 1
-  lines[at] = lines[at].replace("d4r1", "d4r1 " + "z" * 40)
-  (path / "train_self_original.txt").write_text("\n".join(lines) + "\n")
+  long = " " + "z" * 40
+  for split, response in (("train", "d4r1"), ("train", "d6r0"), ("valid", "d10r1")):  # B's turn; C's (skipped); v0's
+    file = path / f"{split}_self_original.txt"
+    file.write_text(file.read_text().replace(f"\t{response}\t", f"\t{response}{long}\t"))
   src = source(path)
   tok = data.byte_level_tokenizer()
   src.check_examples(data.CausalLMEncoder(tok, seq_len=64))
-  with pytest.raises(ValueError, match=r"train_self_original.txt:18: turn 1: example 0: its response has 4\d tokens"):
+  for chunk in (2, 256):  # B's dialogue 4 starts at line 18: 2 persona lines, turn 0 on line 20, turn 1 on 21
+    with pytest.raises(ValueError, match=r"train_self_original.txt:21: example 0: its response has 4\d tokens"):
+      src.check_examples(data.CausalLMEncoder(tok, seq_len=32), chunk=chunk)
+  dialogues = {"train": [as_json(A, 0), as_json(A, 1), as_json(B, 3), as_json(B, 4)]}
+  dialogues["valid"] = [as_json(p, d) for p in (C, A[:1]) for d in (7, 8)]
+  dialogues["train"][3]["utterances"][1]["candidates"][-1] += long
+  (tmp_path / "personachat_self_original.json").write_text(json.dumps(dialogues))
+  src = source(tmp_path / "personachat_self_original.json")
+  with pytest.raises(ValueError, match=r"json: train\[3\].utterances\[1\]: example 0: its response has 4\d tokens"):
     src.check_examples(data.CausalLMEncoder(tok, seq_len=32))
 
 

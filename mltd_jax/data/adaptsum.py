@@ -21,7 +21,8 @@ Examples are ``(source, target)`` pairs (``mode="pair"``, summarization) or text
 multi-domain LM protocol: the ``text_fields`` of a line joined by "\\n", by default the document alone).
 
 Files are read only when needed (held-out domains' files at construction, so that a damaged test file shows up
-before training; a training domain's train files at its first task) and at most ``max_examples`` lines each.
+before training; a training domain's train files at its first task, or before training when the encoder does not
+truncate, to encode them all: `AdaptSumTasks.check_examples`) and at most ``max_examples`` lines each.
 """
 
 from __future__ import annotations
@@ -100,16 +101,6 @@ class DomainEpisodes:
   def _where(self, domain: str, role: str) -> str:
     raise NotImplementedError
 
-  def _example_where(self, domain: str, role: str, index: int) -> str:
-    """Where example ``index`` of the pool of (domain, role) was read, for errors."""
-    return f"{self._where(domain, role)} example {index}"
-
-  def check_examples(self, encoder, chunk: int = 256) -> None:
-    """Encode every example of the training domains' train splits before training (`check_encodable`): one the
-    encoder refuses stops the run here, named by where it was read, not when its step draws it."""
-    for domain in self.train_domains:
-      pool = self._pool(domain, "train")
-      check_encodable(encoder, pool, lambda i: self._example_where(domain, "train", i), chunk)
 
   def _check_size(self, domain: str, role: str, sizes: tuple[str, ...]) -> Sequence[Example]:
     """The pool of (domain, role), refused when it holds fewer examples than the size fields ``sizes`` add up to."""
@@ -132,7 +123,7 @@ class DomainEpisodes:
   def _eval_size(self, role: str) -> tuple[str, ...]:
     """The size field(s) of held-out ``role`` ("support" or "query"); () = the whole split."""
     size = self.eval_support_size if role == "support" else self.eval_query_size
-    if size < -1 or not isinstance(size, (int, np.integer)):
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < -1:
       raise ValueError(f"{self.field}.eval_{role}_size={size!r} must be -1 (as {role}_size), 0 (all) or > 0.")
     return (f"eval_{role}_size",) if size > 0 else () if size == 0 else (f"{role}_size",)
 
@@ -297,8 +288,13 @@ class AdaptSumTasks(DomainEpisodes):
   def _where(self, domain: str, role: str) -> str:
     return "{} / {}".format(*self._files(domain, role))
 
-  def _example_where(self, domain: str, role: str, index: int) -> str:
-    return "{0}:{2} / {1}:{2}".format(*self._files(domain, role), index + 1)  # line i + 1 of both files
+  def check_examples(self, encoder, chunk: int = 256) -> None:
+    """Encode every example of the training domains' train splits before training (`check_encodable`): one the
+    encoder refuses stops the run here, named by the line of both files, not when its step draws it. The held-out
+    domain's examples are encoded as its tasks (`mltd_jax.evaluate.check_data`)."""
+    for domain in self.train_domains:
+      source, target = self._files(domain, "train")
+      check_encodable(encoder, self._pool(domain, "train"), lambda i: f"{source}:{i + 1} / {target}:{i + 1}", chunk)
 
   def split_examples(self, domain: str, split: str) -> list[Example]:
     """All examples of a domain's split (at most ``max_examples``), e.g. to fine-tune on every training document.

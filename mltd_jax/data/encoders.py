@@ -218,7 +218,7 @@ class CausalLMEncoder:
         raise TypeError(f"{where}example {i} is a {type(example).__name__}; prompts take (context, response) pairs.")
       contexts.append(example if isinstance(example, str) else example[0])
     prefix, sep, _ = self._frame()
-    if not isinstance(length, (int, np.integer)) or length <= len(prefix) + len(sep):
+    if not isinstance(length, (int, np.integer)) or isinstance(length, bool) or length <= len(prefix) + len(sep):
       raise ValueError(f"prompt_len={length!r} must exceed the {len(prefix) + len(sep)} tokens of bos and separator.")
     ids = np.full((len(contexts), length), self.tokenizer.pad_token_id, dtype=np.int32)  # [N, P]
     mask = np.zeros((len(contexts), length), dtype=np.int32)  # [N, P]

@@ -70,6 +70,7 @@ class Turn:
   history: tuple[str, ...]  # utterances oldest first; the last one is the partner's
   response: str
   candidates: tuple[str, ...] = ()
+  where: str = dataclasses.field(default="", compare=False)  # its line (file:line) or JSON path, for errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ class _TxtDialogue:
     cands = [c.strip() for c in fields[3].split("|")] if len(fields) == 4 and keep_candidates else []
     cands = [c for c in cands if c]
     self.history.append(utterance)
-    self.turns.append(Turn(tuple(self.history), response, _gold_last(cands, response) if cands else ()))
+    self.turns.append(Turn(tuple(self.history), response, _gold_last(cands, response) if cands else (), where))
     self.history.append(response)
 
   def done(self) -> Dialogue:
@@ -223,7 +224,7 @@ def _json_dialogue(d: Any, where: str, reading: _Reading, counts: dict) -> Dialo
       cands = cands[-1:]  # only the gold one is used: skip reading the others
     cands = _texts(cands, f"{at}.candidates", reading, counts)
     history = _texts(u["history"], f"{at}.history", reading, counts)
-    turns.append(Turn(history, cands[-1], cands if reading.keep_candidates else ()))
+    turns.append(Turn(history, cands[-1], cands if reading.keep_candidates else (), at))
   return Dialogue(persona, tuple(turns), where)
 
 
@@ -455,13 +456,13 @@ class PersonaChatTasks:
   def train_names(self) -> list[str]:
     return list(self.pools["train"])
 
-  def check_examples(self, encoder: Any) -> None:
+  def check_examples(self, encoder: Any, chunk: int = 256) -> None:
     """Encode every turn of the meta-training personas' dialogues before training (`check_encodable`): a response
-    the encoder refuses stops the run here, named by its dialogue's first line and the turn, not when a step draws
-    it (the contexts are cut from the left, never refused)."""
+    the encoder refuses stops the run here, named by its line (txt) or JSON path, not when a step draws it (the
+    contexts are cut from the left, never refused). Held-out personas are not meta-training data."""
     for dialogues in self.pools["train"].values():
-      turns = [(d, j, example) for d in dialogues for j, (example, _) in enumerate(self.examples(d))]
-      check_encodable(encoder, [t[2] for t in turns], lambda i: f"{turns[i][0].where}: turn {turns[i][1]}")
+      turns = [(turn.where, example) for d in dialogues for turn, (example, _) in zip(d.turns, self.examples(d))]
+      check_encodable(encoder, [example for _, example in turns], lambda i: turns[i][0], chunk)
 
   # TaskSource interface
   def train_task(self, index: int) -> Task:

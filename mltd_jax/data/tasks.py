@@ -61,7 +61,7 @@ def check_encodable(encoder: Any, examples: Sequence[Example], where: Callable[[
   for start in range(0, len(examples), chunk):
     part = [examples[i] for i in range(start, min(start + chunk, len(examples)))]
     try:
-      encoder.encode(part, where=f"{where(start)} and the {len(part) - 1} examples after it: ")
+      encoder.encode(part, where=f"examples from {where(start)}: ")
     except ValueError:
       for i, example in enumerate(part, start):
         encoder.encode([example], where=f"{where(i)}: ")  # raises, naming the example
@@ -75,8 +75,8 @@ class TaskSource(Protocol):
   without saving any iterator state. A source that holds all its meta-training examples may also define
   ``check_examples(encoder)``, which `mltd_jax.evaluate.check_data` calls before training, unless the encoder
   truncates, to encode them all (`check_encodable`): an example the encoder refuses then stops the run up front, not
-  when a step draws it, and a resumed run would refuse a changed config.data.seq_len. `JsonlTasks`, the domain
-  sources (`AdaptSumTasks`, `TfdsTasks`) and `PersonaChatTasks` do.
+  when a step draws it (a resumed run refuses a changed config.data.seq_len, so finding it late costs a restart).
+  `JsonlTasks`, `AdaptSumTasks` and `PersonaChatTasks` do; `TfdsTasks` does not (a large corpus is never iterated).
   """
 
   def train_task(self, index: int) -> Task: ...

@@ -18,7 +18,9 @@ would overlap if both read the same records).
 
 Examples: ``mode="pair"``: ``(record[source_field], record[target_field])``; ``mode="text"``:
 ``record[text_field]``; bytes are decoded as UTF-8 and records are used as stored (an empty field stays empty).
-``max_examples`` > 0 restricts each split to its first ``max_examples`` records.
+``max_examples`` > 0 restricts each split to its first ``max_examples`` records. Training records are not encoded
+up front (other sources' ``check_examples``): without config.data.truncate, a record too long for the encoder stops
+the run when a step draws it.
 
 Datasets must be prepared in array_record format first: ``tfds build <name> --file_format=array_record``;
 the error for an unprepared one says the exact command (and, for datasets that need a manual download, where the
@@ -194,9 +196,6 @@ class TfdsTasks(DomainEpisodes):
 
   def _where(self, domain: str, role: str) -> str:
     return f"TFDS {self.datasets[domain]!r} split {self._split(domain, role)[1]!r} (domain {domain!r})"
-
-  def _example_where(self, domain: str, role: str, index: int) -> str:
-    return f"{self._where(domain, role)} record {index}"
 
   def _check_feature(self, builder, domain: str, config_field: str, feature: str) -> None:
     features = builder.info.features
