@@ -60,12 +60,15 @@ def load(directory: str | Path, step: int | None = None) -> Any:
 
   ``directory`` is a phase's checkpoint folder (e.g. ``WORKDIR/checkpoints/meta``); ``step`` defaults to the
   latest. Optimizer states come back as lists (Orbax does not know optax's named tuples); ``["variables"]`` holds
-  ``{"params": ..., "tarp": ...}`` ready for ``model.apply``.
+  ``{"params": ..., "tarp": ...}`` ready for ``model.apply``. Every array comes back whole on this process's first
+  device, whatever mesh saved it (Orbax alone would rebuild the saving mesh, and refuse where its devices are not
+  all here: a run on 4 devices read back in a 1-device notebook).
   """
   directory = Path(directory).absolute()
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory} is not a directory; pass a phase's folder, e.g. WORKDIR/checkpoints/meta.")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  options = ocp.CheckpointManagerOptions(create=False)
+  manager = ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
   try:
     steps = sorted(manager.all_steps())
     if not steps:
@@ -76,6 +79,9 @@ def load(directory: str | Path, step: int | None = None) -> Any:
     step = steps[-1] if step is None else step
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it has steps {steps}.")
-    return manager.restore(step, args=ocp.args.StandardRestore())
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved = manager.item_metadata(step).tree  # shapes and dtypes of the saved arrays
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   finally:
     manager.close()

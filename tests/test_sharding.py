@@ -144,6 +144,7 @@ def restore_and_continue(name, target):
 
 save(runs["four"]["state"], "four")
 save(runs["one"]["state"], "one")
+save(runs["fsdp"]["state"], "fsdp")  # read back by test_checkpoints_move_between_device_counts, on 1 device
 out["ckpt_4_to_1"], cont_1 = restore_and_continue("four", "one")
 out["ckpt_1_to_fsdp"], cont_fsdp = restore_and_continue("one", "fsdp")
 r4 = runs["four"]
@@ -208,7 +209,7 @@ def report(tmp_path_factory):
       break
   lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
   assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
-  return json.loads(lines[-1].removeprefix("REPORT "))
+  return {**json.loads(lines[-1].removeprefix("REPORT ")), "tmp": tmp}
 
 
 def test_four_devices_match_one_and_tasks_are_sharded(report):
@@ -252,6 +253,16 @@ def test_checkpoints_move_between_device_counts(report):
   assert "P(None, 'model')" in report["ckpt_1_to_fsdp"]["specs"]  # restored into the target shardings
   assert report["continue_diff_1_vs_4"] < 1e-5 and report["continue_diff_fsdp_vs_4"] < 1e-5
   assert "P(None, 'model')" in report["continue_fsdp_specs"]
+  # `checkpoint.load` (no template) in this 1-device process reads the states saved on 4 devices and on the FSDP mesh
+  from mltd_jax import checkpoint
+
+  one = checkpoint.load(report["tmp"] / "one")
+  for name in ("four", "fsdp"):
+    state = checkpoint.load(report["tmp"] / name)
+    assert jax.tree.structure(state) == jax.tree.structure(one) and int(state["step"]) == 1
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(one)):
+      assert a.shape == b.shape and a.dtype == b.dtype and len(a.sharding.device_set) == 1
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=1e-5)
 
 
 def test_bfloat16_meta_loss_is_close_and_updates_stay_float32(report):
