@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mltd_jax import checkpoint
+from mltd_jax import checkpoint, meta, runs
+from mltd_jax.data import episodes
 from tests.helpers import experiment_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,16 @@ def test_main_end_to_end_then_resume(tmp_path):
 
   saved = checkpoint.load(wd / "checkpoints" / "meta")
   assert int(saved["step"]) == 10 and {"params", "tarp"} <= set(saved["variables"])
+  # The run opened from its workdir (`runs.open_run`): its held-out tasks (the run's data seed, not 0), model and
+  # variables give eval.json's unadapted query loss of the first test task.
+  opened = runs.open_run(wd)
+  task = opened.source.eval_tasks("test")[0]
+  scored = result["methods"]["tarp"]["selections"]["query"]["tasks"][0]
+  arrays = episodes.task_arrays(opened.encoder, task)
+  loss = float(meta.mean_loss(opened.loss_fn(opened.variables, arrays["query"], None)))
+  assert (opened.step, scored["name"]) == (10, task.name) and loss == pytest.approx(scored["query_loss"][0], rel=1e-5)
+  pretrained = runs.open_run(wd, phase="pretrain")
+  assert pretrained.step == 20 and set(pretrained.variables) == {"params"}
 
   # Second run in the same workdir with more meta-steps: it continues from the checkpoint.
   second = run_main(wd, "--config.pretrain.steps=20", "--config.meta.steps=15")

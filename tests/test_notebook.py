@@ -15,3 +15,5 @@ def test_quickstart_notebook_runs(monkeypatch):
     if cell["cell_type"] == "code":
       exec(compile("".join(cell["source"]), str(NOTEBOOK), "exec"), scope)
   assert scope["g"]["params"] and scope["after"] < scope["before"]
+  if (scope["workdir"] / "checkpoints" / "meta").exists():  # a local `./run.sh` left runs/tiny (never in CI)
+    assert scope["run"].step > 0 and scope["loss"](scope["adapted"]) < scope["loss"](scope["run"].variables)
