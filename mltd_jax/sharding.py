@@ -61,7 +61,9 @@ def mesh_shape(cfg: Any, num_devices: int) -> tuple[int, int]:
     )
   if tasks == -1:
     tasks = num_devices // model
-  if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1 or tasks * model > num_devices:
+  if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 1:
+    raise ValueError(f"config.mesh.tasks={tasks!r} must be -1 (all devices) or an integer >= 1.")
+  if tasks * model > num_devices:
     raise ValueError(
       f"config.mesh.tasks={cfg['tasks']!r} with config.mesh.model={model} needs more than the {num_devices} devices "
       "there are; set config.mesh.tasks=-1 (all devices) or a smaller positive integer."

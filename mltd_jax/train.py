@@ -266,7 +266,14 @@ def run_phase(
     make_batch = functools.partial(_put_batch, make_batch, shardings.batch)
   state = ckpt.restore_or(state)
   start = int(state.step)
-  if start >= num_steps:
+  if start > num_steps:  # only meta.steps may change on resume (FREE_FIELDS); fewer would mislabel the results
+    ckpt.close()
+    raise ValueError(
+      f"config.{name}.steps={num_steps} but {ckpt.directory} holds this phase at step {start}: the run would go on "
+      f"with the model of step {start} and report it as step {num_steps}. Set config.{name}.steps={start} (or more, "
+      "to continue it), or use a new --workdir."
+    )
+  if start == num_steps:
     log.info("%s: restored finished phase at step %d from %s", name, start, ckpt.directory)
     ckpt.close()
     return state
@@ -702,6 +709,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if "decode" in result:
     for m, r in [("before", result["decode"]["before"]), *result["decode"]["methods"].items()]:
       scalars.update({f"eval/{m}_{s.replace('@', '_at_')}": v for s, v in r["mean"].items()})
+  writer.rewind("eval", config.meta.steps - 1)  # a rerun's results replace this step's, earlier steps' stay
   writer.write(config.meta.steps, scalars)
   writer.close()
   print(

@@ -116,6 +116,10 @@ def test_main_end_to_end_then_resume(tmp_path):
   assert [r["step"] for r in rows if "pretrain/loss" in r] == [5, 10, 15, 20]
   assert [r["step"] for r in rows if "meta/query_loss" in r] == [5, 10, 15]
   assert int(checkpoint.load(wd / "checkpoints" / "meta")["step"]) == 15
+  # The same command again: both phases restored as finished, meta-tested again; its eval row replaces step 15's.
+  again = run_main(wd, "--config.pretrain.steps=20", "--config.meta.steps=15")
+  assert "meta: restored finished phase at step 15" in again.stderr + again.stdout
+  assert [r["step"] for r in metrics(wd) if any(k.startswith("eval/") for k in r)] == [10, 15]
 
   # More pretraining steps are another run (the cosine schedule spans them), under which the meta-training would
   # silently keep the old one's: refused before any phase runs, with the ways out.
@@ -272,6 +276,10 @@ def test_a_resumed_phase_ends_where_an_uninterrupted_one_does(tmp_path):
   for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(twice)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
   assert [r["step"] for r in metrics(tmp_path / "twice")] == [1, 2, 3, 4]
+  assert int(run(tmp_path / "twice", 4).step) == 4  # finished: restored as it is
+  with pytest.raises(ValueError, match=r"config.pretrain.steps=3 but .*twice/checkpoints/pretrain holds this phase at "
+                     r"step 4: .* report it as step 3. Set config.pretrain.steps=4"):  # fmt: skip
+    run(tmp_path / "twice", 3)  # fewer steps than done: refused, not the step-4 model labelled as step 3
 
 
 def test_resuming_under_other_settings_is_refused_naming_the_fields(tmp_path):

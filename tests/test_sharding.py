@@ -323,6 +323,8 @@ def test_mesh_config_errors_name_the_field():
   assert sharding.mesh_shape(mesh_cfg(), 8) == (8, 1) and sharding.mesh_shape(mesh_cfg(model=2), 8) == (4, 2)
   with pytest.raises(ValueError, match=r"config.mesh.model=3 must .* divides the 8 devices"):
     sharding.mesh_shape(mesh_cfg(model=3), 8)
+  with pytest.raises(ValueError, match=r"config.mesh.tasks=0 must be -1 \(all devices\) or an integer >= 1"):
+    sharding.mesh_shape(mesh_cfg(tasks=0), 8)
   for field in ("model", "tasks"):  # a bool is not read as 1
     with pytest.raises(ValueError, match=rf"config.mesh.{field}=True"):
       sharding.mesh_shape(mesh_cfg(**{field: True}), 8)
