@@ -458,7 +458,8 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     med, full_s = statistics.median(ours), statistics.median(full)
     ratios = sorted(f / t for f, t in zip(full, ours))  # per round: drifts cancel within a pair
     full_flops = _count(_adapt_step(loss_fn, regexes["full"], 1e-3), variables, batch(), key)[0]
-    row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1), full_flops_per_step=full_flops)
+    row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
+    row.update(full_flops_per_step=full_flops)
     row.update(tarp_speedup=round(statistics.median(ratios), 3))
     row.update(tarp_speedup_range=[round(ratios[0], 3), round(ratios[-1], 3)])
   if lacks_kernel(compiled, a.dtype):

@@ -55,14 +55,15 @@ class Checkpointer:
     self.manager.close()
 
 
-def load(directory: str | Path, step: int | None = None) -> Any:
+def load(directory: str | Path, step: int | None = None, keys: tuple[str, ...] | None = None) -> Any:
   """Read a saved state back without a template (for notebooks and users): nested dicts of arrays.
 
   ``directory`` is a phase's checkpoint folder (e.g. ``WORKDIR/checkpoints/meta``); ``step`` defaults to the
-  latest. Optimizer states come back as lists (Orbax does not know optax's named tuples); ``["variables"]`` holds
-  ``{"params": ..., "tarp": ...}`` ready for ``model.apply``. Every array comes back whole on this process's first
-  device, whatever mesh saved it (Orbax alone would rebuild the saving mesh, and refuse where its devices are not
-  all here: a run on 4 devices read back in a 1-device notebook).
+  latest; ``keys`` restores only those top-level entries (e.g. ``("step", "variables")``: not the optimizer state,
+  twice the parameters' size for Adam), all by default. Optimizer states come back as lists (Orbax does not know
+  optax's named tuples); ``["variables"]`` holds ``{"params": ..., "tarp": ...}`` ready for ``model.apply``. Every
+  array comes back whole on this process's first device, whatever mesh saved it (Orbax alone would rebuild the
+  saving mesh, and refuse where its devices are not all here: a run on 4 devices read back in a 1-device notebook).
   """
   directory = Path(directory).absolute()
   if not directory.is_dir():
@@ -82,6 +83,17 @@ def load(directory: str | Path, step: int | None = None) -> Any:
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     saved = manager.item_metadata(step).tree  # shapes and dtypes of the saved arrays
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    if keys is None:
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  finally:
+    manager.close()
+  missing = sorted(set(keys) - set(abstract))
+  if missing:
+    raise KeyError(f"{directory}/{step} has no {missing}; its entries: {sorted(abstract)}.")
+  part = {k: abstract[k] for k in keys}
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=here), part)
+  manager = ocp.CheckpointManager(directory, options=options, item_handlers=ocp.PyTreeCheckpointHandler())
+  try:  # the others are not read (StandardRestore has no partial restore)
+    return manager.restore(step, args=ocp.args.PyTreeRestore(part, restore_args=restore_args, partial_restore=True))
   finally:
     manager.close()

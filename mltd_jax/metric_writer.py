@@ -40,10 +40,11 @@ class MetricWriter:
     for k, v in scalars.items():
       self.tb.add_scalar(k, float(v), int(step))
 
-  def rewind(self, phase: str, step: int) -> None:
+  def rewind(self, phase: str, step: int, only: bool = False) -> None:
     """Drop ``phase``'s metrics (names ``phase/...``) logged after ``step`` from ``metrics.jsonl``: a run resumed
-    from the checkpoint at ``step`` (0: none) logs those steps again. (TensorBoard's event files keep both writes
-    of a replayed step.)"""
+    from the checkpoint at ``step`` (0: none) logs those steps again. ``only``: those logged at ``step`` itself, no
+    other (a rerun's meta-test results replace its step's). (TensorBoard's event files keep both writes of a
+    replayed step.)"""
     if not self.path.exists():
       return
     kept = []
@@ -53,7 +54,7 @@ class MetricWriter:
       except json.JSONDecodeError as e:  # dropped, not raised: only process 0 writes (sharding's docstring)
         log.warning("%s:%d: dropping a line that is not JSON (%s): %r", self.path, n, e, line[:80])
         continue
-      if row["step"] > step:
+      if row["step"] == step if only else row["step"] > step:
         row = {k: v for k, v in row.items() if not k.startswith(f"{phase}/")}
         if set(row) == {"step"}:
           continue

@@ -385,8 +385,8 @@ class NullWriter:
   def write(self, step: int, scalars: dict[str, float]) -> None:
     del step, scalars
 
-  def rewind(self, phase: str, step: int) -> None:
-    del phase, step
+  def rewind(self, phase: str, step: int, only: bool = False) -> None:
+    del phase, step, only
 
   def close(self) -> None:
     pass

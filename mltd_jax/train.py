@@ -108,15 +108,35 @@ def phase_fields(config: Any, name: str) -> dict[str, Any]:
   }
 
 
-def has_checkpoint(workdir: Path, name: str) -> bool:
-  """Whether phase ``name`` has a checkpoint in ``workdir`` (creating nothing)."""
+def latest_step(workdir: Path, name: str) -> int | None:
+  """The step of phase ``name``'s latest checkpoint in ``workdir``, or None (creating nothing)."""
   if not (workdir / "checkpoints" / name).is_dir():
-    return False
+    return None
   ckpt = Checkpointer(workdir / "checkpoints" / name)
   try:
-    return ckpt.latest_step() is not None
+    return ckpt.latest_step()
   finally:
     ckpt.close()
+
+
+def has_checkpoint(workdir: Path, name: str) -> bool:
+  """Whether phase ``name`` has a checkpoint in ``workdir`` (creating nothing)."""
+  return latest_step(workdir, name) is not None
+
+
+def check_steps(name: str, num_steps: int, done: int | None, directory: Path) -> None:
+  """Refuse ``config.<name>.steps`` below the step a phase's checkpoint holds (``done``): the run would go on with
+  the later model and report it under the lower count."""
+  if done is None or done <= num_steps:
+    return
+  if name == "meta":  # config.meta.steps may change on resume (FREE_FIELDS)
+    fix = f"Set config.meta.steps={done} (or more, to continue it), or use a new --workdir."
+  else:  # pretraining's schedule spans its steps: another count is another run (check_resume)
+    fix = f"Set config.{name}.steps={done} again (another count is another run: a new --workdir)."
+  raise ValueError(
+    f"config.{name}.steps={num_steps} but {directory} holds this phase at step {done}: the run would go on with the "
+    f"model of step {done} and report it as step {num_steps}. {fix}"
+  )
 
 
 def check_resume(config: Any, workdir: Path, name: str, resuming: bool, record: bool = True) -> None:
@@ -266,13 +286,9 @@ def run_phase(
     make_batch = functools.partial(_put_batch, make_batch, shardings.batch)
   state = ckpt.restore_or(state)
   start = int(state.step)
-  if start > num_steps:  # only meta.steps may change on resume (FREE_FIELDS); fewer would mislabel the results
+  if start > num_steps:
     ckpt.close()
-    raise ValueError(
-      f"config.{name}.steps={num_steps} but {ckpt.directory} holds this phase at step {start}: the run would go on "
-      f"with the model of step {start} and report it as step {num_steps}. Set config.{name}.steps={start} (or more, "
-      "to continue it), or use a new --workdir."
-    )
+    check_steps(name, num_steps, start, ckpt.directory)
   if start == num_steps:
     log.info("%s: restored finished phase at step %d from %s", name, start, ckpt.directory)
     ckpt.close()
@@ -640,6 +656,20 @@ def meta_test(run: Run, variables: dict, config, tcfg: tams.TamsConfig | None = 
   return result, report
 
 
+def open_data(config: Any, rngs: dict[str, jax.Array]) -> tuple[Any, Any, models.Family, Any]:
+  """``(tokenizer, task source, model family, encoder)`` of a run: the source seeded from the run's "data" stream
+  (`data_seed`), so `mltd_jax.runs.open_run` reopens the same tasks. Inputs that are missing fail together."""
+  (tokenizer, source), family = open_inputs(config, data_seed(rngs["data"]))
+  return tokenizer, source, family, data.build_encoder(family.encoder, tokenizer, config.data)
+
+
+def open_model(config: Any, tokenizer, encoder, rngs: dict[str, jax.Array], tcfg) -> tuple[Any, dict, models.Family]:
+  """``(model, params, family)`` of a run: loaded or fresh (`models.build`), with TAMS cells in every FFN sublayer
+  when ``tcfg`` (without a 'tams' collection, as in pretraining, they are the plain model)."""
+  model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
+  return (model if tcfg is None else tams.attach(model, tcfg)), params, family
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Run every phase of ``config`` in ``workdir`` (resuming what is there) and return the eval.json dict."""
   workdir = Path(workdir)
@@ -654,21 +684,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   check_loop(config)
   inner = meta_inner(config.meta) if config.meta.steps > 0 else None  # a bad field fails before any compute
   for name in (n for n in PHASE_SECTIONS if config[n].steps > 0):  # before any phase runs: a later one may refuse
-    check_resume(config, workdir, name, has_checkpoint(workdir, name), record=False)
+    done = latest_step(workdir, name)
+    check_resume(config, workdir, name, done is not None, record=False)
+    check_steps(name, config[name].steps, done, workdir / "checkpoints" / name)
   tcfg = tams_run.tams_config(config.get("tams"))
   user_fast = None if inner is None else inner.fast_regex  # config.meta.fast_params, before the cells join it
   if tcfg is not None and inner is not None:  # the cells' weights adapt with the user's variables
     inner = dataclasses.replace(inner, fast_regex=tams_run.with_cells(inner.fast_regex, config.tams))
   evaluate.check_config(eval_config(config, tcfg))
-  (tokenizer, source), family = open_inputs(config, data_seed(rngs["data"]))
+  tokenizer, source, family, encoder = open_data(config, rngs)
   if config.eval.get("decode") is not None and config.eval.decode.metrics:
     decode_eval.check_pairs(source.train_task(0))  # a text source fails here, not after training
-  encoder = data.build_encoder(family.encoder, tokenizer, config.data)
   training = any(config[n].steps > 0 for n in PHASE_SECTIONS)  # a phase draws meta-training examples
   evaluate.check_data(encoder, source, eval_config(config, tcfg), training)  # e.g. too long texts: before training
-  model, params, family = models.build(config.model, tokenizer, encoder.max_len, rngs["init"])
-  if tcfg is not None:  # cells in every FFN sublayer; without a 'tams' collection (pretraining) the plain model
-    model = tams.attach(model, tcfg)
+  model, params, family = open_model(config, tokenizer, encoder, rngs, tcfg)
+  if tcfg is not None:
     tams_run.check_run(model, tcfg, config, user_fast)
   run = Run(model, family, tokenizer, encoder, source, rngs, workdir, mesh)
   check_methods(run, params, config, tcfg)
@@ -709,7 +739,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if "decode" in result:
     for m, r in [("before", result["decode"]["before"]), *result["decode"]["methods"].items()]:
       scalars.update({f"eval/{m}_{s.replace('@', '_at_')}": v for s, v in r["mean"].items()})
-  writer.rewind("eval", config.meta.steps - 1)  # a rerun's results replace this step's, earlier steps' stay
+  writer.rewind("eval", config.meta.steps, only=True)  # a rerun's results replace this step's, others' stay
   writer.write(config.meta.steps, scalars)
   writer.close()
   print(

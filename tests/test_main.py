@@ -324,6 +324,8 @@ def test_metrics_rewind_drops_the_phase_rows_after_the_checkpoint(tmp_path):
   rows = metrics(tmp_path)
   assert [r["step"] for r in rows if "pretrain/loss" in r] == [5, 10]
   assert [r["step"] for r in rows if "meta/loss" in r] == [5, 10, 15]
+  writer.rewind("meta", 10, only=True)  # step 10's alone (a rerun's eval row replaces its step's)
+  assert [r["step"] for r in metrics(tmp_path) if "meta/loss" in r] == [5, 15]
   writer.close()
   with (tmp_path / "metrics.jsonl").open("a") as f:
     f.write('{"step": 20, "meta/lo')  # a killed run's unfinished line
@@ -343,9 +345,13 @@ def test_load_names_what_is_there(tmp_path):
   import numpy as np
 
   ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints" / "meta")
-  ckpt.save(3, {"step": np.int32(3)})
+  ckpt.save(3, {"step": np.int32(3), "variables": {"w": np.ones(2, np.float32)}, "opt": [np.zeros(2, np.float32)]})
   ckpt.close()
   assert int(checkpoint.load(tmp_path / "checkpoints" / "meta")["step"]) == 3
+  part = checkpoint.load(tmp_path / "checkpoints" / "meta", keys=("step", "variables"))  # not the optimizer state
+  assert set(part) == {"step", "variables"} and part["variables"]["w"].tolist() == [1.0, 1.0]
+  with pytest.raises(KeyError, match=r"has no \['params'\]; its entries: \['opt', 'step', 'variables'\]"):
+    checkpoint.load(tmp_path / "checkpoints" / "meta", keys=("params",))
   with pytest.raises(FileNotFoundError, match="not a directory"):
     checkpoint.load(tmp_path / "nope")
   assert not (tmp_path / "nope").exists()

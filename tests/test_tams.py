@@ -381,6 +381,19 @@ def test_train_and_evaluate_with_tams(tmp_path):
 
   rows = [r for r in metrics(tmp_path) if "meta/query_loss" in r]
   assert [r["step"] for r in rows] == [1, 2]
+  # The run reopened (`runs.open_run`): with the test task's fixed architecture (run.prepare) its unadapted query
+  # loss is eval.json's; the cells adapt with the method's variables.
+  from mltd_jax import runs
+  from mltd_jax.data import episodes
+
+  opened = runs.open_run(tmp_path)
+  assert opened.fast_regex("^tarp/") == result["methods"]["tarp"]["fast_params"]
+  task, scored = opened.source.eval_tasks("test")[0], result["methods"]["tarp"]["selections"]["query"]["tasks"][0]
+  arrays = episodes.task_arrays(opened.encoder, task)
+  variables = opened.prepare(opened.variables, arrays["support"], jax.random.key(0), None)
+  loss = float(meta.mean_loss(opened.loss_fn(variables, arrays["query"], None)))
+  assert scored["name"] == task.name and loss == pytest.approx(scored["query_loss"][0], rel=1e-5)
+  assert runs.open_run(tmp_path, phase="pretrain").prepare is None  # pretraining had no cells
   cfg.eval.methods = {"all": "."}  # would adapt the controller and the architecture: refused before any compute
   with pytest.raises(ValueError, match=r"config.eval.methods\['all'\]='\.' matches \['tams/controller/"):
     train.train_and_evaluate(cfg, tmp_path / "refused")

@@ -101,7 +101,6 @@ class DomainEpisodes:
   def _where(self, domain: str, role: str) -> str:
     raise NotImplementedError
 
-
   def _check_size(self, domain: str, role: str, sizes: tuple[str, ...]) -> Sequence[Example]:
     """The pool of (domain, role), refused when it holds fewer examples than the size fields ``sizes`` add up to."""
     pool = self._pool(domain, role)
