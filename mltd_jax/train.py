@@ -301,6 +301,7 @@ def run_phase(
     for step, batch in zip(range(start, num_steps), _prefetch(make_batch, range(start, num_steps))):
       if step == start:
         compile_step(step_fn, state, batch, rng)  # peak memory: max(compiler's, step's), not their sum
+        t_start = t_last = time.time()  # tokens/s and the ETA count steps, not the compilation
       state, metrics = step_fn(state, batch, rng)
       done = step + 1
       save = done % config.checkpoint_every == 0 or done == num_steps
