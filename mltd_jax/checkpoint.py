@@ -68,8 +68,9 @@ def load(directory: str | Path, step: int | None = None, keys: tuple[str, ...] |
   directory = Path(directory).absolute()
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory} is not a directory; pass a phase's folder, e.g. WORKDIR/checkpoints/meta.")
+  # PyTree (not Standard) restoring: it can leave entries unread (``keys``); it reads what StandardSave wrote.
   options = ocp.CheckpointManagerOptions(create=False)
-  manager = ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+  manager = ocp.CheckpointManager(directory, options=options, item_handlers=ocp.PyTreeCheckpointHandler())
   try:
     steps = sorted(manager.all_steps())
     if not steps:
@@ -80,20 +81,14 @@ def load(directory: str | Path, step: int | None = None, keys: tuple[str, ...] |
     step = steps[-1] if step is None else step
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; it has steps {steps}.")
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     saved = manager.item_metadata(step).tree  # shapes and dtypes of the saved arrays
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
-    if keys is None:
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  finally:
-    manager.close()
-  missing = sorted(set(keys) - set(abstract))
-  if missing:
-    raise KeyError(f"{directory}/{step} has no {missing}; its entries: {sorted(abstract)}.")
-  part = {k: abstract[k] for k in keys}
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=here), part)
-  manager = ocp.CheckpointManager(directory, options=options, item_handlers=ocp.PyTreeCheckpointHandler())
-  try:  # the others are not read (StandardRestore has no partial restore)
-    return manager.restore(step, args=ocp.args.PyTreeRestore(part, restore_args=restore_args, partial_restore=True))
+    missing = sorted(set(keys or ()) - set(saved))
+    if missing:
+      raise KeyError(f"{directory}/{step} has no {missing}; its entries: {sorted(saved)}.")
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    part = {k: saved[k] for k in (saved if keys is None else keys)}
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), part)
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=here), abstract)
+    return manager.restore(step, args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True))
   finally:
     manager.close()
