@@ -180,7 +180,8 @@ class TamsConfig:
     unknown = [o for o in self.ops if o not in OPS]
     if not self.ops or unknown or len(set(self.ops)) != len(self.ops):
       raise ValueError(f"config.tams.ops={self.ops!r} must be distinct names among {tuple(OPS)}.")
-    for name, value in ((n, getattr(self, n)) for n in ("width", "nodes", "hidden", "anneal_steps")):
+    for name in ("width", "nodes", "hidden", "anneal_steps"):
+      value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # True is no width
         raise ValueError(f"config.tams.{name}={value!r} must be an integer >= 1.")
     if len(self.tau) != 3 or self.tau[2] not in SCHEDULES:
