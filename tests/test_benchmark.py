@@ -478,3 +478,32 @@ def test_jaxpr_product_flops_counts_every_product_where_xla_gives_none(monkeypat
   assert 0.7 * xla < products < xla  # dead code (the inner gradients' unused weight gradients) not counted
   monkeypatch.setattr(meta_step, "_flops", lambda program: None)  # XLA without a count, as jax 0.11.2 on a GPU
   assert meta_step._count(twin, *args) == (products, "jaxpr products")
+
+
+def test_adapt_mode_steps_return_only_the_variables_they_adapt():
+  """`meta_step._adapt_step` (``--mode adapt``) hands back the adapted variables alone, equal to `meta.adapt`'s: the
+  frozen ones would be copied into fresh output buffers (a TARP step's whole model), which no adaptation needs."""
+  sys.path.insert(0, str(SCRIPT.parent))
+  import argparse
+
+  import jax
+  import meta_step
+  import numpy as np
+
+  from mltd_jax import meta
+  from mltd_jax.models import gpt2
+
+  a = argparse.Namespace(vocab=32, seq=8, d=16, layers=1, heads=2, dtype="float32", tarp="bilinear", rank=2,
+                         tams=False)  # fmt: skip
+  model, variables, _ = meta_step._model(a)
+  loss_fn = gpt2.make_loss(model)
+  batch, key = meta_step.lm_batch(np.random.default_rng(0), a.vocab, 2, a.seq), jax.random.key(0)
+  flat = meta.split(variables, "^", "all")[0]
+  for regex in ("^tarp/", "^params/"):
+    got, _ = jax.jit(meta_step._adapt_step(loss_fn, regex, 0.1))(variables, batch, key)
+    adapted = meta.adapt(loss_fn, variables, batch, meta.InnerLoop(steps=1, lr=0.1, fast_regex=regex), key)[0]
+    want = meta.split(adapted, regex)[0]
+    assert sorted(got) == sorted(want) == sorted(k for k in flat if k.startswith(regex[1:]))
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(got[k], flat[k]) for k in got)  # a step was taken
