@@ -482,6 +482,7 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     "xla_args_mb": round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
     "flops_per_step": flops, "flops_source": flops_source, "device": dev.device_kind,
     "hugepages": hostmem.hugepages(), "thp": hostmem.transparent_hugepages(), "others": others,
+    "cpu": cpu_name() if dev.platform == "cpu" else None,
   })  # fmt: skip
   if dev.platform == "cpu":
     row["gflops_per_s"] = round(flops / med / 1e9, 1) if flops else None
@@ -511,6 +512,22 @@ AUTOCAST = (
 
 
 BUSY_OTHERS = 0.1  # cores other programs may keep busy during a measurement before it is flagged
+
+
+def cpu_name(path: str = "/proc/cpuinfo") -> str | None:
+  """The CPU's vendor, model name, family and model as /proc/cpuinfo gives them ("AuthenticAMD AMD EPYC family 26
+  model 2"), or None where it cannot be read: the ratios to the peer moved with the machine (session 24: a 2-core AMD
+  EPYC in place of sessions 8-23's Xeon), so every line says which CPU it was measured on."""
+  try:
+    with open(path) as f:
+      pairs = (line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+      fields = {k.strip(): v.strip() for k, v in pairs}  # "model name\t: AMD EPYC"
+  except OSError:
+    return None
+  get = lambda k: fields.get(k, "")  # noqa: E731
+  parts = [get("vendor_id"), get("model name")]
+  parts += [f"family {get('cpu family')} model {get('model')}"] if get("cpu family") else []
+  return " ".join(p for p in parts if p) or None
 
 
 def cpu_seconds() -> tuple[float, float] | None:
@@ -707,6 +724,7 @@ def summarize(setting: tuple, inner: int, rows: list[dict]) -> dict:
   out["hugepages"] = agreed(lambda r: r.get("hugepages"))
   out["standins"] = agreed(lambda r: ",".join(r["standins"]["parts"]) if "standins" in r else None)
   out["dtype"] = agreed(lambda r: r.get("dtype"))
+  out["cpu"] = agreed(lambda r: r.get("cpu"))
   if setting[0] == "meta":
     out["peer_dtype"] = agreed(lambda r: r.get("peer", {}).get("dtype"))
   out["peak_rss_mb"] = stat(lambda r: r.get("peak_rss_mb", r.get("peak_device_mb")))

@@ -35,7 +35,11 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   rows = [json.loads(line) for line in out.stdout.splitlines()]
   assert [r["mode"] for r in rows] == ["fwdbwd", "adapt", "meta"], out.stderr
   fwdbwd, adapt, step = rows
+  sys.path.insert(0, str(SCRIPT.parent))
+  import meta_step
+
   for r in rows:
+    assert r["cpu"] == meta_step.cpu_name() and (r["cpu"] is None or r["cpu"].strip())  # the machine, in every line
     assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_mb"] > 0 and r["xla_temp_mb"] is not None
     assert r["hugepages"] == hostmem.hugepages(hostmem.with_hugepages(os.environ))  # --hugepages 1, the default
   # tokens per step: tasks * (T_in + 1) * shots * seq (the adaptation step: one task batch); seconds are rounded
@@ -507,3 +511,16 @@ def test_adapt_mode_steps_return_only_the_variables_they_adapt():
     for k in want:
       np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
     assert any(not np.allclose(got[k], flat[k]) for k in got)  # a step was taken
+
+
+def test_cpu_name_reads_the_first_processor_of_proc_cpuinfo(tmp_path):
+  sys.path.insert(0, str(SCRIPT.parent))
+  import meta_step
+
+  info = tmp_path / "cpuinfo"
+  first = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel Xeon\n"
+  info.write_text(first + "\nprocessor\t: 1\nvendor_id\t: Other\n")
+  assert meta_step.cpu_name(str(info)) == "GenuineIntel Intel Xeon family 6 model 143"
+  info.write_text("Processor\t: ARMv8\n")  # no field we read
+  assert meta_step.cpu_name(str(info)) is None
+  assert meta_step.cpu_name(str(tmp_path / "missing")) is None
