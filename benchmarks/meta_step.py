@@ -6,8 +6,8 @@ Modes (``--mode``, several per call):
   * ``fwdbwd``: a plain forward+backward+Adam step over the same tokens (the rate a meta-step is compared with: its
     line's ``of_fwdbwd``, when both ran in the same call);
   * ``adapt``: one TARP adaptation step against one full fine-tuning step (SGD) on one task batch, the two timed
-    in turn (``tarp_speedup``: the median over ``--steps`` rounds of full / TARP seconds, and its range; the FLOPs
-    of each, ``flops_per_step`` and ``full_flops_per_step``).
+    in turn (``tarp_speedup``: the median over ``--pairs`` pairs, default 21, of full / TARP seconds, and its range;
+    the FLOPs of each, ``flops_per_step`` and ``full_flops_per_step``). Each step returns only what it adapted.
 ``--peer`` runs ../shared/bench/torch_meta_ref.py (``--peer_script``) with the same flags (order layers d heads
 vocab seq tasks shots inner rank steps, and ``--threads``) and adds its line (``peer``) and the ratios ours / peer
 (``vs_peer``: tokens/s and peak memory) to each meta line. The peer computes in float32; with ``--dtype bfloat16``
@@ -99,6 +99,7 @@ FIELDS = dict(
   shots=4,
   rank=8,
   steps=5,
+  pairs=21,  # --mode adapt: paired calls (full, TARP) per round; a median of 5 moved by +-5% on the 2-core VM
   tarp="bilinear",
   task_chunk=-1,  # as config.meta.task_chunk (0 = all vmapped); -1: `_task_chunk`'s choice (one at a time)
   support_chunks=1,
@@ -456,14 +457,14 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     regexes = {"full": "^params/", "tarp": "^tarp/"}
     steps = {name: jax.jit(_adapt_step(loss_fn, regex, 1e-3)) for name, regex in regexes.items()}
     flops, flops_source = _count(_adapt_step(loss_fn, regexes["tarp"], 1e-3), variables, batch(), key)
-    timed = _alternate(steps, variables, batch, key, a.steps)
+    timed = _alternate(steps, variables, batch, key, a.pairs)
     (full, _, _, others), (ours, compile_s, compiled, _) = timed["full"], timed["tarp"]
     med, full_s = statistics.median(ours), statistics.median(full)
     ratios = sorted(f / t for f, t in zip(full, ours))  # per round: drifts cancel within a pair
     full_flops = _count(_adapt_step(loss_fn, regexes["full"], 1e-3), variables, batch(), key)[0]
     row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
     row.update(full_flops_per_step=full_flops)
-    row.update(tarp_speedup=round(statistics.median(ratios), 3))
+    row.update(tarp_speedup=round(statistics.median(ratios), 3), pairs=len(ratios))
     row.update(tarp_speedup_range=[round(ratios[0], 3), round(ratios[-1], 3)])
   if lacks_kernel(compiled, a.dtype):
     raise SystemExit(f"--mode {a.mode}: the timed step has no oneDNN call although the kernel is available here")

@@ -28,7 +28,7 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   here: the tests must not need ../shared) and puts its line and the ratios into the meta-step's line."""
   stub = tmp_path / "peer.py"
   stub.write_text(PEER_STUB)
-  tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--steps=1"]
+  tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--steps=1", "--pairs=3"]
   cmd = [sys.executable, str(SCRIPT), *tiny, "--inner", "2", "--order", "2", "--mode", "fwdbwd", "adapt", "meta"]
   cmd += ["--peer", "--peer_script", str(stub), "--threads", "3"]
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -47,7 +47,7 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   assert 2 * 2 * 8 / adapt["tokens_per_s"] == pytest.approx(adapt["median_step_s"], abs=6e-5)
   assert 2 * 2 * 8 / adapt["full_tokens_per_s"] == pytest.approx(adapt["full_step_s"], abs=6e-5)
   low, high = adapt["tarp_speedup_range"]  # the median over rounds of full / TARP seconds, timed in turn
-  assert 0 < low <= adapt["tarp_speedup"] <= high
+  assert 0 < low <= adapt["tarp_speedup"] <= high and adapt["pairs"] == 3  # --pairs, not --steps
   assert (step["order"], step["inner"], step["backward"]) == (2, 2, "auto")
   assert step["of_fwdbwd"] == pytest.approx(step["tokens_per_s"] / fwdbwd["tokens_per_s"], rel=1e-2)
   # FLOPs of every inner step and its HVP (an unrolled twin: XLA counts a loop body once), more than fwd+bwd's
