@@ -338,7 +338,11 @@ def _adapt_step(loss_fn, regex: str, lr: float):
   from mltd_jax import meta
 
   inner = meta.InnerLoop(steps=1, lr=lr, fast_regex=regex)
-  return lambda variables, batch, key: (meta.split(meta.adapt(loss_fn, variables, batch, inner, key)[0], regex)[0], {})
+  def step(variables, batch, key):
+    adapted, _ = meta.adapt(loss_fn, variables, batch, inner, key)
+    return meta.split(adapted, regex)[0], {}
+
+  return step
 
 
 def _inner_loop(a: argparse.Namespace, cells) -> Any:

@@ -28,7 +28,8 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   here: the tests must not need ../shared) and puts its line and the ratios into the meta-step's line."""
   stub = tmp_path / "peer.py"
   stub.write_text(PEER_STUB)
-  tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--steps=1", "--pairs=3"]
+  tiny = ["--layers=1", "--d=16", "--heads=2", "--vocab=32", "--seq=8", "--tasks=2", "--shots=2", "--steps=1"]
+  tiny += ["--pairs=3"]  # --mode adapt's paired calls
   cmd = [sys.executable, str(SCRIPT), *tiny, "--inner", "2", "--order", "2", "--mode", "fwdbwd", "adapt", "meta"]
   cmd += ["--peer", "--peer_script", str(stub), "--threads", "3"]
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
