@@ -290,11 +290,11 @@ def _run(step, state, batch_fn: Callable[[], Any], key, steps: int) -> tuple[flo
   return statistics.median(times), compile_s, compiled, m, load.others()
 
 
-def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], key, rounds: int) -> dict[str, tuple]:
+def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], key, pairs: int) -> dict[str, tuple]:
   """Compile and warm up each of ``steps`` (name -> jitted ``fn(variables, batch, key)``), then time them in turn
-  (A B, then B A, ...) for ``rounds`` rounds, one fresh batch per round, so that the machine's drifts in speed
-  (large on a shared 2-core VM) reach every step alike. Returns name -> (per-round seconds, compile seconds, the
-  compiled step, other programs' load during the timed rounds: `Load`)."""
+  (A B, then B A, ...) ``pairs`` times, one fresh batch each time, so that the machine's drifts in speed (large on a
+  shared 2-core VM) reach every step alike. Returns name -> (seconds of each call, compile seconds, the compiled
+  step, other programs' load during the timed calls: `Load`)."""
   import jax
 
   from mltd_jax import train
@@ -306,7 +306,7 @@ def _alternate(steps: dict[str, Any], variables, batch_fn: Callable[[], Any], ke
     compile_s[name] = time.perf_counter() - t0
     jax.block_until_ready(compiled[name](variables, batch_fn(), key))  # warm-up
   load = Load()
-  for r in range(rounds):
+  for r in range(pairs):
     batch = batch_fn()
     for name, c in list(compiled.items())[:: 1 if r % 2 == 0 else -1]:  # A B, B A, ...: no side always goes first
       t0 = time.perf_counter()

@@ -200,6 +200,9 @@ def test_rounds_summary_gives_the_median_and_range_of_each_ratio():
   dtypes = [{"dtype": "bfloat16", "peer": {"dtype": "float32"}}] * 2
   summary = meta_step.summarize(("meta", 2, 1, 1, "auto"), 4, dtypes)
   assert (summary["dtype"], summary["peer_dtype"]) == ("bfloat16", "float32")
+  cpus = [{"cpu": "AuthenticAMD AMD EPYC"}, {"error": ["x"]}, {"cpu": "AuthenticAMD AMD EPYC"}]
+  assert meta_step.summarize(("adapt",), 4, cpus)["cpu"] == "AuthenticAMD AMD EPYC"  # the machine every round ran on
+  assert meta_step.summarize(("adapt",), 4, [*cpus, {"cpu": "GenuineIntel Xeon"}])["cpu"] is None  # runs disagree
 
 
 def test_task_chunk_default_is_one_task_at_a_time():
