@@ -464,7 +464,7 @@ def _measure(a: argparse.Namespace, model, variables, cells, calls=None) -> dict
     timed = _alternate(steps, variables, batch, key, a.pairs)
     (full, _, _, others), (ours, compile_s, compiled, _) = timed["full"], timed["tarp"]
     med, full_s = statistics.median(ours), statistics.median(full)
-    ratios = sorted(f / t for f, t in zip(full, ours))  # per round: drifts cancel within a pair
+    ratios = sorted(f / t for f, t in zip(full, ours))  # per pair: drifts cancel within a pair
     full_flops = _count(_adapt_step(loss_fn, regexes["full"], 1e-3), variables, batch(), key)[0]
     row.update(full_step_s=round(full_s, 4), full_tokens_per_s=round(tokens / full_s, 1))
     row.update(full_flops_per_step=full_flops)

@@ -47,7 +47,7 @@ def test_meta_step_benchmark_prints_json_lines_with_the_peer_and_the_modes(tmp_p
   assert 2 * 3 * 2 * 8 / fwdbwd["tokens_per_s"] == pytest.approx(fwdbwd["median_step_s"], abs=6e-5)
   assert 2 * 2 * 8 / adapt["tokens_per_s"] == pytest.approx(adapt["median_step_s"], abs=6e-5)
   assert 2 * 2 * 8 / adapt["full_tokens_per_s"] == pytest.approx(adapt["full_step_s"], abs=6e-5)
-  low, high = adapt["tarp_speedup_range"]  # the median over rounds of full / TARP seconds, timed in turn
+  low, high = adapt["tarp_speedup_range"]  # the median over --pairs pairs of full / TARP seconds, timed in turn
   assert 0 < low <= adapt["tarp_speedup"] <= high and adapt["pairs"] == 3  # --pairs, not --steps
   assert (step["order"], step["inner"], step["backward"]) == (2, 2, "auto")
   assert step["of_fwdbwd"] == pytest.approx(step["tokens_per_s"] / fwdbwd["tokens_per_s"], rel=1e-2)
